@@ -1,0 +1,100 @@
+"""ONNX export with dynamic batch and sequence, `onnx.checker`, and a parity check in onnxruntime."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from prunus.errors import ExportError
+
+# Above this many parameter bytes the weights go to an external data file (protobuf caps a file at 2 GB).
+EXTERNAL_DATA_BYTES = 1 << 30
+_OP = re.compile(r"((?:aten|prims|prunus|torch\.ops\.\w+)[.:]+[\w.]+)")
+
+
+def _failed_op(e: BaseException) -> str:
+    text = f"{e}\n{e.__cause__ or ''}"
+    m = _OP.search(text)
+    return m.group(1) if m else "unknown op"
+
+
+def export_onnx(graph, path: str, *, check: bool = True, opset: int | None = None) -> str:
+    """Write `graph` to `path` as ONNX (atomically), check it, and compare onnxruntime with PyTorch."""
+    import onnx
+
+    dynamic = tuple({d: Dim.AUTO for d in info.dynamic} for info in graph.inputs)
+    input_names = [info.name for info in graph.inputs]
+    output_names = graph.output_names()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    large = sum(p.numel() * p.element_size() for p in graph.gm.parameters()) > EXTERNAL_DATA_BYTES
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".prunus-onnx-") as tmp:
+        tmp_path = os.path.join(tmp, os.path.basename(path))
+        try:
+            with warnings.catch_warnings(), _quiet_exporter():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    graph.gm, tuple(graph.example_inputs), dynamo=True, dynamic_shapes=dynamic,
+                    input_names=input_names, output_names=output_names, opset_version=opset, verbose=False,
+                    external_data=large, optimize=True)
+                program.save(tmp_path, external_data=large)
+        except Exception as e:  # noqa: BLE001 - every lowering failure becomes one typed error
+            raise ExportError(f"ONNX lowering failed at {_failed_op(e)}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+        try:
+            onnx.checker.check_model(tmp_path, full_check=False)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
+        if check:
+            check_parity(graph, tmp_path, graph.example_inputs)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name if name != os.path.basename(tmp_path)
+                                                             else os.path.basename(path)))
+    return path
+
+
+class _quiet_exporter:
+    """The dynamo exporter logs every skipped torchvision op and each step; keep the console clean."""
+
+    def __enter__(self):
+        self.loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
+                                                          "onnxscript")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)
+
+
+def run_onnx(path: str, inputs: list[torch.Tensor], input_names: list[str]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)})
+
+
+def check_parity(graph, path: str, inputs: list[torch.Tensor], atol: float = 1e-3) -> float:
+    """Largest |onnxruntime - PyTorch| over the outputs, relative to the output scale; raises ExportError."""
+    names = [info.name for info in graph.inputs]
+    got = run_onnx(path, inputs, names)
+    want = graph.run_flat(list(inputs))
+    worst = 0.0
+    for name, g, w in zip(graph.output_names(), got, want):
+        w = w.detach().float().numpy()
+        if g.shape != w.shape:
+            raise ExportError(f"output '{name}' has shape {g.shape} in onnxruntime but {w.shape} in PyTorch")
+        err = float(np.abs(g.astype(np.float64) - w).max()) if w.size else 0.0
+        worst = max(worst, err / max(1.0, float(np.abs(w).max())))
+    if worst > atol:
+        raise ExportError(f"onnxruntime output differs from PyTorch by {worst:.3g} (relative), above {atol}")
+    return worst

@@ -1,0 +1,7 @@
+"""Analyses passes share; each is a function `Graph -> result`, cached on the graph by name."""
+from prunus.ir.analyses.attention_sites import AttentionSite, attention_sites
+from prunus.ir.analyses.blocks import Block, blocks
+
+ANALYSES = {"attention_sites": attention_sites, "blocks": blocks}
+
+__all__ = ["ANALYSES", "AttentionSite", "Block", "attention_sites", "blocks"]

@@ -1,0 +1,58 @@
+import os
+
+# Triton kernels run on the CPU only in the interpreter, which must be chosen before kernels are defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import prunus  # noqa: E402
+from prunus.models import ARCHS, example_inputs, tiny  # noqa: E402
+
+torch.set_num_threads(1)  # two xdist workers share two cores
+
+CLEANUP = "dce, fold_constants, simplify_masks"
+
+
+def main_output(out):
+    """The tensor a test compares: logits, else the last hidden state, else the first output."""
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """arch -> (model, example inputs), built once per worker."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            model = tiny(arch)
+            cache[arch] = (model, example_inputs(model))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def cleaned(tiny_models):
+    """arch -> OptimizedModel after the clean-up pipeline, built once per worker."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            model, x = tiny_models(arch)
+            cache[arch] = prunus.optimize(model, CLEANUP, example_inputs=x)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
