@@ -3,9 +3,10 @@ __version__ = "0.1.0"
 
 from prunus import ir, models, passes
 from prunus.api import OptimizedModel, load, optimize, report_table
+from prunus.generate import generate
 from prunus.errors import (ArtifactError, CaptureError, ExportError, InputError, PassError, PrunusError, SpecError,
                            VerificationError)
 
 __all__ = ["ArtifactError", "CaptureError", "ExportError", "InputError", "OptimizedModel", "PassError",
-           "PrunusError", "SpecError", "VerificationError", "ir", "load", "models", "optimize", "passes",
+           "PrunusError", "SpecError", "VerificationError", "generate", "ir", "load", "models", "optimize", "passes",
            "report_table"]

@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 import prunus
 from prunus.codegen.onnx import export_onnx
 from prunus.errors import ArtifactError, CaptureError, SpecError
-from prunus.ir.capture import capture, graph_from_exported, reexport
+from prunus.ir.capture import capture, graph_from_exported
 from prunus.ir.graph import Graph
 from prunus.passes import PassManager, build_pipeline
 
@@ -38,10 +38,12 @@ def _calibration_inputs(calibration, graph: Graph) -> list | None:
 class OptimizedModel:
     """A captured and optimized model: call it like the original, inspect `.report` and `.graph`."""
 
-    def __init__(self, graph: Graph, report: list, pipeline: str):
+    def __init__(self, graph: Graph, report: list, pipeline: str, snapshots: list | None = None):
         self.graph = graph
         self.report = report
         self.pipeline = pipeline
+        self.snapshots = snapshots or []  # (label, IR dict) after capture and after every pass
+        self.source: str | None = None  # the zoo name or directory the model came from, when known
 
     def __call__(self, *args, **kwargs):
         if kwargs:
@@ -63,9 +65,14 @@ class OptimizedModel:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
         try:
-            torch.export.save(reexport(self.graph), os.path.join(tmp, "program.pt2"))
+            torch.export.save(self.graph.exported(), os.path.join(tmp, "program.pt2"))
             if onnx:
                 export_onnx(self.graph, os.path.join(tmp, "model.onnx"))
+            if self.snapshots:
+                os.makedirs(os.path.join(tmp, "ir"))
+                for label, snapshot in self.snapshots:
+                    with open(os.path.join(tmp, "ir", f"{label}.json"), "w") as f:
+                        json.dump(snapshot, f, default=str)
             with open(os.path.join(tmp, "pipeline.json"), "w") as f:
                 json.dump(self._manifest(), f, indent=1, default=str)
             if os.path.exists(directory):
@@ -89,6 +96,7 @@ class OptimizedModel:
         return {
             "format_version": FORMAT_VERSION,
             "pipeline": self.pipeline,
+            "source": self.source,
             "passes": g.history,
             "report": [r.to_dict() for r in self.report],
             "in_spec": pytree.treespec_dumps(g.in_spec),
@@ -115,7 +123,7 @@ def optimize(model, passes="dce", example_inputs=None, calibration=None, verify:
     manager = PassManager(pipeline, verify=verify, dump_dir=dump_dir,
                           calibration=_calibration_inputs(calibration, graph), progress=progress)
     report = manager.run(graph)
-    return OptimizedModel(graph, report, ", ".join(p.spec() for p in pipeline))
+    return OptimizedModel(graph, report, ", ".join(p.spec() for p in pipeline), manager.snapshots)
 
 
 def load(path: str) -> OptimizedModel:
@@ -148,7 +156,15 @@ def load(path: str) -> OptimizedModel:
     from prunus.passes.manager import PassRecord
 
     report = [PassRecord(**r) for r in manifest.get("report", [])]
-    return OptimizedModel(graph, report, manifest.get("pipeline", ""))
+    snapshots = []
+    ir_dir = os.path.join(path, "ir")
+    if os.path.isdir(ir_dir):
+        for name in sorted(os.listdir(ir_dir)):
+            with open(os.path.join(ir_dir, name)) as f:
+                snapshots.append((name.removesuffix(".json"), json.load(f)))
+    opt = OptimizedModel(graph, report, manifest.get("pipeline", ""), snapshots)
+    opt.source = manifest.get("source")
+    return opt
 
 
 def report_table(opt: OptimizedModel, *, title: str | None = None):

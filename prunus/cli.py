@@ -1,11 +1,67 @@
-"""The `prunus` command line."""
+"""The `prunus` command line: optimize, dump, eval, passes.
+
+Every mistake a user can make ends in a one-line error and exit status 2, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+console = Console()
+
+
+class CLIError(Exception):
+    """A bad command-line argument (printed as one line)."""
+
+
+def _example_inputs(model, tok):
+    """Two windows of the default corpus for language models; random inputs of the right kind otherwise."""
+    from prunus.data import calibration_windows
+    from prunus.models import example_inputs
+
+    if tok is None:
+        return example_inputs(model)
+    import torch
+
+    windows = calibration_windows(tok, 2, 16, seed=1234)
+    return (torch.cat([w[0] for w in windows]),)
+
+
+def _optimize(args) -> int:
+    import prunus
+    from prunus.data import Calibration
+
+    if args.onnx and not args.out:
+        raise CLIError("--onnx writes model.onnx into the artifact: give --out DIR too")
+    with console.status(f"loading {args.model}"):
+        model, tok = prunus.models.load(args.model)
+    calibration = None
+    if args.calib:
+        if tok is None:
+            raise CLIError(f"--calib needs a tokenizer and {args.model} has none")
+        calibration = Calibration.from_corpus(tok, args.calib, seq_len=args.calib_len)
+    pipeline = prunus.passes.build_pipeline(args.passes)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("capturing", total=len(pipeline))
+
+        def step(i, n, name):
+            progress.update(task, completed=i, description=f"ran {name}")
+
+        opt = prunus.optimize(model, pipeline, example_inputs=_example_inputs(model, tok), calibration=calibration,
+                              dump_dir=args.dump_dir, progress=step)
+    opt.source = args.model
+    console.print(prunus.report_table(opt))
+    if args.out:
+        with console.status(f"writing {args.out}" + (" (with ONNX)" if args.onnx else "")):
+            opt.save(args.out, onnx=args.onnx)
+        console.print(f"artifact written to {args.out}")
+    return 0
 
 
 def _passes(args) -> int:
@@ -20,22 +76,52 @@ def _passes(args) -> int:
         params = "\n".join(f"{f.name}: {cls.describe_param(f)} - {f.metadata.get('doc', '')}"
                            for f in cls.param_fields()) or "-"
         table.add_row(name, cls.kind, params, cls.doc())
-    Console().print(table)
+    console.print(table)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunus", description="a compiler for cheaper transformer inference")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("optimize", help="capture a model and run a pass pipeline")
+    p.add_argument("model", help="zoo name (smollm2-135m, minilm-l6, tiny-llama, ...) or a Hugging Face directory")
+    p.add_argument("--passes", required=True, help='pipeline text, e.g. "dce, fold_constants"')
+    p.add_argument("--calib", type=int, default=0, metavar="N", help="N calibration windows of the default corpus")
+    p.add_argument("--calib-len", type=int, default=128, metavar="TOKENS", help="tokens per calibration window")
+    p.add_argument("--out", metavar="DIR", help="write the artifact here")
+    p.add_argument("--onnx", action="store_true", help="also export model.onnx into the artifact")
+    p.add_argument("--dump-dir", metavar="DIR", help="write the IR after every pass here")
+    p.set_defaults(func=_optimize)
+
     sub.add_parser("passes", help="list the registered passes with their params").set_defaults(func=_passes)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed a one-line usage error
+        return int(e.code or 0)
     import prunus
 
     try:
         return args.func(args)
-    except prunus.PrunusError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}")
+    except (prunus.PrunusError, CLIError) as e:
+        _error(str(e))
         return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        _error(str(e))
+        return 2
+
+
+def _error(message: str) -> None:
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    first, *rest = message.splitlines() or [""]
+    err.print(f"[red]error:[/red] {first}", markup=True)
+    for line in rest:
+        err.print(line, markup=False)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ def test_save_load_round_trip(arch, tiny_models, cleaned, tmp_path):
     model, _ = tiny_models(arch)
     opt = cleaned(arch)
     out = opt.save(str(tmp_path / "art"))
-    assert sorted(os.listdir(out)) == ["pipeline.json", "program.pt2"]
+    assert sorted(os.listdir(out)) == ["ir", "pipeline.json", "program.pt2"]
+    assert sorted(os.listdir(tmp_path / "art" / "ir")) == ["00_captured.json", "01_dce.json", "02_fold_constants.json",
+                                                          "03_simplify_masks.json"]
     manifest = json.loads((tmp_path / "art" / "pipeline.json").read_text())
     assert manifest["pipeline"] == "dce, fold_constants, simplify_masks"
     assert manifest["versions"]["torch"] == torch.__version__ and manifest["versions"]["prunus"]

@@ -40,6 +40,7 @@ class Graph:
         self.fake_mode = fake_mode
         self.history = history if history is not None else []
         self._analyses: dict = {}
+        self._program = None  # the re-exported ExportedProgram, until the next edit
 
     # ---- running ---------------------------------------------------------------------------
     def flatten_inputs(self, args: tuple) -> list[torch.Tensor]:
@@ -120,6 +121,14 @@ class Graph:
                         names[expr] = name
         return names
 
+    def exported(self):
+        """This graph as an ExportedProgram (for saving and ONNX), exported once per version of the graph."""
+        if self._program is None:
+            from prunus.ir.capture import reexport
+
+            self._program = reexport(self)
+        return self._program
+
     def shape_str(self, val) -> str:
         from prunus.ir.printer import format_val
 
@@ -147,6 +156,7 @@ class Graph:
         except Exception as e:  # noqa: BLE001 - fx raises plain RuntimeError
             raise PassError(pass_name, f"left an ill-formed graph: {e}") from e
         self.drop_unreferenced()
+        self._program = None
         self.gm.recompile()
         self.propagate_shapes(pass_name)
 

@@ -6,6 +6,8 @@ import json
 import torch
 import torch.fx
 
+from prunus.ir.flops import node_flops
+
 _DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
           torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool",
           torch.float8_e4m3fn: "f8e4m3"}
@@ -101,7 +103,7 @@ def to_dict(graph) -> dict:
         nodes.append({
             "name": node.name, "op": node.op, "target": _target(node) if node.op == "call_function" else str(node.target),
             "args": [_arg(a) for a in node.args], "kwargs": {k: _arg(v) for k, v in node.kwargs.items()},
-            "type": format_val(val, names), "module": path, "module_type": ty,
+            "type": format_val(val, names), "module": path, "module_type": ty, "flops": node_flops(node),
         })
     return {
         "inputs": [{"name": n.name, "type": format_val(n.meta.get("val"), names)} for n in graph.placeholders()],

@@ -17,7 +17,7 @@ _ARCHS = {
               dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
-             dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+             dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0)),
     "opt": ("OPTConfig", "OPTForCausalLM",
             dict(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=512, word_embed_proj_dim=64)),

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunus.errors import PassError, PrunusError, SpecError, VerificationError
-from prunus.ir.printer import to_json, to_text
+from prunus.ir.printer import to_dict, to_text
 from prunus.passes.base import Pass, PassContext
 from prunus.passes.verify import fidelity_metrics, max_abs_error
 
@@ -88,8 +88,11 @@ class PassManager:
         self.dump_dir = dump_dir
         self.calibration = calibration
         self.progress = progress
+        self.snapshots: list[tuple[str, dict]] = []  # (label, IR as a dict) after capture and every pass
 
     def _dump(self, graph, index: int, label: str) -> None:
+        snapshot = to_dict(graph)
+        self.snapshots.append((f"{index:02d}_{label}", snapshot))
         if not self.dump_dir:
             return
         os.makedirs(self.dump_dir, exist_ok=True)
@@ -97,7 +100,7 @@ class PassManager:
         with open(stem + ".txt", "w") as f:
             f.write(to_text(graph))
         with open(stem + ".json", "w") as f:
-            f.write(to_json(graph))
+            json.dump(snapshot, f, indent=1, default=str)
 
     def run(self, graph) -> list[PassRecord]:
         ctx = PassContext(example_inputs=list(graph.example_inputs), calibration=self.calibration)

@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import torch
-from torch.export import Dim
 
 from prunus.errors import ExportError
 
@@ -28,7 +27,6 @@ def export_onnx(graph, path: str, *, check: bool = True, opset: int | None = Non
     """Write `graph` to `path` as ONNX (atomically), check it, and compare onnxruntime with PyTorch."""
     import onnx
 
-    dynamic = tuple({d: Dim.AUTO for d in info.dynamic} for info in graph.inputs)
     input_names = [info.name for info in graph.inputs]
     output_names = graph.output_names()
     directory = os.path.dirname(os.path.abspath(path))
@@ -39,9 +37,9 @@ def export_onnx(graph, path: str, *, check: bool = True, opset: int | None = Non
         try:
             with warnings.catch_warnings(), _quiet_exporter():
                 warnings.simplefilter("ignore")
+                # Exporting the (cached) ExportedProgram skips a second trace of the model.
                 program = torch.onnx.export(
-                    graph.gm, tuple(graph.example_inputs), dynamo=True, dynamic_shapes=dynamic,
-                    input_names=input_names, output_names=output_names, opset_version=opset, verbose=False,
+                    graph.exported(), dynamo=True, input_names=input_names, output_names=output_names, opset_version=opset, verbose=False,
                     external_data=large, optimize=True)
                 program.save(tmp_path, external_data=large)
         except Exception as e:  # noqa: BLE001 - every lowering failure becomes one typed error

@@ -39,5 +39,5 @@ class DeadCodeElimination(Pass):
         removed = eliminate_dead_code(graph)
         graph.drop_unreferenced()
         freed = params - graph.num_parameters()
-        notes = [f"removed {removed} nodes"] + ([f"freed {freed} parameters"] if freed else [])
+        notes = [f"{removed} nodes removed"] + ([f"freed {freed} parameters"] if freed else [])
         return PassResult(modified=removed > 0 or freed > 0, notes=notes)

@@ -64,4 +64,4 @@ class FoldConstants(Pass):
             folded += 1
         removed = eliminate_dead_code(graph)
         return PassResult(modified=folded > 0 or removed > 0,
-                          notes=[f"folded {folded} constants, removed {removed} nodes"])
+                          notes=[f"folded {folded} constants, {removed} nodes removed"])

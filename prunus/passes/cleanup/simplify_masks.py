@@ -145,6 +145,5 @@ class SimplifyMasks(Pass):
                 changed[kind] += 1
         removed = eliminate_dead_code(graph)
         total = changed["causal"] + changed["full"]
-        notes = [f"{changed['causal']} attention(s) now is_causal, {changed['full']} lost an all-visible mask, "
-                 f"removed {removed} nodes"]
+        notes = [f"{changed['causal']} causal, {changed['full']} unmasked, {removed} nodes removed"]
         return PassResult(modified=total > 0, notes=notes)

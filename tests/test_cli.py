@@ -1,0 +1,51 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prunus.cli import main
+
+
+def test_passes_lists_the_registry(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("dce", "fold_constants", "simplify_masks"):
+        assert name in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["optimize", "tiny-llama", "--passes", "dce, nope"], "unknown pass 'nope'"),
+    (["optimize", "tiny-llama", "--passes", "dce("], "unbalanced '('"),
+    (["optimize", "no-such-model", "--passes", "dce"], "unknown model 'no-such-model'"),
+    (["optimize", "tiny-llama", "--passes", "dce", "--onnx"], "--onnx writes model.onnx"),
+    (["optimize", "tiny-llama", "--passes", "dce", "--calib", "4"], "--calib needs a tokenizer"),
+])
+def test_bad_arguments_give_one_line_errors_and_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err.splitlines()[0]
+    assert "Traceback" not in err
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_optimize_writes_an_artifact(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["optimize", "tiny-gpt2", "--passes", "dce, simplify_masks", "--out", str(out),
+                 "--dump-dir", str(tmp_path / "dump")]) == 0
+    printed = capsys.readouterr().out
+    assert "simplify_masks" in printed and "artifact written" in printed
+    manifest = json.loads((out / "pipeline.json").read_text())
+    assert manifest["source"] == "tiny-gpt2" and manifest["pipeline"] == "dce, simplify_masks"
+    assert "02_simplify_masks.txt" in os.listdir(tmp_path / "dump")
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "prunus"), "passes"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "simplify_masks" in result.stdout
