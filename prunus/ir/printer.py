@@ -41,11 +41,17 @@ def _target(node: torch.fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _arg(a) -> str:
+def _arg(a, names: dict | None = None) -> str:
+    """An argument as text; symbolic sizes print as their expression (`seq`) when `names` is given."""
     if isinstance(a, torch.fx.Node):
-        return a.target if a.op == "get_attr" else a.name
+        if a.op == "get_attr":
+            return a.target
+        val = a.meta.get("val")
+        if names is not None and isinstance(val, torch.SymInt):
+            return _dim(val, names)
+        return a.name
     if isinstance(a, (list, tuple)):
-        return "[" + ", ".join(_arg(x) for x in a) + "]"
+        return "[" + ", ".join(_arg(x, names) for x in a) + "]"
     if isinstance(a, float):
         return f"{a:.6g}"
     return repr(a)
@@ -81,7 +87,7 @@ def to_text(graph) -> str:
         if path != current:
             current = path
             lines.append(f"{path or '<top>'}" + (f" ({ty})" if ty else ""))
-        args = [_arg(a) for a in node.args] + [f"{k}={_arg(v)}" for k, v in node.kwargs.items()]
+        args = [_arg(a, names) for a in node.args] + [f"{k}={_arg(v, names)}" for k, v in node.kwargs.items()]
         lines.append(f"  {node.name} = {_target(node)}({', '.join(args)}) : "
                      f"{format_val(node.meta.get('val'), names)}")
     out = graph.output_node()
