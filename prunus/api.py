@@ -64,6 +64,9 @@ class OptimizedModel:
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an artifact is an ordinary directory
         try:
             torch.export.save(self.graph.exported(), os.path.join(tmp, "program.pt2"))
             if onnx:

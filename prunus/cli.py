@@ -64,6 +64,22 @@ def _optimize(args) -> int:
     return 0
 
 
+def _dump(args) -> int:
+    from prunus.dump import dump
+
+    rendered = dump(args.path, args.format, after=args.after, diff=args.diff)
+    if args.output:
+        mode = "wb" if isinstance(rendered, bytes) else "w"
+        with open(args.output, mode) as f:
+            f.write(rendered)
+        console.print(f"wrote {args.output}")
+    elif isinstance(rendered, bytes):
+        sys.stdout.buffer.write(rendered)
+    else:
+        sys.stdout.write(rendered)
+    return 0
+
+
 def _passes(args) -> int:
     import prunus
 
@@ -93,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also export model.onnx into the artifact")
     p.add_argument("--dump-dir", metavar="DIR", help="write the IR after every pass here")
     p.set_defaults(func=_optimize)
+
+    p = sub.add_parser("dump", help="show a graph: an artifact directory, a .pt2 or an .onnx file")
+    p.add_argument("path")
+    p.add_argument("--format", default="text", choices=["text", "json", "dot", "svg", "html"])
+    p.add_argument("--after", metavar="PASS", help="the graph after this pass (artifacts keep one per pass)")
+    p.add_argument("--diff", metavar="OTHER", help="compare with another graph")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    p.set_defaults(func=_dump)
 
     sub.add_parser("passes", help="list the registered passes with their params").set_defaults(func=_passes)
     return parser

@@ -49,3 +49,16 @@ def test_console_script_is_installed():
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "prunus"), "passes"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "simplify_masks" in result.stdout
+
+
+def test_dump_writes_formats_and_rejects_bad_paths(tmp_path, capsys):
+    art = tmp_path / "art"
+    assert main(["optimize", "tiny-llama", "--passes", "dce, simplify_masks", "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["dump", str(art), "--format", "json", "-o", str(tmp_path / "g.json")]) == 0
+    view = json.loads((tmp_path / "g.json").read_text())
+    assert any(n["target"] == "aten.scaled_dot_product_attention" for n in view["nodes"])
+    assert main(["dump", str(art), "--after", "dce"]) == 0
+    assert "01_dce" in capsys.readouterr().out
+    assert main(["dump", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -108,7 +108,7 @@ def to_dict(graph) -> dict:
         path, ty = _module(node)
         nodes.append({
             "name": node.name, "op": node.op, "target": _target(node) if node.op == "call_function" else str(node.target),
-            "args": [_arg(a) for a in node.args], "kwargs": {k: _arg(v) for k, v in node.kwargs.items()},
+            "args": [_arg(a, names) for a in node.args], "kwargs": {k: _arg(v, names) for k, v in node.kwargs.items()},
             "type": format_val(val, names), "module": path, "module_type": ty, "flops": node_flops(node),
         })
     return {
