@@ -36,3 +36,13 @@ def test_bad_arguments(llama_and_opt):
         prunus.generate(opt, ids[0], max_new_tokens=2)
     with pytest.raises(prunus.SpecError):
         prunus.generate(opt, ids, max_new_tokens=0)
+
+
+def test_a_hugging_face_model_decodes_through_its_cache_and_reports_its_size(llama_and_opt):
+    model, opt, ids = llama_and_opt
+    got, stats = prunus.generate(model, ids, max_new_tokens=5, return_stats=True)
+    assert torch.equal(got, prunus.generate(opt, ids, max_new_tokens=5))
+    cfg = model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    # the peak cache holds every position but the last generated token, for each sequence of the batch
+    assert stats["kv_bytes"] == per_token * ids.shape[0] * (ids.shape[1] + 4)
