@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prunus  # noqa: E402
 from benchmarks._report import append  # noqa: E402
 from prunus.codegen.onnx import check_parity  # noqa: E402
-from prunus.data import calibration_windows  # noqa: E402
+from prunus.data import window_batch  # noqa: E402
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -40,12 +40,12 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = prunus.models.load("smollm2-135m")
-    example = (torch.cat([w[0] for w in calibration_windows(tok, 2, 16, seed=1234)]),)
+    example = window_batch(tok, 2, 16, seed=1234)
     opt = prunus.optimize(model, "dce, fold_constants, simplify_masks", example_inputs=example)
     ppl_model = prunus.eval.perplexity(model, tok, seq_len=args.window, max_tokens=args.tokens)
     ppl_opt = prunus.eval.perplexity(opt, tok, seq_len=args.window, max_tokens=args.tokens)
 
-    ids = calibration_windows(tok, 1, args.prefill, seed=7)[0][0]
+    ids = window_batch(tok, 1, args.prefill, seed=7)[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
         opt.export_onnx(path)

@@ -175,11 +175,13 @@ def report_table(opt: OptimizedModel, *, title: str | None = None):
     from rich.table import Table
 
     table = Table(title=title or f"prunus: {opt.pipeline}")
-    for col in ("pass", "kind", "seconds", "params", "GFLOPs/token", "verification", "notes"):
-        table.add_column(col, justify="right" if col in ("seconds", "params", "GFLOPs/token") else "left")
+    numeric = ("seconds", "params", "weights MB", "GFLOPs/token")
+    for col in ("pass", "kind", *numeric, "verification", "notes"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for r in opt.report:
         ver = ", ".join(f"{k}={v:.3g}" for k, v in r.verification.items() if isinstance(v, (int, float)))
         table.add_row(r.spec, r.kind, f"{r.seconds:.2f}", _delta(r.params_before, r.params_after, "{:,}"),
+                      _delta(r.weight_bytes_before / 1e6, r.weight_bytes_after / 1e6, "{:.2f}"),
                       _delta(r.flops_before / 1e9, r.flops_after / 1e9, "{:.4f}"), ver, "; ".join(r.notes))
     return table
 

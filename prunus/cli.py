@@ -21,15 +21,10 @@ class CLIError(Exception):
 
 def _example_inputs(model, tok):
     """Two windows of the default corpus for language models; random inputs of the right kind otherwise."""
-    from prunus.data import calibration_windows
+    from prunus.data import window_batch
     from prunus.models import example_inputs
 
-    if tok is None:
-        return example_inputs(model)
-    import torch
-
-    windows = calibration_windows(tok, 2, 16, seed=1234)
-    return (torch.cat([w[0] for w in windows]),)
+    return example_inputs(model) if tok is None else window_batch(tok, 2, 16, seed=1234)
 
 
 def _optimize(args) -> int:
@@ -61,6 +56,56 @@ def _optimize(args) -> int:
         with console.status(f"writing {args.out}" + (" (with ONNX)" if args.onnx else "")):
             opt.save(args.out, onnx=args.onnx)
         console.print(f"artifact written to {args.out}")
+    return 0
+
+
+def _load_target(name: str):
+    """(model, tokenizer) for a zoo name / HF directory, or (OptimizedModel, its source's tokenizer)."""
+    import prunus
+
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "pipeline.json")):
+        opt = prunus.load(name)
+        if not opt.source:
+            raise CLIError(f"{name} does not record the model it came from, so its tokenizer is unknown")
+        return opt, prunus.models.load(opt.source)[1], opt.source
+    model, tok = prunus.models.load(name)
+    return model, tok, name
+
+
+def _eval(args) -> int:
+    import prunus
+    from prunus.data import window_batch
+
+    with console.status(f"loading {args.target}"):
+        model, tok, source = _load_target(args.target)
+    if tok is None:
+        raise CLIError(f"--task {args.task} needs a tokenizer and {source} has none")
+    table = Table(title=f"prunus eval {args.target}: {args.task}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    with console.status(f"running {args.task}"):
+        if args.task == "ppl":
+            value = prunus.eval.perplexity(model, tok, seq_len=args.seq_len, max_tokens=args.max_tokens)
+            table.add_row(f"perplexity ({args.max_tokens} tokens, {args.seq_len}-token windows)", f"{value:.3f}")
+        elif args.task == "long_ppl":
+            value = prunus.eval.long_ppl(model, tok, max_tokens=args.max_tokens)
+            table.add_row(f"streaming perplexity ({args.max_tokens} tokens)", f"{value:.3f}")
+        elif args.task == "passkey":
+            value = prunus.eval.passkey(model, tok, context_tokens=args.context, n=args.n)
+            table.add_row(f"passkey accuracy ({args.n} prompts, ~{args.context} tokens)", f"{value:.2f}")
+        elif args.task == "fidelity":
+            ref_name = args.ref or source
+            if ref_name == args.target:
+                raise CLIError("--task fidelity compares against --ref MODEL (an artifact defaults to its source)")
+            reference = _load_target(ref_name)[0]
+            result = prunus.eval.fidelity(reference, model, window_batch(tok, 4, 128, seed=99))
+            for key, value in result.items():
+                table.add_row(f"{key} vs {ref_name}", f"{value:.4g}")
+        else:
+            inputs = window_batch(tok, 1, args.seq_len, seed=7)
+            for key, value in prunus.eval.speed(model, inputs).items():
+                table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
     return 0
 
 
@@ -109,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also export model.onnx into the artifact")
     p.add_argument("--dump-dir", metavar="DIR", help="write the IR after every pass here")
     p.set_defaults(func=_optimize)
+
+    p = sub.add_parser("eval", help="evaluate a model or an artifact")
+    p.add_argument("target", metavar="MODEL_OR_DIR")
+    p.add_argument("--task", required=True, choices=["ppl", "passkey", "fidelity", "long_ppl", "speed"])
+    p.add_argument("--ref", metavar="MODEL", help="reference for --task fidelity (default: the artifact's source)")
+    p.add_argument("--seq-len", type=int, default=512, help="window for ppl, prompt length for speed")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--context", type=int, default=320, help="passkey context in tokens")
+    p.add_argument("-n", type=int, default=6, help="passkey prompts")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("dump", help="show a graph: an artifact directory, a .pt2 or an .onnx file")
     p.add_argument("path")

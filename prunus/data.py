@@ -59,3 +59,8 @@ class Calibration:
     def from_corpus(cls, tok, n: int, seq_len: int, seed: int = 0, text: str | None = None) -> Calibration:
         """`calibration_windows` of the default corpus (or `text`) as a Calibration."""
         return cls(calibration_windows(tok, n, seq_len, seed=seed, text=text))
+
+
+def window_batch(tok, n: int, seq_len: int, seed: int = 0, text: str | None = None) -> tuple[torch.Tensor]:
+    """`calibration_windows` stacked into one batch: `(ids[n, seq_len],)`, e.g. example inputs for capture."""
+    return (torch.cat([w[0] for w in calibration_windows(tok, n, seq_len, seed=seed, text=text)]),)

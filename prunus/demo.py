@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import time
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 import prunus
 from prunus.codegen.onnx import check_parity
-from prunus.data import calibration_windows
+from prunus.data import window_batch
 
 MODEL = "smollm2-135m"
 DEFAULT_PIPELINE = "dce, fold_constants, simplify_masks"
@@ -27,7 +26,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with console.status(f"loading {MODEL} (the first load converts its GGUF once, ~30 s)"):
         model, tok = prunus.models.load(MODEL)
-    example = (torch.cat([w[0] for w in calibration_windows(tok, 2, 16, seed=1234)]),)
+    example = window_batch(tok, 2, 16, seed=1234)
     with console.status(f"optimizing: {DEFAULT_PIPELINE}"):
         opt = prunus.optimize(model, DEFAULT_PIPELINE, example_inputs=example)
     opt.source = MODEL
@@ -36,7 +35,7 @@ def main() -> None:
     with console.status("evaluating perplexity and fidelity"):
         ppl_before = prunus.eval.perplexity(model, tok, seq_len=512, max_tokens=2048)
         ppl_after = prunus.eval.perplexity(opt, tok, seq_len=512, max_tokens=2048)
-        fid = prunus.eval.fidelity(model, opt, calibration_windows(tok, 4, 128, seed=99))
+        fid = prunus.eval.fidelity(model, opt, window_batch(tok, 4, 128, seed=99))
     quality = Table(title="quality (default corpus, 2048 tokens in 512-token windows; fidelity on 4x128 tokens)")
     for col in ("", "perplexity", "top-1 agreement", "KL", "SQNR dB"):
         quality.add_column(col, justify="right")
@@ -47,8 +46,7 @@ def main() -> None:
     artifact = os.path.join(OUT, "artifact")
     with console.status("saving the artifact and exporting ONNX (checked in onnxruntime)"):
         opt.save(artifact, onnx=True)
-    ids_new = calibration_windows(tok, 3, 40, seed=5)
-    parity = check_parity(opt.graph, os.path.join(artifact, "model.onnx"), [torch.cat([w[0] for w in ids_new])])
+    parity = check_parity(opt.graph, os.path.join(artifact, "model.onnx"), list(window_batch(tok, 3, 40, seed=5)))
     console.print(f"onnxruntime vs PyTorch at a new shape (3x40): max relative difference {parity:.1e}")
 
     prompt = tok(["The capital of France is"], return_tensors="pt").input_ids

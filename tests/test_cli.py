@@ -62,3 +62,22 @@ def test_dump_writes_formats_and_rejects_bad_paths(tmp_path, capsys):
     assert "01_dce" in capsys.readouterr().out
     assert main(["dump", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_eval_rejects_models_without_tokenizer_and_missing_reference(capsys):
+    assert main(["eval", "tiny-llama", "--task", "ppl"]) == 2
+    assert "needs a tokenizer" in capsys.readouterr().err
+    assert main(["eval", "tiny-llama", "--task", "nonsense"]) == 2
+
+
+def test_eval_on_an_artifact_uses_its_source_tokenizer(tmp_path, capsys):
+    art = tmp_path / "art"
+    assert main(["optimize", "smollm2-135m", "--passes", "simplify_masks", "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(art), "--task", "ppl", "--seq-len", "64", "--max-tokens", "128"]) == 0
+    out = capsys.readouterr().out
+    value = float(out.split("windows)")[1].split()[1])
+    assert 5 < value < 60
+    assert main(["eval", str(art), "--task", "fidelity"]) == 0
+    out = capsys.readouterr().out
+    assert "top1 vs smollm2-135m" in out and "1" in out

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.fx
 
-from prunus.ir.ops import ATTENTION, MATMUL
+from prunus.ir.ops import ATTENTION, MATMUL, quantized_linear_shape
 
 aten = torch.ops.aten
 
@@ -34,6 +34,10 @@ def node_flops(node: torch.fx.Node) -> int:
         flops = 4 * math.prod(q) * k[-2]
         causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
         return flops // 2 if causal else flops
+    quantized = quantized_linear_shape(node)
+    if quantized is not None:
+        out = _shape(node)
+        return 2 * math.prod(out) * quantized[1]
     if node.target in MATMUL:
         out = _shape(node)
         if not out:

@@ -89,7 +89,26 @@ class Graph:
         return names
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.gm.parameters())
+        """Model parameters, counting a quantized weight as the N x K values it stands for."""
+        from prunus.ir.ops import quantized_linear_shape
+
+        packed = 0
+        for n in self.graph.nodes:
+            shape = quantized_linear_shape(n)
+            if shape is not None:
+                packed += shape[0] * shape[1]
+        return sum(p.numel() for p in self.gm.parameters()) + packed
+
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter and buffer the graph reads (packed weights at their packed size)."""
+        seen, total = set(), 0
+        for n in self.graph.nodes:
+            if n.op == "get_attr" and n.target not in seen:
+                seen.add(n.target)
+                value = self.get_attr_value(n)
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+        return total
 
     def param_table(self) -> list[tuple[str, tuple, torch.dtype, int]]:
         return [(n, tuple(p.shape), p.dtype, p.numel()) for n, p in self.gm.named_parameters()]
@@ -161,7 +180,10 @@ class Graph:
         self.propagate_shapes(pass_name)
 
     def drop_unreferenced(self) -> None:
-        """Delete parameters and buffers that no get_attr node reads any more (so pruned weights are freed)."""
+        """Delete parameters and buffers that no op reads any more (so replaced or pruned weights are freed)."""
+        for n in list(self.graph.nodes):
+            if n.op == "get_attr" and not n.users:
+                self.graph.erase_node(n)
         used = {n.target for n in self.graph.nodes if n.op == "get_attr"}
         for name, _ in list(self.gm.named_parameters(remove_duplicate=False)) + list(
                 self.gm.named_buffers(remove_duplicate=False)):
@@ -174,10 +196,9 @@ class Graph:
 
     def add_constant(self, tensor: torch.Tensor, prefix: str = "_const") -> str:
         """Register `tensor` as a buffer under a fresh top-level name and return the name."""
-        i = 0
-        while hasattr(self.gm, f"{prefix}{i}"):
-            i += 1
-        name = f"{prefix}{i}"
+        name, i = prefix, 0
+        while hasattr(self.gm, name) or not name.isidentifier():
+            name, i = f"{prefix}{i}", i + 1
         self.gm.register_buffer(name, tensor)
         return name
 

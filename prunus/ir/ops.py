@@ -50,3 +50,20 @@ def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Tensor-valued node inputs (not symbolic sizes)."""
     return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)
             or (isinstance(a.meta.get("val"), (tuple, list)) and a.op == "call_function")]
+
+
+def is_quantized_linear(node: torch.fx.Node) -> bool:
+    """A prunus quantized-linear op (torch.ops.prunus.linear_*), matched by name so ir needs no kernels."""
+    t = node.target
+    return (node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == "prunus"
+            and t.name().split("::")[-1].startswith("linear_"))
+
+
+def quantized_linear_shape(node: torch.fx.Node) -> tuple[int, int] | None:
+    """(N, K) of the weight a quantized-linear op stands for, from its input and output shapes."""
+    if not is_quantized_linear(node):
+        return None
+    x, out = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    return int(out.shape[-1]), int(x.shape[-1])

@@ -39,6 +39,8 @@ class PassRecord:
     params_after: int
     flops_before: float
     flops_after: float
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
     kv_bytes_before: int | None = None
     kv_bytes_after: int | None = None
     verification: dict = field(default_factory=dict)
@@ -114,7 +116,7 @@ class PassManager:
                 raise PassError(p.name, f"requires unknown analyses {missing}")
             if p.needs_calibration and not ctx.calibration:
                 raise SpecError("this pass needs calibration data; pass calibration=...", pass_name=p.name)
-            params_before = graph.num_parameters()
+            params_before, bytes_before = graph.num_parameters(), graph.weight_bytes()
             t0 = time.perf_counter()
             try:
                 result = p.run(graph, ctx)
@@ -134,6 +136,7 @@ class PassManager:
             records.append(PassRecord(
                 name=p.name, params=p.param_dict(), spec=p.spec(), kind=p.kind, seconds=seconds,
                 modified=result.modified, params_before=params_before, params_after=graph.num_parameters(),
+                weight_bytes_before=bytes_before, weight_bytes_after=graph.weight_bytes(),
                 flops_before=flops, flops_after=flops_after, verification=verification, notes=result.notes))
             previous, flops = outs, flops_after
             self._dump(graph, i, p.name)

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import torch
 
+from prunus.codegen.onnx.translations import translation_table
 from prunus.errors import ExportError
 
 # Above this many parameter bytes the weights go to an external data file (protobuf caps a file at 2 GB).
@@ -39,7 +40,8 @@ def export_onnx(graph, path: str, *, check: bool = True, opset: int | None = Non
                 warnings.simplefilter("ignore")
                 # Exporting the (cached) ExportedProgram skips a second trace of the model.
                 program = torch.onnx.export(
-                    graph.exported(), dynamo=True, input_names=input_names, output_names=output_names, opset_version=opset, verbose=False,
+                    graph.exported(), dynamo=True, input_names=input_names,
+                    custom_translation_table=translation_table(), output_names=output_names, opset_version=opset, verbose=False,
                     external_data=large, optimize=True)
                 program.save(tmp_path, external_data=large)
         except Exception as e:  # noqa: BLE001 - every lowering failure becomes one typed error

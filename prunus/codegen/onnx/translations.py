@@ -1,0 +1,73 @@
+"""ONNX lowerings of the prunus ops, handed to `torch.onnx.export(custom_translation_table=...)`.
+
+- linear_int4 -> com.microsoft MatMulNBits (4-bit blocks, real-valued zero points), + bias
+- linear_int8 -> DequantizeLinear (per output channel) + MatMul
+- linear_w8a8 -> per-token symmetric int8 activations (the reference op's rule exactly) + MatMulInteger
+- linear_fp8  -> DequantizeLinear of the e4m3 weight + MatMul
+"""
+from __future__ import annotations
+
+import onnxscript
+from onnx.defs import OpSchema
+from onnxscript import opset20 as op
+
+_MSFT = onnxscript.values.Opset("com.microsoft", 1)
+_P, _A = OpSchema.FormalParameter, OpSchema.Attribute
+# onnx itself ships no schemas for onnxruntime's contrib ops: declare the one we emit.
+_MATMUL_NBITS_SCHEMA = OpSchema(
+    "MatMulNBits", "com.microsoft", 1,
+    inputs=[_P("A", "T1"), _P("B", "T2"), _P("scales", "T1"),
+            _P("zero_points", "T3", param_option=OpSchema.FormalParameterOption.Optional)],
+    outputs=[_P("Y", "T1")],
+    type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                      ("T2", ["tensor(uint8)"], ""),
+                      ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+    attributes=[_A("K", OpSchema.AttrType.INT, ""), _A("N", OpSchema.AttrType.INT, ""),
+                _A("bits", OpSchema.AttrType.INT, ""), _A("block_size", OpSchema.AttrType.INT, "")])
+_MatMulNBits = onnxscript.values.Op(_MSFT, "MatMulNBits", _MATMUL_NBITS_SCHEMA)
+
+
+def _bias(y, bias):
+    return y if bias is None else op.Add(y, bias)
+
+
+def linear_int4(x, qweight, scales, zeros, bias, group_size: int):
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    blocks = op.Reshape(qweight, op.Constant(value_ints=[n, k // group_size, group_size // 2]))
+    flat = op.Constant(value_ints=[-1])
+    y = _MatMulNBits(x, blocks, op.Reshape(op.CastLike(scales, x), flat), op.Reshape(op.CastLike(zeros, x), flat),
+                     K=k, N=n, bits=4, block_size=group_size)
+    return _bias(y, bias)
+
+
+def linear_int8(x, qweight, scales, bias):
+    w = op.DequantizeLinear(qweight, op.CastLike(scales, x), axis=0)
+    return _bias(op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
+
+
+def linear_fp8(x, qweight, scales, bias):
+    w = op.DequantizeLinear(qweight, op.CastLike(scales, x), axis=0)
+    return _bias(op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
+
+
+def linear_w8a8(x, qweight, scales, smooth, bias):
+    if smooth is not None:
+        x = op.Div(x, op.CastLike(smooth, x))
+    amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    a_scale = op.Div(op.Max(amax, op.CastLike(op.Constant(value_float=1e-12), x)),
+                     op.CastLike(op.Constant(value_float=127.0), x))
+    xq = op.Cast(op.Clip(op.Round(op.Div(x, a_scale)), op.CastLike(op.Constant(value_float=-127.0), x),
+                         op.CastLike(op.Constant(value_float=127.0), x)), to=3)  # INT8
+    acc = op.MatMulInteger(xq, op.Transpose(qweight, perm=[1, 0]))
+    y = op.Mul(op.Mul(op.CastLike(acc, x), a_scale), op.CastLike(scales, x))
+    return _bias(y, bias)
+
+
+def translation_table() -> dict:
+    import torch
+
+    import prunus.kernels  # noqa: F401  (registers torch.ops.prunus.*)
+
+    p = torch.ops.prunus
+    return {p.linear_int4.default: linear_int4, p.linear_int8.default: linear_int8,
+            p.linear_w8a8.default: linear_w8a8, p.linear_fp8.default: linear_fp8}

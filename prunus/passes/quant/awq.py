@@ -1,0 +1,34 @@
+"""AWQ, activation-aware weight quantization (Lin et al., 2024): protect the weights of salient input
+channels by scaling them up before quantization and the input down by the same factor.
+
+s = mean|X_j|^alpha (normalized), with alpha chosen on a grid to minimize ||X W^T - (X / s) Q(W s)^T||
+over calibration rows. The inverse scale is applied to the input by an elementwise multiply before the op.
+"""
+from __future__ import annotations
+
+import torch
+
+from prunus.passes.quant.encode import QuantizedWeight, encode
+from prunus.passes.quant.grids import FAKE
+
+
+def awq(w, scheme: str, group_size: int, dtype, stats, *, grid: int = 20) -> QuantizedWeight:
+    x = stats.rows.float()
+    if x.numel() == 0:
+        return encode(scheme, w, group_size, dtype)
+    ref = x @ w.t()
+    x_mean = stats.mean_abs.float().clamp(min=1e-8)
+    fake = FAKE[scheme]
+    best = (torch.linalg.vector_norm(ref - x @ fake(w, group_size).t()).item(), None)
+    for i in range(1, grid + 1):
+        s = x_mean.pow(i / grid)
+        s = s / (s.max() * s.min()).sqrt()
+        err = torch.linalg.vector_norm(ref - (x / s) @ fake(w * s, group_size).t()).item()
+        if err < best[0]:
+            best = (err, s)
+    s = best[1]
+    if s is None:
+        return encode(scheme, w, group_size, dtype)
+    q = encode(scheme, w * s, group_size, dtype)
+    q.input_scale = (1.0 / s).to(dtype)
+    return q

@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+
+import prunus
+from prunus.codegen.onnx import run_onnx
+from prunus.models import example_inputs, tiny
+from prunus.passes.quant import grids
+from prunus.passes.quant.encode import encode
+from prunus.passes.quant.gptq import gptq
+from prunus.passes.quant.awq import awq
+from prunus.passes.quant.hqq import hqq
+from prunus.passes.stats import InputStats
+
+CASES = [("int8_weight", "rtn"), ("int8_weight", "gptq"), ("int4_weight", "rtn"), ("int4_weight", "gptq"),
+         ("int4_weight", "awq"), ("int4_weight", "hqq"), ("w8a8", "rtn"), ("w8a8", "smoothquant"), ("fp8", "rtn")]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny("llama")
+    calib = [example_inputs(model, batch=1, seq=32, seed=s) for s in range(4)]
+    return model, example_inputs(model), calib
+
+
+def _quant_nodes(graph):
+    return [n for n in graph.graph.nodes if n.op == "call_function" and str(n.target).startswith("prunus.")]
+
+
+@pytest.mark.parametrize("scheme, method", CASES)
+def test_quantize_every_scheme_and_method(llama, scheme, method):
+    model, x, calib = llama
+    spec = f"quantize(scheme={scheme}, method={method}, group_size=32)"
+    opt = prunus.optimize(model, spec, example_inputs=x, calibration=calib)
+    rec = opt.report[0]
+    nodes = _quant_nodes(opt.graph)
+    assert len(nodes) == 2 * 7  # every projection of both layers, not the head
+    assert rec.params_after == rec.params_before  # a packed weight still counts as N x K parameters
+    proj = sum(p.numel() for n, p in model.named_parameters() if "proj" in n)
+    expect_saving = {"int8_weight": proj * 3, "w8a8": proj * 3, "fp8": proj * 3, "int4_weight": proj * 3.5}[scheme]
+    saved = rec.weight_bytes_before - rec.weight_bytes_after
+    assert saved > 0.8 * expect_saving
+    v = rec.verification
+    # a random tiny model has nearly flat logits, so top-1 is fragile at 4 bits; SQNR is the firm check
+    assert v["top1"] >= {"int8_weight": 0.9, "fp8": 0.9, "w8a8": 0.8, "int4_weight": 0.5}[scheme]
+    assert v["sqnr_db"] > (25 if scheme != "int4_weight" else 10)
+    xs = example_inputs(model, batch=3, seq=9, seed=11)
+    assert opt(*xs).logits.shape == (3, 9, 256)
+
+
+def test_head_include_and_exclude(llama):
+    model, x, _ = llama
+    with_head = prunus.optimize(model, "quantize(scheme=int8_weight, include_head=true)", example_inputs=x)
+    assert len(_quant_nodes(with_head.graph)) == 15
+    mlp_only = prunus.optimize(model, "quantize(scheme=int8_weight, include=[mlp], exclude=['*layers.1.*'])",
+                               example_inputs=x)
+    paths = [n.meta["nn_module_stack"] for n in _quant_nodes(mlp_only.graph)]
+    assert len(paths) == 3  # gate, up, down of layer 0
+
+
+def test_bad_quantize_params(llama):
+    model, x, calib = llama
+    with pytest.raises(prunus.SpecError, match="does not apply to scheme 'w8a8'"):
+        prunus.optimize(model, "quantize(scheme=w8a8, method=hqq)", example_inputs=x)
+    with pytest.raises(prunus.SpecError, match="calibration"):
+        prunus.optimize(model, "quantize(method=gptq)", example_inputs=x)
+    with pytest.raises(prunus.PassError, match="multiple of group_size 48"):
+        prunus.optimize(model, "quantize(group_size=48)", example_inputs=x)
+
+
+def _correlated_inputs(k=128, rows=512, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, 8, generator=gen) @ torch.randn(8, k, generator=gen)  # low-rank: strong correlations
+    x = base + 0.1 * torch.randn(rows, k, generator=gen)
+    x[:, :4] *= 20  # a few outlier channels, as in LLM activations
+    return x
+
+
+def _stats(x):
+    s = InputStats()
+    s.update(x, hessian=True, keep_rows=512)
+    return s
+
+
+def test_gptq_and_awq_beat_rtn_on_output_error():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 128, generator=gen) * 0.05
+    x = _correlated_inputs()
+    stats = _stats(x)
+    ref = x @ w.t()
+
+    def err(qw):
+        eff = qw.dequantize(32)
+        if qw.input_scale is not None:
+            return torch.linalg.vector_norm(ref - (x * qw.input_scale.float()) @ eff.t()).item()
+        return torch.linalg.vector_norm(ref - x @ eff.t()).item()
+
+    rtn_err = err(encode("int4_weight", w, 32, torch.float32))
+    assert err(gptq(w, "int4_weight", 32, torch.float32, stats)) < 0.8 * rtn_err
+    assert err(awq(w, "int4_weight", 32, torch.float32, stats)) < rtn_err
+    rtn8 = err(encode("int8_weight", w, 32, torch.float32))
+    assert err(gptq(w, "int8_weight", 32, torch.float32, stats)) < rtn8
+
+
+def test_hqq_lowers_the_robust_weight_error():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 128, generator=gen)
+    w[5, :3] = 8.0  # outliers stretch the min-max range
+    lp = lambda a: (w - a).abs().pow(0.7).mean().item()  # noqa: E731
+    assert lp(hqq(w, "int4_weight", 32, torch.float32).dequantize(32)) < lp(grids.int4_fake(w, 32))
+
+
+def test_grids_round_trip_their_own_points():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 64, generator=gen)
+    once = grids.int4_fake(w, 32)
+    torch.testing.assert_close(grids.int4_fake(once, 32), once, rtol=1e-5, atol=1e-6)
+    assert (grids.int8_fake(w) - w).abs().max() <= w.abs().amax(1).max() / 127 / 2 + 1e-6
+
+
+@pytest.mark.parametrize("scheme, method", [("int4_weight", "hqq"), ("int4_weight", "rtn"), ("int8_weight", "rtn"),
+                                            ("w8a8", "smoothquant"), ("fp8", "rtn")])
+def test_onnx_lowering_matches_the_reference_op(llama, scheme, method, tmp_path):
+    model, x, calib = llama
+    opt = prunus.optimize(model, f"quantize(scheme={scheme}, method={method}, group_size=32)", example_inputs=x,
+                          calibration=calib)
+    path = opt.export_onnx(str(tmp_path / "q.onnx"))
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    expected = {"int4_weight": "MatMulNBits", "int8_weight": "DequantizeLinear", "w8a8": "MatMulInteger",
+                "fp8": "DequantizeLinear"}[scheme]
+    assert expected in ops
+    xs = example_inputs(model, batch=3, seq=13, seed=21)
+    got = run_onnx(path, list(xs), ["input_ids"])[0]
+    np.testing.assert_allclose(got, opt(*xs).logits.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_quantized_artifact_round_trips(llama, tmp_path):
+    model, x, _ = llama
+    opt = prunus.optimize(model, "quantize(scheme=int4_weight, method=rtn, group_size=32)", example_inputs=x)
+    loaded = prunus.load(opt.save(str(tmp_path / "art")))
+    xs = example_inputs(model, batch=2, seq=5, seed=3)
+    torch.testing.assert_close(loaded(*xs).logits, opt(*xs).logits)
+    assert loaded.graph.num_parameters() == opt.graph.num_parameters()
