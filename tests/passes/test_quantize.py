@@ -64,8 +64,21 @@ def test_bad_quantize_params(llama):
         prunus.optimize(model, "quantize(scheme=w8a8, method=hqq)", example_inputs=x)
     with pytest.raises(prunus.SpecError, match="calibration"):
         prunus.optimize(model, "quantize(method=gptq)", example_inputs=x)
-    with pytest.raises(prunus.PassError, match="multiple of group_size 48"):
-        prunus.optimize(model, "quantize(group_size=48)", example_inputs=x)
+    with pytest.raises(prunus.SpecError, match="even"):
+        prunus.optimize(model, "quantize(group_size=47)", example_inputs=x)
+
+
+def test_partial_last_group(llama, tmp_path):
+    """in_features 64 and 128 with groups of 48: the last group is partial, as SmolLM2's 576 with 128."""
+    model, x, _ = llama
+    opt = prunus.optimize(model, "quantize(group_size=48)", example_inputs=x)
+    node = next(n for n in opt.graph.graph.nodes if str(n.target).startswith("prunus.linear_int4"))
+    qweight = opt.graph.get_attr_value(node.args[1])
+    assert tuple(qweight.shape) == (64, 48) and tuple(opt.graph.get_attr_value(node.args[2]).shape) == (64, 2)
+    assert opt.report[0].verification["sqnr_db"] > 10
+    path = opt.export_onnx(str(tmp_path / "q.onnx"))
+    xs = example_inputs(model, batch=2, seq=7, seed=8)
+    np.testing.assert_allclose(run_onnx(path, list(xs), ["input_ids"])[0], opt(*xs).logits.numpy(), rtol=2e-3, atol=2e-3)
 
 
 def _correlated_inputs(k=128, rows=512, seed=0):

@@ -1,6 +1,7 @@
 """ONNX lowerings of the prunus ops, handed to `torch.onnx.export(custom_translation_table=...)`.
 
-- linear_int4 -> com.microsoft MatMulNBits (4-bit blocks, real-valued zero points), + bias
+- linear_int4 -> com.microsoft MatMulNBits (4-bit blocks, real-valued zero points), + bias; for group sizes
+  MatMulNBits lacks (it takes powers of two from 16 to 256), nibble unpacking + dequantization + MatMul
 - linear_int8 -> DequantizeLinear (per output channel) + MatMul
 - linear_w8a8 -> per-token symmetric int8 activations (the reference op's rule exactly) + MatMulInteger
 - linear_fp8  -> DequantizeLinear of the e4m3 weight + MatMul
@@ -31,9 +32,35 @@ def _bias(y, bias):
     return y if bias is None else op.Add(y, bias)
 
 
+_NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _dequantize_int4(qweight, scales, zeros, group_size: int, k: int, like):
+    n, groups = qweight.shape[0], scales.shape[1]
+    lo = op.BitwiseAnd(qweight, op.Constant(value=_uint8(15)))
+    hi = op.BitShift(qweight, op.Constant(value=_uint8(4)), direction="RIGHT")
+    axis = op.Constant(value_ints=[-1])
+    q = op.Concat(op.Unsqueeze(lo, axis), op.Unsqueeze(hi, axis), axis=-1)
+    q = op.CastLike(op.Reshape(q, op.Constant(value_ints=[n, groups, group_size])), like)
+    w = op.Mul(op.Sub(q, op.Unsqueeze(op.CastLike(zeros, like), axis)), op.Unsqueeze(op.CastLike(scales, like), axis))
+    w = op.Reshape(w, op.Constant(value_ints=[n, groups * group_size]))
+    return op.Slice(w, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]), op.Constant(value_ints=[1]))
+
+
+def _uint8(v: int):
+    import numpy as np
+    import onnx
+
+    return onnx.numpy_helper.from_array(np.array(v, dtype=np.uint8))
+
+
 def linear_int4(x, qweight, scales, zeros, bias, group_size: int):
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    blocks = op.Reshape(qweight, op.Constant(value_ints=[n, k // group_size, group_size // 2]))
+    # qweight is stored padded to whole groups, which is MatMulNBits' own block layout
+    n, k, groups = qweight.shape[0], x.shape[-1], scales.shape[1]
+    if group_size not in _NBITS_BLOCK_SIZES:
+        w = _dequantize_int4(qweight, scales, zeros, group_size, k, x)
+        return _bias(op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
+    blocks = op.Reshape(qweight, op.Constant(value_ints=[n, groups, group_size // 2]))
     flat = op.Constant(value_ints=[-1])
     y = _MatMulNBits(x, blocks, op.Reshape(op.CastLike(scales, x), flat), op.Reshape(op.CastLike(zeros, x), flat),
                      K=k, N=n, bits=4, block_size=group_size)

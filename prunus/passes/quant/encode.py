@@ -18,6 +18,7 @@ class QuantizedWeight:
     tensors: list  # the op's weight arguments after x: (qweight, scales[, zeros])
     smooth: torch.Tensor | None = None  # w8a8: the op divides x by this (SmoothQuant)
     input_scale: torch.Tensor | None = None  # AWQ: x is multiplied by this before the op
+    in_features: int = 0  # K (int4 storage is padded to whole groups)
 
     def dequantize(self, group_size: int) -> torch.Tensor:
         """The weight the op effectively multiplies by (in terms of its own, possibly scaled, input)."""
@@ -25,7 +26,8 @@ class QuantizedWeight:
 
         if self.scheme == "int4_weight":
             qweight, scales, zeros = self.tensors
-            return grids.int4_dequantize(unpack_int4(qweight), scales.float(), zeros.float(), group_size)
+            w = grids.int4_dequantize(unpack_int4(qweight), scales.float(), zeros.float(), group_size)
+            return w[:, :self.in_features] if self.in_features else w
         qweight, scales = self.tensors
         return qweight.float() * scales.float()[:, None]
 
@@ -41,7 +43,9 @@ def encode(scheme: str, w: torch.Tensor, group_size: int, dtype: torch.dtype, *,
         if q is None:
             q = grids.int4_quantize(w, scale, zero, group_size)
         zeros = zero.to(torch.uint8) if torch.equal(zero, zero.round()) else zero.to(dtype)
-        return QuantizedWeight(scheme, [pack_int4(q), scale.to(dtype), zeros])
+        # stored padded to whole groups: [N, ceil(K/G) * G / 2] bytes, as MatMulNBits lays out its blocks
+        return QuantizedWeight(scheme, [pack_int4(grids.pad_groups(q, group_size)), scale.to(dtype), zeros],
+                               in_features=w.shape[1])
     if scheme in ("int8_weight", "w8a8"):
         scale = grids.int8_params(w) if scale is None else scale
         q = grids.int8_quantize(w, scale) if q is None else q

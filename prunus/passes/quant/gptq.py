@@ -26,8 +26,9 @@ def gptq(w, scheme: str, group_size: int, dtype, stats, *, block: int = 128, dam
     if scheme == "int8_weight":
         scale = grids.int8_params(w.float()).double()
     else:
-        scales, zeros = torch.zeros(n, k // group_size, dtype=torch.double), torch.zeros(n, k // group_size,
-                                                                                         dtype=torch.double)
+        groups = -(-k // group_size)
+        scales = torch.zeros(n, groups, dtype=torch.double)
+        zeros = torch.zeros(n, groups, dtype=torch.double)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()

@@ -1,6 +1,7 @@
 """Quantization grids: how a weight matrix maps to integers (or fp8) and back.
 
-- int4: asymmetric groups of `group_size` along the input dim; W ~ (q - z) * s with q, z in 0..15.
+- int4: asymmetric groups of `group_size` along the input dim; W ~ (q - z) * s with q, z in 0..15. When K is
+  not a multiple of the group size, the last group is partial (its padding is zero and never multiplied).
 - int8: symmetric per output channel; W ~ q * s with q in -127..127.
 - fp8: e4m3 per output channel; W ~ q * s with s = max|W| / 448.
 `fake` returns the dequantized weight a grid represents (what quality searches compare against).
@@ -12,9 +13,22 @@ import torch
 FP8_MAX = 448.0
 
 
+def pad_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`w` [N, K] with zero columns appended up to a whole number of groups."""
+    extra = -w.shape[1] % group_size
+    return torch.nn.functional.pad(w, (0, extra)) if extra else w
+
+
+def _expand(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    return t.repeat_interleave(group_size, 1)[:, :k]
+
+
 def int4_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group min-max scale and integer zero point: ([N, K/G], [N, K/G])."""
-    g = w.reshape(w.shape[0], -1, group_size)
+    """Per-group min-max scale and integer zero point: ([N, ceil(K/G)], [N, ceil(K/G)]).
+
+    Zero padding of a partial last group changes nothing: the range always includes 0.
+    """
+    g = pad_groups(w, group_size).reshape(w.shape[0], -1, group_size)
     lo = g.amin(-1).clamp(max=0)
     hi = g.amax(-1).clamp(min=0)
     scale = ((hi - lo) / 15).clamp(min=1e-10)
@@ -24,13 +38,13 @@ def int4_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
 
 def int4_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """q in 0..15 as uint8 [N, K]."""
-    s = scale.repeat_interleave(group_size, 1)
-    z = zero.repeat_interleave(group_size, 1)
+    s, z = _expand(scale, group_size, w.shape[1]), _expand(zero, group_size, w.shape[1])
     return (w / s + z).round().clamp(0, 15).to(torch.uint8)
 
 
 def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    return (q.float() - zero.float().repeat_interleave(group_size, 1)) * scale.repeat_interleave(group_size, 1)
+    k = q.shape[1]
+    return (q.float() - _expand(zero.float(), group_size, k)) * _expand(scale, group_size, k)
 
 
 def int4_fake(w: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ def hqq(w, scheme: str, group_size: int, dtype, stats=None, *, p: float = 0.7, b
         kappa: float = 1.01, iters: int = 20) -> QuantizedWeight:
     if scheme != "int4_weight":
         return encode(scheme, w, group_size, dtype)
-    n = w.shape[0]
-    g = w.reshape(n, -1, group_size)
+    n, k = w.shape
+    g = grids.pad_groups(w, group_size).reshape(n, -1, group_size)
     scale, zero = grids.int4_params(w, group_size)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1).clone()
     best_err, best_z = float("inf"), z.clone()
@@ -37,5 +37,5 @@ def hqq(w, scheme: str, group_size: int, dtype, stats=None, *, p: float = 0.7, b
         z = (q - (g - w_e) / s).mean(-1, keepdim=True)
         beta *= kappa
     z = best_z
-    q = (g / s + z).round().clamp(0, 15).to(torch.uint8).reshape(n, -1)
+    q = (g / s + z).round().clamp(0, 15).to(torch.uint8).reshape(n, -1)[:, :k]
     return encode(scheme, w, group_size, dtype, q=q, scale=scale, zero=z.squeeze(-1))
