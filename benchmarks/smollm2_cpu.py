@@ -1,4 +1,5 @@
-"""SmolLM2-135M on the CPU: perplexity on the default corpus, and ONNX Runtime vs PyTorch prefill latency.
+"""SmolLM2-135M on the CPU: perplexity on the default corpus, and prefill latency in PyTorch and in
+ONNX Runtime for the fp32, int8-weight and int4-weight graphs.
 
     python benchmarks/smollm2_cpu.py [--tokens 4096] [--window 512] [--prefill 256] [--repeats 10]
 """
@@ -20,6 +21,10 @@ from benchmarks._report import append  # noqa: E402
 from prunus.codegen.onnx import check_parity  # noqa: E402
 from prunus.data import window_batch  # noqa: E402
 
+VARIANTS = [("fp32", "dce, fold_constants, simplify_masks"),
+            ("int8 weights", "simplify_masks, quantize(scheme=int8_weight)"),
+            ("int4 weights, group 128", "simplify_masks, quantize(scheme=int4_weight, group_size=128)")]
+
 
 def _median_seconds(fn, repeats: int) -> float:
     fn()
@@ -38,40 +43,41 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
+    import onnxruntime as ort
 
     model, tok = prunus.models.load("smollm2-135m")
     example = window_batch(tok, 2, 16, seed=1234)
-    opt = prunus.optimize(model, "dce, fold_constants, simplify_masks", example_inputs=example)
-    ppl_model = prunus.eval.perplexity(model, tok, seq_len=args.window, max_tokens=args.tokens)
-    ppl_opt = prunus.eval.perplexity(opt, tok, seq_len=args.window, max_tokens=args.tokens)
-
-    ids = window_batch(tok, 1, args.prefill, seed=7)[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        opt.export_onnx(path)
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        feed = {opt.graph.inputs[0].name: ids.numpy()}
-        parity = check_parity(opt.graph, path, [ids])
-        t_ort = _median_seconds(lambda: session.run(None, feed), args.repeats)
+    (ids,) = window_batch(tok, 1, args.prefill, seed=7)
     with torch.no_grad():
         t_eager = _median_seconds(lambda: model(ids), args.repeats)
-        t_graph = _median_seconds(lambda: opt(ids), args.repeats)
-
-    rows = [
-        ["perplexity, original (eager)", f"{ppl_model:.3f}"],
-        ["perplexity, prunus clean-up pipeline", f"{ppl_opt:.3f}"],
-        [f"prefill {args.prefill} tokens, PyTorch eager (ms)", f"{t_eager * 1e3:.1f}"],
-        [f"prefill {args.prefill} tokens, prunus graph in PyTorch (ms)", f"{t_graph * 1e3:.1f}"],
-        [f"prefill {args.prefill} tokens, ONNX Runtime CPU (ms)", f"{t_ort * 1e3:.1f}"],
-        ["ONNX Runtime speed-up over PyTorch eager", f"{t_eager / t_ort:.2f}x"],
-        ["ONNX Runtime vs PyTorch, max relative |diff| of logits", f"{parity:.1e}"],
-    ]
+    ppl_model = prunus.eval.perplexity(model, tok, seq_len=args.window, max_tokens=args.tokens)
+    rows = [["original (PyTorch eager)", f"{ppl_model:.3f}", f"{t_eager * 1e3:.1f}", "-", "1.00x", "-", "-"]]
+    t_ort_fp32 = None
+    for label, pipeline in VARIANTS:
+        opt = prunus.optimize(model, pipeline, example_inputs=example)
+        ppl = prunus.eval.perplexity(opt, tok, seq_len=args.window, max_tokens=args.tokens)
+        with torch.no_grad():
+            t_graph = _median_seconds(lambda: opt(ids), args.repeats)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            opt.export_onnx(path)
+            size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+            parity = check_parity(opt.graph, path, [ids])
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            feed = {opt.graph.inputs[0].name: ids.numpy()}
+            t_ort = _median_seconds(lambda: session.run(None, feed), args.repeats)
+        t_ort_fp32 = t_ort_fp32 or t_ort
+        rows.append([f"prunus {label}", f"{ppl:.3f}", f"{t_graph * 1e3:.1f}", f"{t_ort * 1e3:.1f}",
+                     f"{t_eager / t_ort:.2f}x", f"{t_ort_fp32 / t_ort:.2f}x", f"{size / 1e6:.0f} MB, {parity:.1e}"])
+        print(rows[-1], flush=True)
     notes = (f"Perplexity: first {args.tokens} tokens of `pydoc_data.topics` (prunus.data.default_corpus) in "
-             f"non-overlapping {args.window}-token windows, fp32. Latency: batch 1, median of {args.repeats} runs "
-             f"after one warm-up, {torch.get_num_threads()} PyTorch threads.")
-    print(append("SmolLM2-135M on the CPU: perplexity and ONNX Runtime prefill", ["measure", "value"], rows, notes))
+             f"non-overlapping {args.window}-token windows. Latency: one {args.prefill}-token prefill at batch 1, "
+             f"median of {args.repeats} runs after a warm-up, {torch.get_num_threads()} PyTorch threads, onnxruntime "
+             "CPUExecutionProvider with default threads. Last column: ONNX file size and the largest relative "
+             "|onnxruntime - PyTorch| of the logits. int4 lowers to MatMulNBits, int8 to DequantizeLinear + MatMul.")
+    print(append("SmolLM2-135M on the CPU: perplexity, PyTorch and ONNX Runtime prefill",
+                 ["model", "perplexity", "PyTorch ms", "ORT ms", "ORT vs eager", "ORT vs ORT fp32",
+                  "ONNX size, parity"], rows, notes))
 
 
 if __name__ == "__main__":
