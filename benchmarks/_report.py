@@ -19,6 +19,9 @@ def device() -> str:
 
 
 def commit() -> str:
+    """The checkout's commit; PRUNUS_COMMIT names it where the tree has no .git (the GPU machine's copy)."""
+    if os.environ.get("PRUNUS_COMMIT"):
+        return os.environ["PRUNUS_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()

@@ -1,0 +1,211 @@
+"""Quantized linear ops on the GPU against bf16 `F.linear` (cuBLAS), with achieved bandwidth.
+
+    python benchmarks/quant_linear_gpu.py [--explore] [--report PATH]
+
+Times `torch.ops.prunus.linear_int4` (group 128) at M = 1, 16, 64, 256 rows and `linear_int8` at M = 1, 256
+for the Llama-3-8B projection shapes, bf16 activations. Each figure is the median over 20 replays of a CUDA
+graph that calls the op on R copies of the weights (R x weight bytes >= 3 x the L2 cache), divided by R:
+the weights come from device memory as in a real decode step, and no CPU launch overhead is counted (as
+in a graph-captured decode loop). cuBLAS is timed the same way in the same run. Bandwidth counts the op's
+compulsory bytes (packed weights + scales + zeros + activations in + outputs out) against the 3.0 TB/s
+device-copy ceiling measured on the H100. `--explore` also times every int4 kernel path (GEMV, tensor-core
+GEMM, dequantize + cuBLAS) at M = 1..256: the dispatch thresholds in `prunus.kernels.quant_linear` come
+from that table.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import prunus.kernels as pk  # noqa: E402
+from benchmarks._report import append, markdown_table  # noqa: E402
+
+COPY_CEILING = 3.0e12  # bytes/s, device-to-device copy (read + write) on the H100
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features K, out_features N)
+GROUP = 128
+
+
+def copies(nbytes: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, math.ceil(3 * l2 / nbytes))
+
+
+def graph_us(fn, sets, reps: int = 20) -> float:
+    """Median time of one fn(*args) call, args rotating over `sets`, from CUDA-graph replays."""
+    for args in sets:  # warm-up: autotuning, workspaces, caches
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in sets:
+            fn(*args)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(sets))
+    return statistics.median(times)
+
+
+def int4_weight(n, k, gen):
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda", generator=gen)
+    scales = (torch.rand(n, k // GROUP, device="cuda", generator=gen) * 0.02 + 0.005).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (n, k // GROUP), dtype=torch.uint8, device="cuda", generator=gen)
+    return pk.pack_int4(q), scales, zeros
+
+
+def int8_weight(n, k, gen):
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda", generator=gen)
+    return q, (torch.rand(n, device="cuda", generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+
+
+def rel_err(y, ref) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Case:
+    """One weight shape: R copies of the quantized weight and of its dense bf16 twin, activations per M."""
+
+    def __init__(self, scheme, k, n, gen):
+        self.k, self.n, self.gen = k, n, gen
+        make = (lambda: int4_weight(n, k, gen)) if scheme == "int4" else (lambda: int8_weight(n, k, gen))
+        first = make()
+        self.qbytes = nbytes(*first)
+        self.quant = [first] + [make() for _ in range(copies(self.qbytes) - 1)]
+        dense = pk.dequantize_int4(*first, GROUP) if scheme == "int4" else pk.dequantize_int8(*first)
+        self.dense = [dense] + [dense.clone() for _ in range(copies(nbytes(dense)) - 1)]
+        self.ref_weight = dense.float()
+
+    def x(self, m, count):
+        return [torch.randn(m, self.k, device="cuda", dtype=torch.bfloat16, generator=self.gen) for _ in range(count)]
+
+    def time_quant(self, fn, m):
+        xs = self.x(m, len(self.quant))
+        return graph_us(fn, [(x, *w) for x, w in zip(xs, self.quant)])
+
+    def time_dense(self, m):
+        xs = self.x(m, len(self.dense))
+        return graph_us(lambda x, w: F.linear(x, w), list(zip(xs, self.dense)))
+
+    def error(self, fn, m):
+        x = self.x(m, 1)[0]
+        return rel_err(fn(x, *self.quant[0]), F.linear(x.float(), self.ref_weight))
+
+    def row(self, fn, m):
+        t_q, t_d = self.time_quant(fn, m), self.time_dense(m)
+        moved_q = self.qbytes + 2 * m * (self.k + self.n)
+        moved_d = self.n * self.k * 2 + 2 * m * (self.k + self.n)
+        return [f"{self.k}->{self.n}", m, f"{t_q:.1f}",
+                f"{moved_q / t_q / 1e3:.0f} ({moved_q / t_q * 1e6 / COPY_CEILING:.0%})", f"{t_d:.1f}",
+                f"{moved_d / t_d / 1e3:.0f}", f"{t_d / t_q:.2f}x", f"{self.error(fn, m):.1e}"]
+
+
+def int4_op(x, qw, s, z):
+    return torch.ops.prunus.linear_int4(x, qw, s, z, None, GROUP)
+
+
+def int8_op(x, q, s):
+    return torch.ops.prunus.linear_int8(x, q, s, None)
+
+
+def main_rows(gen):
+    rows = []
+    for scheme, op, ms in (("int4", int4_op, [1, 16, 64, 256]), ("int8", int8_op, [1, 256])):
+        for k, n in SHAPES:
+            case = Case(scheme, k, n, gen)
+            for m in ms:
+                rows.append([scheme] + case.row(op, m))
+                print(rows[-1], flush=True)
+            del case
+    return rows
+
+
+def explore(gen):
+    """Every int4 path at every row count (µs), plus the other ops at M = 1, 16, 256."""
+    from prunus.kernels import quant_linear_triton as qt
+
+    rows = []
+    for k, n in SHAPES:
+        case = Case("int4", k, n, gen)
+        for m in [1, 2, 4, 16, 32, 64, 256]:
+            paths = {"gemm": lambda x, qw, s, z: qt.int4_gemm(x, qw, s, z, None, GROUP)}
+            if m <= 2:
+                paths = {"gemv": lambda x, qw, s, z: qt.int4_gemv(x, qw, s, z, None, GROUP), **paths}
+            if m in (1, 256):  # the op's path when the dense-weight cache is off or full
+                paths["dequant+cublas"] = lambda x, qw, s, z: F.linear(x, qt.int4_dequantize(qw, s, z, GROUP, x.dtype))
+            row = [f"{k}->{n}", m, f"cublas {case.time_dense(m):.1f}"]
+            for name, fn in paths.items():
+                row.append(f"{name} {case.time_quant(fn, m):.1f} ({case.error(fn, m):.0e})")
+            rows.append(row)
+            print(" | ".join(map(str, row)), flush=True)
+        del case
+    for tuned in (qt._gemv_tuned, qt._int4_gemm_tuned):
+        for key, cfg in tuned.cache.items():
+            print("best", tuned.fn.__name__, key[:4], cfg, flush=True)
+    other = []
+    k, n = 4096, 14336
+    q8, s8 = int8_weight(n, k, gen)
+    smooth = (torch.rand(k, device="cuda", generator=gen) + 0.5).to(torch.bfloat16)
+    f8 = (torch.randn(n, k, device="cuda", generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w = pk.dequantize_int8(q8, s8)
+    for m in (1, 16, 256):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for name, fn, ref in [
+                ("w8a8", lambda: torch.ops.prunus.linear_w8a8(x, q8, s8, smooth, None),
+                 F.linear(x.float() / smooth.float(), w.float())),
+                ("fp8", lambda: torch.ops.prunus.linear_fp8(x, f8, s8, None),
+                 F.linear(x.float(), f8.float() * s8.float()[:, None])),
+                ("bf16", lambda: F.linear(x, w), F.linear(x.float(), w.float()))]:
+            other.append([f"{k}->{n}", name, m, f"{graph_us(fn, [()] * 4):.1f}", f"{rel_err(fn(), ref):.1e}"])
+            print(other[-1], flush=True)
+    return rows, other
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--explore", action="store_true", help="also time each int4 kernel path at M = 1..256")
+    ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    explored = explore(gen) if args.explore else None
+    columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",
+               "speed-up", "rel err"]
+    rows = main_rows(gen)
+    cache = os.environ.get("PRUNUS_DENSE_CACHE_BYTES", "0")
+    dense = ("cuBLAS on a dense weight cached across calls (PRUNUS_DENSE_CACHE_BYTES=" + cache + ")"
+             if cache != "0" else "a dequantize kernel into a temporary, then cuBLAS (no dense cache, the default)")
+    notes = ("int4: asymmetric, group 128, bf16 activations and scales; int8: per-channel. µs: median of 20 "
+             "CUDA-graph replays over weight copies exceeding 3x L2, per call (no launch overhead). GB/s counts "
+             "packed weights + scales + zeros + activations in and out; rel err is against fp32 F.linear with "
+             "the dequantized weight. Paths: int4 M = 1 GEMV kernel, M = 2..16 tensor-core kernel, M > 16 "
+             f"{dense}; int8 M = 1 GEMV kernel, M > 1 the same dense path. On the dense path the quant GB/s column "
+             "still counts packed bytes: read its speed-up only.")
+    title = "Quantized linear (int4 / int8 weight-only) vs bf16 cuBLAS" + (", dense-weight cache on" if cache != "0" else "")
+    append(title, columns, rows, notes, path=args.report)
+    if explored:
+        print("\nint4 paths, µs (rel err):\n" + markdown_table(
+            ["shape", "M", "bf16", "path 1", "path 2", "path 3"], [r + [""] * (6 - len(r)) for r in explored[0]]))
+        print("\n" + markdown_table(["shape", "op", "M", "µs", "rel err"], explored[1]))
+    print("\n" + markdown_table(columns, rows))
+
+
+if __name__ == "__main__":
+    main()

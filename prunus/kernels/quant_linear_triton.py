@@ -1,0 +1,486 @@
+"""Triton kernels behind the quantized linear ops of `prunus.kernels.quant_linear` (packed formats: see there).
+
+Imported only where a kernel runs (CUDA, or the CPU under TRITON_INTERPRET=1). Each launcher takes the op's
+tensors, a 2-D activation `x` [M, K], and an optional `config` (the kernel's block sizes) that bypasses
+autotuning, which tests use to reach every code path under the interpreter.
+
+Kernels (FLUTE, arXiv:2407.10960, and gpt-fast's int4 path are the models: weight-only quantized matmuls
+are fast when the packed weights are read once and unpacked in registers):
+- `_gemv_kernel`: few rows (decode). One program per (row, block of outputs, K split); CUDA cores,
+  fp32 accumulation. Serves int4 (per-group scale and zero) and int8 (per-channel scale).
+- `_int4_gemm_kernel`: more rows. Tensor-core `tl.dot` of the unpacked weight tile [BLOCK_N, BLOCK_K] with
+  the activations transposed [BLOCK_K, BLOCK_M] ("swap AB": the weight fills the MMA's M side, so a
+  skinny batch still maps onto full-size instructions).
+- `_int4_dequant_kernel`: int4 -> dense weight, for the many-row fallback (dense matmul by cuBLAS).
+- `_quantize_rows_kernel` + `_int8_gemm_kernel`: W8A8 (per-token dynamic int8 activations, int32 MMA,
+  the scales in the epilogue); the row quantizer also makes the e4m3 activations of the fp8 op.
+
+Two tricks keep the unpacking cheap (no int -> float conversion instructions, which run at 1/8 rate):
+- the float "magic number": a field v OR-ed into the top mantissa bits of 2^BITS is the float 2^BITS + v
+  (bf16 128 + q, fp16 1024 + q for the tensor-core operand), which goes straight into the FMA or MMA;
+- offsets and zero points out of the inner loop: within a group, sum_k x_k (c + q_k - (c + z)) s =
+  s (sum_k x_k (c + q_k) - (c + z) sum_k x_k), so the offset c joins the zero point once per group.
+
+Split-K: with few output blocks, the K range is split over SPLIT_K programs whose fp32 partials meet in a
+workspace by atomic adds; the last program of a tile to arrive (a counter says which) writes the output
+and zeroes its workspace and counter for the next launch, so one launch does the whole op.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# ---------------------------------------------------------------------------------------------------------
+# shared device functions
+
+
+@triton.jit
+def _nibbles(words, BITS: tl.constexpr, TO: tl.constexpr, MAGIC: tl.constexpr, WIDE: tl.constexpr):
+    """int32 words [R, W] -> [R, W * 32 // BITS] in k order (field i of word j is k = j * 32 // BITS + i).
+
+    Each field v is moved to bit TO and OR-ed into MAGIC: no int -> float conversion instruction.
+    WIDE: an fp32 result, e.g. TO = 23 - BITS with MAGIC = 2^BITS as fp32 gives the float 2^BITS + v.
+    Else a 16-bit pattern the caller bitcasts (TO = 0, MAGIC = 0x4300 gives bf16 128 + v). The fields of
+    a word are interleaved in registers (join keeps the new axis inside a thread): the result stays 2-D.
+    """
+    if BITS == 4:
+        return tl.interleave(
+            tl.interleave(tl.interleave(_field(words, 0, TO, 4, MAGIC, WIDE), _field(words, 16, TO, 4, MAGIC, WIDE)),
+                          tl.interleave(_field(words, 8, TO, 4, MAGIC, WIDE), _field(words, 24, TO, 4, MAGIC, WIDE))),
+            tl.interleave(tl.interleave(_field(words, 4, TO, 4, MAGIC, WIDE), _field(words, 20, TO, 4, MAGIC, WIDE)),
+                          tl.interleave(_field(words, 12, TO, 4, MAGIC, WIDE), _field(words, 28, TO, 4, MAGIC, WIDE))))
+    else:
+        return tl.interleave(
+            tl.interleave(_field(words, 0, TO, 8, MAGIC, WIDE), _field(words, 16, TO, 8, MAGIC, WIDE)),
+            tl.interleave(_field(words, 8, TO, 8, MAGIC, WIDE), _field(words, 24, TO, 8, MAGIC, WIDE)))
+
+
+@triton.jit
+def _field(words, FROM: tl.constexpr, TO: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr,
+           WIDE: tl.constexpr):
+    if TO >= FROM:
+        v = words << (TO - FROM)
+    else:
+        v = (words.to(tl.uint32, bitcast=True) >> (FROM - TO)).to(tl.int32, bitcast=True)
+    v = (v & (((1 << BITS) - 1) << TO)) | MAGIC
+    if WIDE:
+        v = v.to(tl.float32, bitcast=True)
+    else:
+        v = v.to(tl.int16)
+    return v
+
+
+@triton.jit
+def _write_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] (fp32, y transposed) + bias -> y[m, n] in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, tile,
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write a tile's result; with split-K, only once every split has added its partial (see module doc)."""
+    if SPLIT_K == 1:
+        _write_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, HAS_BIAS)
+    else:
+        mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+        ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is in before this program counts itself in
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.debug_barrier()  # all of the tile is read before any thread clears it (layouts may differ)
+            tl.store(ws, tl.zeros_like(total), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            _write_tile(total, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, HAS_BIAS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GEMV: few rows, CUDA cores
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
+                 stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] W[n, k] for one row m and BLOCK_N outputs over 1/SPLIT_K of K.
+
+    w_ptr: the packed weight as int32 words [N, K * BITS / 32]. GROUP > 0 (int4): per-group scales and zero
+    points [N, K / GROUP], CHUNK == GROUP. GROUP == 0 (int8): per-channel scales [N], CHUNK divides K.
+    Each step reads UNROLL independent chunks of CHUNK inputs, so that many loads are in flight.
+    """
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PER_WORD: tl.constexpr = 32 // BITS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_w = tl.arange(0, CHUNK // PER_WORD)
+    offs_k = tl.arange(0, CHUNK)
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
+    x_row = x_ptr + m * stride_xm
+    n_steps = tl.cdiv(K, CHUNK * UNROLL)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
+    x_acc = tl.zeros([CHUNK], dtype=tl.float32)
+    for step in range(pid_k * per_split, tl.minimum(n_steps, (pid_k + 1) * per_split)):
+        for u in tl.static_range(UNROLL):
+            k0 = (step * UNROLL + u) * CHUNK
+            in_k = tl.full([1, 1], k0, tl.int32) < K  # the last step may run past K (K % CHUNK == 0)
+            words = tl.load(w_rows + (k0 // PER_WORD + offs_w)[None, :], mask=n_ok[:, None] & in_k, other=0)
+            x = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+            # Fields as the floats 2^BITS + v (v at the top of the mantissa): straight into the FMA; the
+            # offset (and the zero point) come off once per group as offset * sum(x).
+            if GROUP == 0:  # int8: b ^ 0x80 = b + 128, so the field reads 256 + 128 + b
+                acc2 += _nibbles(words ^ -0x7F7F7F80, 8, 15, 0x43800000, True) * x[None, :]  # ^ 0x80808080
+                x_acc += x
+            else:
+                g = k0 // GROUP
+                g_ok = n_ok & (tl.full([BLOCK_N], k0, tl.int32) < K)
+                scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=g_ok, other=0.0).to(tl.float32)
+                zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=g_ok, other=0).to(tl.float32)
+                part = tl.sum(_nibbles(words, 4, 19, 0x41800000, True) * x[None, :], axis=1)
+                acc += scale * (part - (16.0 + zero) * tl.sum(x, axis=0))
+    if GROUP == 0:
+        acc = (tl.sum(acc2, axis=1) - 384.0 * tl.sum(x_acc, axis=0)) * tl.load(
+            s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+    offs_m = m + tl.arange(0, 1)
+    _finish_tile(acc[:, None], offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
+                 m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# int4 GEMM: tensor cores, weight tile as the MMA's left operand
+
+
+@triton.jit
+def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
+                      stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y^T tile [BLOCK_N, BLOCK_M] = W tile . x^T tile, group by group (BLOCK_K divides GROUP)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    dtype = x_ptr.dtype.element_ty
+    n_blocks = K // BLOCK_K
+    per_split = tl.cdiv(n_blocks, SPLIT_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for blk in range(pid_k * per_split, tl.minimum(n_blocks, (pid_k + 1) * per_split)):
+        k0 = blk * BLOCK_K
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
+                        mask=n_ok[:, None], other=0)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=m_ok[None, :], other=0.0)
+        # bf16/fp16: the weight enters the MMA as offset + q (16-bit magic number: no conversion at all);
+        # the offset joins the zero point below.
+        if dtype == tl.bfloat16:
+            part = tl.dot(_nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True), xt)
+            offset = 128.0
+        elif dtype == tl.float16:
+            part = tl.dot(_nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True), xt)
+            offset = 1024.0
+        else:
+            part = tl.dot(_nibbles(words, 4, 19, 0x41800000, True) - 16.0, xt, input_precision="ieee")
+            offset = 0.0
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.float32) + offset
+        # the sums of x over the block, as an MMA with ones: [BLOCK_N, BLOCK_M] like `part`, no shuffles
+        if dtype == tl.float32:
+            x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt, input_precision="ieee")
+        else:
+            x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt)
+        acc += scale[:, None] * (part - zero[:, None] * x_sums)
+    _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
+                 pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn, stride_on,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], computed in fp32 as the reference does."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_cols = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = offs_n[:, None] < N
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + w_cols[None, :], mask=n_ok & (w_cols < K // 8)[None, :],
+                    other=0)
+    q = _nibbles(words, 4, 19, 0x41800000, True) - 16.0
+    mask = n_ok & (offs_k < K)[None, :]
+    g = offs_k // GROUP
+    scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], ((q - zero) * scale).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# W8A8 (and the fp8 op's activations)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+                          HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per row: x' = x / smooth, scale = max|x'| / QMAX (1 for a zero row), q = x' / scale (rounded half to
+    even and clamped to +-QMAX when ROUND, else clamped and cast, e.g. to e4m3). IEEE divisions, as in torch."""
+    m = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _smoothed(x_ptr + m * stride_xm, smooth_ptr, k0 + offs, K, HAS_SMOOTH)
+        amax = tl.maximum(amax, tl.abs(x))
+    row_max = tl.max(amax, axis=0)
+    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, QMAX), 1.0)
+    tl.store(scale_ptr + m, scale)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.math.div_rn(_smoothed(x_ptr + m * stride_xm, smooth_ptr, k0 + offs, K, HAS_SMOOTH), scale)
+        if ROUND:  # half to even, like torch.round (v - floor(v) is exact in fp32)
+            r = tl.floor(v)
+            frac = v - r
+            v = tl.where((frac > 0.5) | ((frac == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0)), r + 1.0, r)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        tl.store(q_ptr + m * stride_qm + k0 + offs, v.to(q_ptr.dtype.element_ty), mask=k0 + offs < K)
+
+
+@triton.jit
+def _smoothed(row_ptr, smooth_ptr, offs, K, HAS_SMOOTH: tl.constexpr):
+    x = tl.load(row_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
+    return x
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
+                      stride_am, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = (a_int8 @ w_int8^T in int32) * a_scale[:, None] * scales[None, :] + bias."""
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :],
+                    mask=(offs_m < M)[:, None] & k_ok[None, :], other=0)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
+                    mask=(offs_n < N)[None, :] & k_ok[:, None], other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    scale = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * a_scale[:, None] * scale[None, :]
+    # y^T orientation for the shared epilogue
+    _write_tile(tl.trans(y), offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, HAS_BIAS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# autotuning: configs, fitted to the group size
+
+
+def _cfg(num_warps=4, num_stages=3, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+GEMV_CONFIGS = [
+    _cfg(BLOCK_N=16, CHUNK=128, UNROLL=4, SPLIT_K=1), _cfg(BLOCK_N=32, CHUNK=128, UNROLL=4, SPLIT_K=1),
+    _cfg(BLOCK_N=32, CHUNK=128, UNROLL=2, SPLIT_K=1), _cfg(BLOCK_N=64, CHUNK=128, UNROLL=2, SPLIT_K=1),
+    _cfg(BLOCK_N=16, CHUNK=128, UNROLL=8, SPLIT_K=1), _cfg(BLOCK_N=64, CHUNK=128, UNROLL=4, SPLIT_K=1, num_warps=8),
+    _cfg(BLOCK_N=32, CHUNK=128, UNROLL=4, SPLIT_K=2), _cfg(BLOCK_N=16, CHUNK=128, UNROLL=4, SPLIT_K=4),
+    _cfg(BLOCK_N=32, CHUNK=128, UNROLL=8, SPLIT_K=2), _cfg(BLOCK_N=64, CHUNK=128, UNROLL=2, SPLIT_K=4),
+]
+INT4_GEMM_CONFIGS = [  # many rows go to cuBLAS (quant_linear.INT4_GEMM_MAX_ROWS): no BLOCK_M beyond 64
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_stages=4),
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_stages=4),
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_stages=4),
+    _cfg(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1),
+    _cfg(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2),
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_stages=4),
+    _cfg(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, num_warps=8),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_stages=4),
+]
+INT8_GEMM_CONFIGS = [
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8), _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+]
+
+
+def _fit(configs, named_args, **kwargs):
+    """Adapt block sizes to the group size (GEMV: chunks of one group; GEMM: BLOCK_K divides it) and rows."""
+    group, rows = kwargs.get("GROUP", named_args.get("GROUP", 0)), max(16, named_args["M_BUCKET"])
+    out, seen = [], set()
+    for c in configs:
+        kw = dict(c.kwargs)
+        if "BLOCK_M" in kw:
+            if kw["BLOCK_M"] > rows:
+                continue
+            if group:
+                kw["BLOCK_K"] = min(kw["BLOCK_K"], group)
+        else:  # GEMV: chunks of one group (int4), or dividing K (int8)
+            kw["CHUNK"] = group or min(kw["CHUNK"], named_args["K"] & -named_args["K"])
+        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+def _tuned(kernel, configs, key):
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _fit})(kernel)
+
+
+_gemv_tuned = _tuned(_gemv_kernel, GEMV_CONFIGS, ["M", "N", "K", "BITS", "GROUP"])
+_int4_gemm_tuned = _tuned(_int4_gemm_kernel, INT4_GEMM_CONFIGS, ["M_BUCKET", "N", "K", "GROUP"])
+_int8_gemm_tuned = _tuned(_int8_gemm_kernel, INT8_GEMM_CONFIGS, ["M_BUCKET", "N", "K"])
+
+
+def _launch(kernel, tuned, configs, grid, args, consts, config):
+    """Run with `config`; else autotuned (on the interpreter, which cannot time, the first fitting config)."""
+    if config is None and INTERPRET:
+        config = _fit(configs, args, **consts)[0].kwargs
+    if config is None:
+        tuned[grid](*args.values(), **consts)
+    else:
+        kernel[grid](*args.values(), **consts, **config)
+
+
+def m_bucket(m: int) -> int:
+    """Rows rounded up to a power of two: the autotuning key, so that nearby batch sizes share a tuning."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+_WORKSPACE: dict = {}
+
+
+def _split_k_workspace(device, numel: int, tiles: int):
+    """Zeroed fp32 partial sums and arrival counters; the kernels leave them zeroed after every launch.
+
+    One per device, so split-K launches must not overlap (one stream); allocated on first use, so a CUDA
+    graph must be captured after a warm-up call at the largest row count it will see.
+    """
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < numel or cnt.numel() < tiles:
+        ws = torch.zeros(max(numel, 1 << 16), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
+        _WORKSPACE[device] = (ws, cnt)
+    return ws, cnt
+
+
+def _words(qweight: torch.Tensor) -> torch.Tensor:
+    return qweight.contiguous().view(torch.int32)
+
+
+def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _weight_only(x, words, scales, zeros, bias, group, bits, config, gemm: bool):
+    x = _contiguous_rows(x)
+    M, K = x.shape
+    N = words.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    ws, cnt = _split_k_workspace(x.device, M * N, M * triton.cdiv(N, 8))
+    zeros_arg = zeros if zeros is not None else scales
+    args = dict(x_ptr=x, w_ptr=words, s_ptr=scales, z_ptr=zeros_arg, b_ptr=bias if bias is not None else y,
+                y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=M, N=N, K=K, M_BUCKET=m_bucket(M),
+                stride_xm=x.stride(0), stride_wn=words.stride(0), stride_sn=scales.stride(0),
+                stride_zn=zeros_arg.stride(0), stride_ym=y.stride(0))
+    if gemm:
+        consts = dict(GROUP=group, HAS_BIAS=bias is not None)
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
+        _launch(_int4_gemm_kernel, _int4_gemm_tuned, INT4_GEMM_CONFIGS, grid, args, consts, config)
+    else:
+        consts = dict(BITS=bits, GROUP=group, HAS_BIAS=bias is not None)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
+        _launch(_gemv_kernel, _gemv_tuned, GEMV_CONFIGS, grid, args, consts, config)
+    return y
+
+
+def int4_gemv(x, qweight, scales, zeros, bias, group_size: int, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (few rows) times the int4 weight: CUDA-core kernel. group_size: a power of two >= 8."""
+    return _weight_only(x, _words(qweight), scales, zeros, bias, group_size, 4, config, gemm=False)
+
+
+def int4_gemm(x, qweight, scales, zeros, bias, group_size: int, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] times the int4 weight: tensor-core kernel. group_size: a power of two >= 16."""
+    return _weight_only(x, _words(qweight), scales, zeros, bias, group_size, 4, config, gemm=True)
+
+
+def int8_gemv(x, qweight, scales, bias, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (few rows) times the int8 per-channel weight (K a multiple of 4)."""
+    return _weight_only(x, _words(qweight), scales, None, bias, 0, 8, config, gemm=False)
+
+
+def int4_dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight [N, K] (in `dtype`, default the scales' dtype); K a multiple of 8."""
+    words = _words(qweight)
+    N, K = words.shape[0], words.shape[1] * 8
+    out = torch.empty(N, K, dtype=dtype or scales.dtype, device=qweight.device)
+    block_n, block_k = 32, 256
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _int4_dequant_kernel[grid](words, scales, zeros, out, N, K, words.stride(0), scales.stride(0), zeros.stride(0),
+                               out.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def quantize_rows(x, smooth, dtype: torch.dtype):
+    """Per-token dynamic quantization of x [M, K] (divided by `smooth` [K] if given) to int8 (round half to
+    even, +-127) or float8_e4m3fn (+-448): returns (q [M, K], scale [M] fp32) with x' ~ q * scale."""
+    x = _contiguous_rows(x)
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=dtype, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    is_int = dtype == torch.int8
+    qmax = 127.0 if is_int else torch.finfo(dtype).max
+    if M:
+        _quantize_rows_kernel[(M,)](x, smooth if smooth is not None else x, q, scale, K, x.stride(0), q.stride(0),
+                                    HAS_SMOOTH=smooth is not None, QMAX=qmax, ROUND=is_int,
+                                    BLOCK_K=min(4096, triton.next_power_of_2(K)))
+    return q, scale
+
+
+def int8_gemm(xq, a_scale, qweight, scales, bias, out_dtype: torch.dtype, config: dict | None = None):
+    """(xq int8 [M, K] @ qweight int8 [N, K]^T, int32) * a_scale[:, None] * scales[None, :] + bias."""
+    M, K = xq.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    if M == 0:
+        return y
+    qweight = qweight.contiguous()
+    args = dict(a_ptr=xq, a_scale_ptr=a_scale, w_ptr=qweight, s_ptr=scales, b_ptr=bias if bias is not None else y,
+                y_ptr=y, M=M, N=N, K=K, M_BUCKET=m_bucket(M), stride_am=xq.stride(0), stride_wn=qweight.stride(0),
+                stride_ym=y.stride(0))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    _launch(_int8_gemm_kernel, _int8_gemm_tuned, INT8_GEMM_CONFIGS, grid, args, dict(HAS_BIAS=bias is not None),
+            config)
+    return y

@@ -1,0 +1,314 @@
+"""Quantized linear ops: packed format, references against the formulas, Triton kernels against the
+references (CPU: under TRITON_INTERPRET=1, small shapes, fp32; CUDA: the real kernels), fake impls under
+torch.export."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunus.kernels as pk
+from prunus.kernels import quant_linear as ql
+
+ops = torch.ops.prunus
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cuda" if CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (and TRITON_INTERPRET unset or 0)")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def int4_weight(n, k, group, seed=0, float_zeros=False, dtype=torch.float32):
+    g = _gen(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(n, k // group, generator=g) * 0.1 + 0.01).to(dtype)
+    zeros = torch.randint(0, 16, (n, k // group), dtype=torch.uint8, generator=g)
+    if float_zeros:
+        zeros = (zeros.float() + torch.rand(zeros.shape, generator=g)).to(dtype)
+    return q, pk.pack_int4(q), scales, zeros
+
+
+def int8_weight(n, k, seed=0, dtype=torch.float32):
+    g = _gen(seed)
+    return (torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g),
+            (torch.rand(n, generator=g) * 0.01 + 0.001).to(dtype))
+
+
+def explicit_int4(q, scales, zeros, group):
+    """W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], element by element as the contract states."""
+    k = torch.arange(q.shape[1])
+    return (q.float() - zeros.float()[:, k // group]) * scales.float()[:, k // group]
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def to(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# packing
+
+
+def test_pack_unpack_round_trip_and_nibble_order():
+    q = torch.randint(0, 16, (5, 12), dtype=torch.uint8, generator=_gen(1))
+    packed = pk.pack_int4(q)
+    assert packed.shape == (5, 6) and packed.dtype == torch.uint8
+    assert torch.equal(pk.unpack_int4(packed), q)
+    # byte j: k = 2j in the low nibble, k = 2j + 1 in the high nibble (ONNX Runtime MatMulNBits order)
+    assert pk.pack_int4(torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)).tolist() == [[0x21, 0x43]]
+
+
+def test_dequantize_helpers_match_formulas():
+    q, qw, s, z = int4_weight(7, 64, 16, seed=2)
+    assert torch.equal(pk.dequantize_int4(qw, s, z, 16), explicit_int4(q, s, z, 16))
+    q8, s8 = int8_weight(7, 64)
+    assert torch.equal(pk.dequantize_int8(q8, s8), q8.float() * s8[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# references (the ops on the CPU) against explicit dequantize-then-matmul
+
+
+@pytest.mark.parametrize("n, k, group, bias, float_zeros", [(33, 64, 32, True, False), (16, 96, 32, False, False),
+                                                            (5, 128, 128, True, True), (48, 64, 8, False, True)])
+def test_linear_int4_reference(n, k, group, bias, float_zeros):
+    q, qw, s, z = int4_weight(n, k, group, seed=n, float_zeros=float_zeros)
+    x = torch.randn(2, 3, k, generator=_gen(3))
+    b = torch.randn(n, generator=_gen(4)) if bias else None
+    y = ops.linear_int4(x, qw, s, z, b, group)
+    ref = x @ explicit_int4(q, s, z, group).T + (b if bias else 0)
+    assert y.shape == (2, 3, n) and y.dtype == x.dtype
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, bias", [(33, True), (16, False)])
+def test_linear_int8_reference(n, bias):
+    q, s = int8_weight(n, 80, seed=n)
+    x = torch.randn(4, 80, generator=_gen(5))
+    b = torch.randn(n, generator=_gen(6)) if bias else None
+    torch.testing.assert_close(ops.linear_int8(x, q, s, b), x @ (q.float() * s[:, None]).T + (b if bias else 0))
+
+
+@pytest.mark.parametrize("n, smooth, bias", [(33, True, True), (16, False, False)])
+def test_linear_w8a8_reference(n, smooth, bias):
+    k = 96
+    q, s = int8_weight(n, k, seed=n)
+    x = torch.randn(2, 3, k, generator=_gen(7))
+    x[0, 1] = 0  # an all-zero row: scale guarded, output = bias
+    sm = torch.rand(k, generator=_gen(8)) + 0.5 if smooth else None
+    b = torch.randn(n, generator=_gen(9)) if bias else None
+    y = ops.linear_w8a8(x, q, s, sm, b)
+    xs = (x / sm if smooth else x).reshape(-1, k).double()
+    a_scale = xs.abs().amax(-1, keepdim=True) / 127
+    a_scale[a_scale == 0] = 1
+    xq = torch.round(xs / a_scale).clamp(-127, 127)
+    ref = (xq @ q.double().T) * a_scale * s.double() + (b.double() if bias else 0)
+    assert y.shape == (2, 3, n)
+    torch.testing.assert_close(y.reshape(-1, n).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_fp8_reference():
+    g = _gen(10)
+    q = (torch.randn(24, 32, generator=g) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(24, generator=g) * 0.01
+    x, b = torch.randn(3, 32, generator=g), torch.randn(24, generator=g)
+    torch.testing.assert_close(ops.linear_fp8(x, q, s, b), x @ (q.float() * s[:, None]).T + b)
+
+
+def test_bf16_activations_stay_bf16():
+    _, qw, s, z = int4_weight(16, 64, 32, dtype=torch.bfloat16)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    assert ops.linear_int4(x, qw, s, z, None, 32).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on the CPU, compiled on CUDA) against the references
+
+
+@pytest.fixture(scope="module")
+def qt():
+    pytest.importorskip("triton")
+    from prunus.kernels import quant_linear_triton
+
+    return quant_linear_triton
+
+
+GEMV_CONFIGS = [None, dict(BLOCK_N=16, CHUNK=32, UNROLL=1, SPLIT_K=1), dict(BLOCK_N=32, CHUNK=32, UNROLL=2, SPLIT_K=2)]
+GEMM_CONFIGS = [None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=["autotune", "one-group-steps", "two-group-steps-split-k"])
+def test_int4_gemv_kernel(qt, m, config):
+    q, qw, s, z = int4_weight(48, 96, 32, seed=m, float_zeros=m == 3)  # 3 groups: a half-empty last step
+    x, b = torch.randn(m, 96, generator=_gen(11)), torch.randn(48, generator=_gen(12))
+    y = qt.int4_gemv(*to(DEVICE, x, qw, s, z, b), 32, config)
+    torch.testing.assert_close(y.cpu(), ops.linear_int4(x, qw, s, z, b, 32), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=["autotune", "one-group-blocks", "half-group-split-k"])
+def test_int4_gemm_kernel(qt, m, config):
+    q, qw, s, z = int4_weight(40, 64, 32, seed=m, float_zeros=m == 3)
+    x, b = torch.randn(m, 64, generator=_gen(13)), torch.randn(40, generator=_gen(14))
+    y = qt.int4_gemm(*to(DEVICE, x, qw, s, z, b), 32, config)
+    torch.testing.assert_close(y.cpu(), ops.linear_int4(x, qw, s, z, b, 32), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_int4_gemm_kernel_fp16_magic_operand(qt):
+    """fp16 activations take the 1024 + q tensor-core operand; error stays at fp16 rounding of x and y."""
+    q, qw, s, z = int4_weight(32, 64, 32, seed=5, dtype=torch.float16)
+    x = torch.randn(5, 64, generator=_gen(15)).half()
+    y = qt.int4_gemm(*to(DEVICE, x, qw, s, z), None, 32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1))
+    assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 32).T) < 2e-3
+
+
+@needs_kernels
+def test_int4_dequantize_kernel_is_exact(qt):
+    _, qw, s, z = int4_weight(33, 96, 32, seed=6)
+    assert torch.equal(qt.int4_dequantize(*to(DEVICE, qw, s, z), 32).cpu(), pk.dequantize_int4(qw, s, z, 32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("m, config", [(1, None), (3, dict(BLOCK_N=16, CHUNK=64, UNROLL=2, SPLIT_K=2))])
+def test_int8_gemv_kernel(qt, m, config):
+    q, s = int8_weight(40, 96, seed=m)
+    x, b = torch.randn(m, 96, generator=_gen(16)), torch.randn(40, generator=_gen(17))
+    y = qt.int8_gemv(*to(DEVICE, x, q, s, b), config)
+    torch.testing.assert_close(y.cpu(), ops.linear_int8(x, q, s, b), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_quantize_rows_kernel_matches_reference_exactly(qt):
+    x = torch.randn(6, 100, generator=_gen(18)) * 3
+    x[2] = 0
+    x[4, :10] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 0, 0, 0, 0, 127.0])  # ties: half to even
+    smooth = torch.rand(100, generator=_gen(19)) + 0.5
+    for sm in (None, smooth):
+        xq, a_scale = qt.quantize_rows(*to(DEVICE, x, sm), torch.int8)
+        ref_q, ref_scale = ql.quantize_activations_int8(x, sm)
+        assert torch.equal(xq.cpu(), ref_q) and torch.equal(a_scale.cpu(), ref_scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m, config", [(3, None), (17, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))])
+def test_int8_gemm_kernel(qt, m, config):
+    q, s = int8_weight(40, 96, seed=m)
+    x, b = torch.randn(m, 96, generator=_gen(20)), torch.randn(40, generator=_gen(21))
+    xq, a_scale = ql.quantize_activations_int8(x)
+    y = qt.int8_gemm(*to(DEVICE, xq, a_scale, q, s, b), torch.float32, config)
+    torch.testing.assert_close(y.cpu(), ops.linear_w8a8(x, q, s, None, b), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the ops' CUDA implementations, every dispatch path, bf16
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 2, 16, 100, 300])
+@pytest.mark.parametrize("group", [32, 128])
+def test_cuda_linear_int4_dispatch(m, group):
+    n, k = 1000, 1024
+    q, qw, s, z = int4_weight(n, k, group, seed=m, dtype=torch.bfloat16)
+    x, b = torch.randn(m, k, generator=_gen(22)).bfloat16(), torch.randn(n, generator=_gen(23)).bfloat16()
+    y = ops.linear_int4(*to("cuda", x, qw, s, z, b), group)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, group).T + b.float()) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 4, 64])
+def test_cuda_linear_int8_dispatch(m):
+    q, s = int8_weight(1000, 1024, seed=m, dtype=torch.bfloat16)
+    x, b = torch.randn(2, m, 1024, generator=_gen(24)).bfloat16(), torch.randn(1000, generator=_gen(25)).bfloat16()
+    y = ops.linear_int8(*to("cuda", x, q, s, b))
+    assert y.shape == (2, m, 1000)
+    assert rel_err(y.cpu(), x.float() @ (q.float() * s.float()[:, None]).T + b.float()) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 64])
+def test_cuda_linear_w8a8_and_fp8(m):
+    q, s = int8_weight(512, 1024, seed=m, dtype=torch.bfloat16)
+    sm = (torch.rand(1024, generator=_gen(26)) + 0.5).bfloat16()
+    x, b = torch.randn(m, 1024, generator=_gen(27)).bfloat16(), torch.randn(512, generator=_gen(28)).bfloat16()
+    y = ops.linear_w8a8(*to("cuda", x, q, s, sm, b))
+    assert rel_err(y.cpu(), ops.linear_w8a8(x.float(), q, s.float(), sm.float(), b.float())) < 1e-2
+    f8 = (torch.randn(512, 1024, generator=_gen(29)) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    y = ops.linear_fp8(*to("cuda", x, f8, s, b))
+    assert rel_err(y.cpu(), x.float() @ (f8.float() * s.float()[:, None]).T + b.float()) < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fake impls: torch.export with a dynamic batch keeps the ops in the graph
+
+
+def _op_case(name):
+    k, n = 64, 24
+    q4, qw, s4, z4 = int4_weight(n, k, 32)
+    q8, s8 = int8_weight(n, k)
+    f8 = (torch.randn(n, k, generator=_gen(30)) * 50).to(torch.float8_e4m3fn)
+    b, sm = torch.randn(n, generator=_gen(31)), torch.rand(k, generator=_gen(32)) + 0.5
+    return {"linear_int4": (qw, s4, z4, b, 32), "linear_int8": (q8, s8, b), "linear_w8a8": (q8, s8, sm, None),
+            "linear_fp8": (f8, s8, None)}[name]
+
+
+class _OneOp(torch.nn.Module):
+    def __init__(self, name, args):
+        super().__init__()
+        self.op = getattr(ops, name)
+        self.args = [a for a in args]
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                self.register_buffer(f"t{i}", a)
+
+    def forward(self, x):
+        args = [getattr(self, f"t{i}") if isinstance(a, torch.Tensor) else a for i, a in enumerate(self.args)]
+        return F.relu(self.op(x, *args))
+
+
+@pytest.mark.parametrize("name", ["linear_int4", "linear_int8", "linear_w8a8", "linear_fp8"])
+def test_export_keeps_op_with_dynamic_batch(name):
+    module = _OneOp(name, _op_case(name))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(module, (torch.randn(2, 5, 64),), dynamic_shapes={"x": {0: batch}}, strict=False)
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert getattr(ops, name).default in targets
+    x = torch.randn(7, 5, 64, generator=_gen(33))
+    out = ep.module()(x)
+    assert out.shape == (7, 5, 24)
+    torch.testing.assert_close(out, module(x))
+
+
+def test_dense_weight_cache_hits_invalidates_and_respects_budget():
+    q, s = int8_weight(8, 16)
+    made = []
+
+    def make():
+        made.append(1)
+        return pk.dequantize_int8(q, s)
+
+    cache = ql.DenseWeightCache(max_bytes=None)
+    first = cache.get((q, s), torch.float32, make)
+    assert cache.get((q, s), torch.float32, make) is first and len(made) == 1
+    s.mul_(2)  # in place: the version moves, the dense copy is rebuilt
+    assert torch.equal(cache.get((q, s), torch.float32, make), pk.dequantize_int8(q, s)) and len(made) == 2
+    q2, s2 = int8_weight(8, 16, seed=1)
+    cache.get((q2, s2), torch.float32, lambda: pk.dequantize_int8(q2, s2))
+    used = cache.used
+    del q2, s2  # the entry dies with its packed weight
+    assert cache.used < used and len(cache.entries) == 1
+    off = ql.DenseWeightCache(max_bytes=0)
+    off.get((q, s), torch.float32, make)
+    assert not off.entries and off.used == 0
