@@ -70,8 +70,20 @@ def linear_int4(x, qweight, scales, zeros, bias, group_size: int):
         return _bias(op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
     blocks = op.Reshape(qweight, op.Constant(value_ints=[n, groups, group_size // 2]))
     flat = op.Constant(value_ints=[-1])
-    y = _MatMulNBits(x, blocks, op.Reshape(op.CastLike(scales, x), flat), op.Reshape(op.CastLike(zeros, x), flat),
-                     K=k, N=n, bits=4, block_size=group_size)
+    if zeros.dtype == onnxscript.ir.DataType.UINT8:
+        # integer zero points packed two a byte: onnxruntime's fast 4-bit path (real-valued ones are slower)
+        padded = op.Pad(zeros, op.Constant(value_ints=[0, 0, 0, groups % 2]), op.Constant(value=_uint8(0)))
+        pairs = op.Reshape(padded, op.Constant(value_ints=[n, (groups + 1) // 2, 2]))
+        lo = op.Squeeze(op.Slice(pairs, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
+                                 op.Constant(value_ints=[2])), op.Constant(value_ints=[2]))
+        hi = op.Squeeze(op.Slice(pairs, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]),
+                                 op.Constant(value_ints=[2])), op.Constant(value_ints=[2]))
+        zero_points = op.Reshape(op.BitwiseOr(lo, op.BitShift(hi, op.Constant(value=_uint8(4)), direction="LEFT")),
+                                 flat)
+    else:
+        zero_points = op.Reshape(op.CastLike(zeros, x), flat)
+    y = _MatMulNBits(x, blocks, op.Reshape(op.CastLike(scales, x), flat), zero_points, K=k, N=n, bits=4,
+                     block_size=group_size)
     return _bias(y, bias)
 
 
