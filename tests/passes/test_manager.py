@@ -98,6 +98,8 @@ def test_report_records_figures_for_every_pass(tiny_models, tmp_path):
     assert len(json.loads((tmp_path / "dump" / "report.json").read_text())) == 2
     table = prunus.report_table(opt)
     assert table.row_count == 2
+    text = str(table)  # plain print() renders it
+    assert "test_scale_first_weight(factor=1.05)" in text and "lossy" in text and "<rich" not in text
 
 
 def test_lossy_budget_violation_raises(tiny_models):
