@@ -23,6 +23,8 @@ OUT = os.path.join("out", "demo")
 
 def main() -> None:
     console = Console()
+    if not console.is_terminal:  # e.g. under make with output captured: keep the tables readable
+        console = Console(width=140)
     t0 = time.perf_counter()
     with console.status(f"loading {MODEL} (the first load converts its GGUF once, ~30 s)"):
         model, tok = prunus.models.load(MODEL)

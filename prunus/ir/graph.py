@@ -100,14 +100,17 @@ class Graph:
         return sum(p.numel() for p in self.gm.parameters()) + packed
 
     def weight_bytes(self) -> int:
-        """Bytes of every parameter and buffer the graph reads (packed weights at their packed size)."""
+        """Bytes of every parameter and buffer the graph reads (packed weights at their packed size); tied
+        weights (one tensor under two names) count once."""
         seen, total = set(), 0
         for n in self.graph.nodes:
-            if n.op == "get_attr" and n.target not in seen:
-                seen.add(n.target)
+            if n.op == "get_attr":
                 value = self.get_attr_value(n)
                 if isinstance(value, torch.Tensor):
-                    total += value.numel() * value.element_size()
+                    key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+                    if key not in seen:
+                        seen.add(key)
+                        total += value.numel() * value.element_size()
         return total
 
     def param_table(self) -> list[tuple[str, tuple, torch.dtype, int]]:
