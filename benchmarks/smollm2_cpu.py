@@ -80,7 +80,7 @@ def main() -> None:
              "CPUExecutionProvider with default threads. Last column: ONNX file size and the largest relative "
              "|onnxruntime - PyTorch| of the logits. `ORT 1-token ms`: a one-token forward (median of "
              f"{5 * args.repeats}), the weight-bound shape of a decode step. int4 lowers to MatMulNBits with packed "
-             "integer zero points, int8 to 8-bit MatMulNBits.")
+             "integer zero points, int8 to DequantizeLinear + MatMul.")
     print(append("SmolLM2-135M on the CPU: perplexity, PyTorch and ONNX Runtime prefill",
                  ["model", "perplexity", "PyTorch ms", "ORT ms", "ORT vs eager", "ORT vs ORT fp32",
                   "ORT 1-token ms", "ONNX size, parity"], rows, notes))

@@ -2,8 +2,8 @@
 
 - linear_int4 -> com.microsoft MatMulNBits (4-bit blocks, real-valued zero points), + bias; for group sizes
   MatMulNBits lacks (it takes powers of two from 16 to 256), nibble unpacking + dequantization + MatMul
-- linear_int8 -> MatMulNBits with 8 bits (the per-channel scale repeated over blocks, zero point 128), which
-  onnxruntime runs on its quantized GEMM; DequantizeLinear + MatMul would dequantize on every run
+- linear_int8 -> DequantizeLinear (per output channel) + MatMul. (onnxruntime 1.31's 8-bit MatMulNBits was
+  slower on the CPU at both 1 and 256 rows unless it also quantizes activations, which breaks parity.)
 - linear_w8a8 -> per-token symmetric int8 activations (the reference op's rule exactly) + MatMulInteger
 - linear_fp8  -> DequantizeLinear of the e4m3 weight + MatMul
 """
@@ -55,13 +55,6 @@ def _uint8(v: int):
     return onnx.numpy_helper.from_array(np.array(v, dtype=np.uint8))
 
 
-def _uint8_1d(v: int):
-    import numpy as np
-    import onnx
-
-    return onnx.numpy_helper.from_array(np.array([v], dtype=np.uint8))
-
-
 def linear_int4(x, qweight, scales, zeros, bias, group_size: int):
     # qweight is stored padded to whole groups, which is MatMulNBits' own block layout
     n, k, groups = qweight.shape[0], x.shape[-1], scales.shape[1]
@@ -88,18 +81,8 @@ def linear_int4(x, qweight, scales, zeros, bias, group_size: int):
 
 
 def linear_int8(x, qweight, scales, bias):
-    # All of this but the MatMulNBits acts on initializers, so onnxruntime folds it at session start.
-    n, k = qweight.shape
-    block = 128 if k >= 128 else max(16, 1 << (k.bit_length() - 1))
-    blocks = -(-k // block)
-    wide = op.Cast(qweight, to=5)  # INT16
-    shifted = op.Cast(op.Add(wide, op.CastLike(op.Constant(value_int=128), wide)), to=2)  # UINT8
-    padded = op.Pad(shifted, op.Constant(value_ints=[0, 0, 0, blocks * block - k]), op.Constant(value=_uint8(128)))
-    b = op.Reshape(padded, op.Constant(value_ints=[n, blocks, block]))
-    block_scales = op.Reshape(op.Expand(op.Unsqueeze(op.CastLike(scales, x), op.Constant(value_ints=[1])),
-                                        op.Constant(value_ints=[n, blocks])), op.Constant(value_ints=[-1]))
-    zero_points = op.ConstantOfShape(op.Constant(value_ints=[n * blocks]), value=_uint8_1d(128))
-    return _bias(_MatMulNBits(x, b, block_scales, zero_points, K=k, N=n, bits=8, block_size=block), bias)
+    w = op.DequantizeLinear(qweight, op.CastLike(scales, x), axis=0)
+    return _bias(op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
 
 
 def linear_fp8(x, qweight, scales, bias):
