@@ -1,7 +1,8 @@
 """Analyses passes share; each is a function `Graph -> result`, cached on the graph by name."""
 from prunus.ir.analyses.attention_sites import AttentionSite, attention_sites
 from prunus.ir.analyses.blocks import Block, blocks
+from prunus.ir.analyses.channel_groups import channel_groups
 
-ANALYSES = {"attention_sites": attention_sites, "blocks": blocks}
+ANALYSES = {"attention_sites": attention_sites, "blocks": blocks, "channel_groups": channel_groups}
 
 __all__ = ["ANALYSES", "AttentionSite", "Block", "attention_sites", "blocks"]

@@ -8,7 +8,7 @@ from prunus.passes.registry import register
 
 # Metadata checks that export inserts: on a fixed graph they always hold, and keeping them would keep
 # the values they check alive.
-_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
 
 
 def eliminate_dead_code(graph) -> int:
@@ -18,9 +18,9 @@ def eliminate_dead_code(graph) -> int:
     while changed:
         changed = graph.graph.eliminate_dead_code()
         for node in list(graph.graph.nodes):
-            if node.op == "call_function" and node.target in _ASSERTS and not node.users:
+            if node.op == "call_function" and node.target in METADATA_ASSERTS and not node.users:
                 checked = node.args[0]
-                if all(u.target in _ASSERTS for u in checked.users):
+                if all(u.target in METADATA_ASSERTS for u in checked.users):
                     graph.graph.erase_node(node)
                     changed = True
     return before - len(graph.graph.nodes)

@@ -1,0 +1,134 @@
+"""`prune_mlp` and `prune_heads`: score the units of every channel group, allocate, and cut the weights.
+
+Importance criteria and allocation rules are plug-ins over the `channel_groups` analysis (DepGraph / SPA
+style grouping): magnitude, wanda (structured Wanda, Sun et al. 2023), flap (An et al., AAAI 2024, with
+bias compensation) and taylor (LLM-Pruner, Ma et al. 2023). The pruned graph is physically smaller: fewer
+parameters and FLOPs, and it saves, reloads and exports like any other graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prunus.errors import PassError
+from prunus.ir.analyses.channel_groups import activation_arg
+from prunus.passes.base import LossyParams, Pass, PassResult, param
+from prunus.passes.prune import allocation, flap, magnitude, taylor, wanda
+from prunus.passes.prune.surgery import prune_group
+from prunus.passes.prune.units import Evidence
+from prunus.passes.registry import register
+from prunus.passes.stats import collect_input_stats
+
+CRITERIA = {"magnitude": magnitude.score, "wanda": wanda.score, "flap": flap.score, "taylor": taylor.score}
+NEEDS_STATS = {"wanda", "flap"}
+CALIBRATED = {"wanda", "flap", "taylor"}
+
+
+@dataclass(kw_only=True)
+class PruneParams(LossyParams):
+    ratio: float | None = param(None, "fraction of the units (neurons or heads) to remove", range="(0, 1)")
+    n: int | None = param(None, "number of units to remove in total, instead of ratio", range="[1, inf)")
+    importance: str = param("magnitude", "how units are scored", choices=tuple(CRITERIA))
+    allocation: str = param("uniform", "how the removal is spread over layers", choices=allocation.ALLOCATIONS)
+    compensate: bool | None = param(None, "fold the removed channels' mean output into the consumer bias "
+                                          "(FLAP); default: on with importance=flap")
+
+    def check(self) -> str | None:
+        if (self.ratio is None) == (self.n is None):
+            return "give exactly one of ratio and n"
+        return None
+
+
+@dataclass(kw_only=True)
+class PruneMLPParams(PruneParams):
+    round_to: int = param(8, "kept MLP widths are multiples of this (hardware-friendly)", range="[1, inf)")
+
+
+class _StructuredPrune(Pass):
+    kind = "lossy"
+    requires = ("channel_groups",)
+    unit: str
+    group_kind: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.params.importance in CALIBRATED or bool(self.params.compensate)
+
+    def _remove(self, groups) -> int | None:
+        return self.params.n
+
+    def _round_to(self) -> int:
+        return 1
+
+    def run(self, graph, ctx) -> PassResult:
+        p = self.params
+        found = graph.analysis("channel_groups")
+        groups = getattr(found, self.group_kind)
+        if not groups:
+            why = "; ".join(f"{node}: {reason}" for kind, node, reason in found.unsupported if kind == self.group_kind)
+            raise PassError(self.name, f"no prunable {self.unit} group found" + (f" ({why})" if why else ""))
+        compensate = p.compensate if p.compensate is not None else p.importance == "flap"
+        evidence = Evidence()
+        if p.importance in NEEDS_STATS or compensate:
+            watched = {m.node: activation_arg(m.node) for g in groups for m in g.consumers}
+            evidence.stats = collect_input_stats(graph, ctx.calibration, watched, keep_rows=0)
+        if p.importance == "taylor":
+            evidence.grads = taylor.gradients(graph, ctx.calibration, taylor.targets(groups), self.name)
+        scores = [CRITERIA[p.importance](graph, g, evidence) for g in groups]
+        names = [g.module or f"layer {g.layer}" for g in groups]
+        keeps = allocation.keep_counts(scores, ratio=p.ratio, remove=self._remove(groups),
+                                       allocation=p.allocation, round_to=self._round_to(), pass_name=self.name,
+                                       names=names, unit=self.unit, per_unit=self._heads_per_unit(groups[0]))
+        means = {n: s.mean for n, s in evidence.stats.items()} if compensate else None
+        before = sum(g.units for g in groups)
+        for g, s, k in zip(groups, scores, keeps):
+            prune_group(graph, g, allocation.kept_units(s, k), self.name, means)
+        after = sum(keeps)
+        if after == before:
+            return PassResult(modified=False, notes=[f"no {self.unit} removed (ratio too small for the widths)"])
+        per_layer = ", ".join(str(k * self._heads_per_unit(g)) for g, k in zip(groups, keeps))
+        return PassResult(modified=True, notes=[
+            f"{self.unit}s {self._count(groups, before)} -> {self._count(groups, after)} "
+            f"({p.importance}, {p.allocation}{', bias compensation' if compensate else ''}); per layer: {per_layer}"])
+
+    def _heads_per_unit(self, group) -> int:
+        return 1
+
+    def _count(self, groups, units: int) -> int:
+        return units
+
+
+@register
+class PruneMLP(_StructuredPrune):
+    """Remove MLP neurons (rows of the up/gate projections, columns of the down projection)."""
+
+    name = "prune_mlp"
+    Params = PruneMLPParams
+    unit = "neuron"
+    group_kind = "mlp"
+
+    def _round_to(self) -> int:
+        return self.params.round_to
+
+
+@register
+class PruneHeads(_StructuredPrune):
+    """Remove attention heads (whole KV groups under GQA) from the q/k/v and output projections."""
+
+    name = "prune_heads"
+    Params = PruneParams
+    unit = "head"
+    group_kind = "heads"
+
+    def _heads_per_unit(self, group) -> int:
+        return group.heads_per_unit
+
+    def _remove(self, groups) -> int | None:
+        n = self.params.n
+        rep = groups[0].heads_per_unit
+        if n is not None and (n % rep or any(g.heads_per_unit != rep for g in groups)):
+            raise PassError(self.name, f"n={n} heads: under grouped-query attention heads go in whole KV groups "
+                                       f"of {rep}; give a multiple of {rep}")
+        return None if n is None else n // rep
+
+    def _count(self, groups, units: int) -> int:
+        return units * groups[0].heads_per_unit
