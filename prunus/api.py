@@ -1,6 +1,7 @@
 """`prunus.optimize`, `OptimizedModel`, `prunus.load` and `prunus.report_table`."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -177,7 +178,7 @@ def report_table(opt: OptimizedModel, *, title: str | None = None):
 
     class ReportTable(Table):
         def __str__(self) -> str:
-            console = Console(width=160, record=True, file=open(os.devnull, "w"))
+            console = Console(width=160, record=True, file=io.StringIO())
             console.print(self)
             return console.export_text().rstrip("\n")
 
