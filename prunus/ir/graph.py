@@ -228,6 +228,18 @@ def module_path(node: torch.fx.Node) -> str:
     return ""
 
 
+def common_module_path(nodes) -> str:
+    """The deepest module holding all `nodes` that came from a module ('model.layers.0.mlp' for gate, up, down)."""
+    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
+    if not paths:
+        return ""
+    common = paths[0]
+    for parts in paths[1:]:
+        while common and parts[:len(common)] != common:
+            common = common[:-1]
+    return ".".join(common)
+
+
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 

@@ -12,7 +12,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from prunus.ir.graph import layer_index, module_path
+from prunus.ir.graph import common_module_path, layer_index, module_path
 from prunus.ir.ops import ATTENTION, MATMUL, SOFTMAX
 
 aten = torch.ops.aten
@@ -29,15 +29,7 @@ class Block:
 
     @property
     def module(self) -> str:
-        paths = Counter(module_path(n) for n in self.body if module_path(n))
-        if not paths:
-            return ""
-        common = paths.most_common()[0][0].split(".")
-        for p in paths:
-            parts = p.split(".")
-            while common and parts[:len(common)] != common:
-                common = common[:-1]
-        return ".".join(common)
+        return common_module_path(self.body)
 
 
 def to_networkx(graph) -> nx.DiGraph:

@@ -18,7 +18,7 @@ import sympy
 import torch
 import torch.fx
 
-from prunus.ir.graph import layer_index, module_path
+from prunus.ir.graph import common_module_path, layer_index, module_path
 from prunus.ir.ops import ATTENTION, SOFTMAX, weight_of
 
 aten = torch.ops.aten
@@ -270,16 +270,6 @@ def _layer_of(node: torch.fx.Node, default: int) -> int:
     return idx if idx is not None else default
 
 
-def _common_module(nodes) -> str:
-    """The deepest module holding all `nodes` ('model.layers.0.mlp' for gate, up and down)."""
-    paths = [module_path(n).split(".") for n in nodes]
-    common = paths[0]
-    for p in paths[1:]:
-        while p[:len(common)] != common:
-            common = common[:-1]
-    return ".".join(common)
-
-
 def _back_to_producers(graph, consumer: torch.fx.Node) -> set | None:
     """Weighted matmuls feeding `consumer`'s input through pointwise ops and views; None if anything else does."""
     producers, seen = set(), set()
@@ -332,7 +322,7 @@ def _mlp_groups(graph, unsupported) -> list[ChannelGroup]:
         for c in walk.consumers:
             w, _, in_dim, bias = _weight_dims(graph, c)
             cons.append(Member(c, w, in_dim, index, bias))
-        groups.append(ChannelGroup("mlp", _layer_of(order[0], len(groups)), _common_module(order + walk.consumers),
+        groups.append(ChannelGroup("mlp", _layer_of(order[0], len(groups)), common_module_path(order + walk.consumers),
                                    width, prods, cons, walk.literals))
     return groups
 
