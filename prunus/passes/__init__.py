@@ -1,5 +1,5 @@
 """Passes, their registry, the pipeline parser and the manager."""
-from prunus.passes import cleanup, prune, quant  # noqa: F401  (registers the passes)
+from prunus.passes import cleanup, kv, prune, quant, tokens  # noqa: F401  (registers the passes)
 from prunus.passes.base import LossyParams, NoParams, Pass, PassContext, PassResult, param
 from prunus.passes.cleanup.dce import DeadCodeElimination
 from prunus.passes.cleanup.fold_constants import FoldConstants

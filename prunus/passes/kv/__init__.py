@@ -1,0 +1,1 @@
+"""KV-cache rewriting: explicit prefill/decode graphs, eviction and quantization policies."""

@@ -1,0 +1,1 @@
+"""Token dropping: score -> select -> gather points inserted into the forward pass."""
