@@ -23,6 +23,7 @@ in chunks of queries so memory stays O(chunk * s).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -42,7 +43,7 @@ def _check(q, k_past, v_past, k_new, v_new):
 def _past_mask(past_lengths, n, t, device):
     """Boolean [b, hk, 1, n + t]: which cached entries each head really holds (new entries always)."""
     idx = torch.arange(n + t, device=device)
-    return (idx < past_lengths.to(device)[..., None]) | (idx >= n)
+    return ((idx < past_lengths.to(device)[..., None]) | (idx >= n))[:, :, None, :]
 
 
 def decode_attention_reference(q, k_past, v_past, k_new, v_new, scale: float, past_lengths=None,
@@ -54,7 +55,7 @@ def decode_attention_reference(q, k_past, v_past, k_new, v_new, scale: float, pa
     group = h // hk
     k = torch.cat([k_past, k_new], dim=2).float()
     v = torch.cat([v_past, v_new], dim=2).float()
-    qg = q.float().view(b, hk, group * t, d)  # query heads of a group stacked: row = head_in_group * t + i
+    qg = q.float().reshape(b, hk, group * t, d)  # query heads of a group stacked: row = head_in_group * t + i
     logits = qg @ k.transpose(-1, -2) * scale  # [b, hk, group * t, n + t]
     i = torch.arange(t, device=q.device).repeat(group)[:, None]
     j = torch.arange(n + t, device=q.device)[None, :]
@@ -64,7 +65,7 @@ def decode_attention_reference(q, k_past, v_past, k_new, v_new, scale: float, pa
         visible = visible & _past_mask(past_lengths, n, t, q.device)
     logits = logits.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    out = (probs @ v).view(b, h, t, -1).to(q.dtype)
+    out = (probs @ v).reshape(b, h, t, -1).to(q.dtype)
     if return_probs:
         return out, probs.sum(dim=2)
     return out
@@ -93,6 +94,45 @@ def _(q, k_past, v_past, k_new, v_new, scale, past_lengths=None):
     b, hk = k_past.shape[:2]
     total = k_past.shape[2] + k_new.shape[2]
     return q.new_empty(*q.shape[:3], v_past.shape[-1]), q.new_empty(b, hk, total, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA: the flash-decoding kernels of `decode_attention_triton`
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KERNEL_HEAD_DIM = 256  # beyond, one program's tiles outgrow the registers: the reference runs
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernel module, or None where Triton is missing (the ops then run their references)."""
+    try:
+        from prunus.kernels import decode_attention_triton
+    except ImportError:
+        return None
+    return decode_attention_triton
+
+
+def kernel_fits(q, *kv) -> bool:
+    """Whether the Triton kernels take these tensors: one float dtype throughout, head dims up to 256."""
+    return (_kernels() is not None and q.dtype in FLOAT_DTYPES and all(x.dtype == q.dtype for x in kv)
+            and max(q.shape[-1], kv[1].shape[-1]) <= MAX_KERNEL_HEAD_DIM and q.shape[2] > 0)
+
+
+@decode_attention.register_kernel("cuda")
+def _(q, k_past, v_past, k_new, v_new, scale, past_lengths=None):
+    if not kernel_fits(q, k_past, v_past, k_new, v_new):
+        return decode_attention_reference(q, k_past, v_past, k_new, v_new, scale, past_lengths)
+    _check(q, k_past, v_past, k_new, v_new)
+    return _kernels().decode_attention(q, k_past, v_past, k_new, v_new, scale, past_lengths)
+
+
+@decode_attention_scores.register_kernel("cuda")
+def _(q, k_past, v_past, k_new, v_new, scale, past_lengths=None):
+    if not kernel_fits(q, k_past, v_past, k_new, v_new):
+        return decode_attention_reference(q, k_past, v_past, k_new, v_new, scale, past_lengths, return_probs=True)
+    _check(q, k_past, v_past, k_new, v_new)
+    return _kernels().decode_attention_scores(q, k_past, v_past, k_new, v_new, scale, past_lengths)
 
 
 def attention_scores_reference(q, k, window: int, scale: float) -> torch.Tensor:
