@@ -1,0 +1,169 @@
+"""Triton flash-decoding over a KIVI-style quantized cache (`prunus.kernels.kv_quant`: layout and semantics).
+
+Same scheme as `decode_attention_triton` (whose reduce kernel and helpers it shares): grid (splits + 1,
+b * hk, row blocks); a program takes all query rows of one KV group. Programs `split < S` read a slice of the
+quantized entries as packed bytes and unpack in registers; program `S` attends the full-precision residual
+block and then the new tokens (causal). A key block of BLOCK_N entries lies inside one key group
+(BLOCK_N divides G, splits are whole groups), so the per-channel key scale and minimum fold into the query:
+q.k = (q * scale) . k_int + q . min; the integer codes (exact in fp16/bf16) go straight into the `tl.dot`.
+Values: when a token's channels form one group (G >= dv) the per-token scale folds into the probabilities
+((p * scale) @ v_int + p . min); otherwise values are dequantized in registers. 4-bit codes are never
+interleaved back: the low nibbles are the even channels and the high nibbles the odd ones, so the query is
+split into even and odd channels for the scores, and the output accumulates even and odd channels apart.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from prunus.kernels import decode_attention_triton as dat
+from prunus.kernels.decode_attention_triton import (
+    _load_rows,
+    _online_softmax,
+    _scan,
+    _store_partial,
+    _tile,
+)
+
+DEFAULT_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _key_scores(q32, kq, ks_ptr, km_ptr, cols, col_ok, DT: tl.constexpr):
+    """(q * scale) . k_int and q . min over the channels `cols` of one key group (q32 fp32 [BLOCK_H, C])."""
+    ks = tl.load(ks_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    km = tl.load(km_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    s = tl.dot((q32 * ks[None, :]).to(DT), tl.trans(kq.to(DT)), input_precision="ieee")
+    return s + tl.sum(q32 * km[None, :], axis=1)[:, None]
+
+
+@triton.jit
+def _values(p, vq, vs_base, vm_base, j, valid, stride_vs, cols, VG: tl.constexpr, ONE_GROUP: tl.constexpr,
+            DT: tl.constexpr):
+    """p [BLOCK_H, BLOCK_N] @ V for value codes vq [BLOCK_N, C] of channels `cols` (fp32 result)."""
+    if ONE_GROUP:
+        vs = tl.load(vs_base + j * stride_vs, mask=valid, other=0.0).to(tl.float32)
+        vm = tl.load(vm_base + j * stride_vs, mask=valid, other=0.0).to(tl.float32)
+        out = tl.dot((p * vs[None, :]).to(DT), vq.to(DT), input_precision="ieee")
+        return out + tl.sum(p * vm[None, :], axis=1)[:, None]
+    else:
+        idx = j[:, None] * stride_vs + (cols // VG)[None, :]
+        vs = tl.load(vs_base + idx, mask=valid[:, None], other=0.0).to(tl.float32)
+        vm = tl.load(vm_base + idx, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = (vq.to(tl.float32) * vs + vm).to(DT)
+        return tl.dot(p.to(DT), v, input_precision="ieee")
+
+
+@triton.jit
+def _quant_stage1_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, kr_ptr, vr_ptr, kn_ptr, vn_ptr,
+                         o_ptr, ml_ptr, n_q, r, t, group, HK, S, split_len, ML_STRIDE, qk_scale,
+                         sqb, sqh, sqt, skqb, skqh, skqn, sksb, sksh, sksg, svqb, svqh, svqn, svsb, svsh, svsn,
+                         skrb, skrh, skrn, svrb, svrh, svrn, sknb, sknh, sknn, svnb, svnh, svnn,
+                         BITS: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // HK
+    g = bg % HK
+    M = group * t
+    rows = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = rows < M
+    tok = rows % t
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    LANES: tl.constexpr = 8 // BITS  # channels per byte
+    BD: tl.constexpr = BLOCK_D // LANES
+    BDV: tl.constexpr = BLOCK_DV // LANES
+    ONE_GROUP: tl.constexpr = VG == DV
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if split < S:
+        offs_n = tl.arange(0, BLOCK_N)
+        cd = tl.arange(0, BD)  # byte columns
+        cdv = tl.arange(0, BDV)
+        kq_base = kq_ptr + b * skqb + g * skqh
+        vq_base = vq_ptr + b * svqb + g * svqh
+        vs_base = vs_ptr + b * svsb + g * svsh
+        vm_base = vm_ptr + b * svsb + g * svsh
+        q_lo = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, cd * LANES, cd * LANES < D)
+        q_lo = q_lo.to(tl.float32)
+        acc_lo = tl.zeros([BLOCK_H, BDV], dtype=tl.float32)
+        if BITS == 4:
+            q_hi = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, cd * 2 + 1, cd * 2 + 1 < D)
+            q_hi = q_hi.to(tl.float32)
+            acc_hi = tl.zeros([BLOCK_H, BDV], dtype=tl.float32)
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, n_q)
+        for start in range(lo, hi, BLOCK_N):
+            j = start + offs_n
+            valid = j < hi
+            meta = b * sksb + g * sksh + (start // G) * sksg
+            kb = _tile(kq_base, j, valid, skqn, cd, D // LANES, BD)
+            if BITS == 8:
+                s = _key_scores(q_lo, kb, ks_ptr + meta, km_ptr + meta, cd, cd < D, DT)
+            else:
+                s = (_key_scores(q_lo, kb & 0xF, ks_ptr + meta, km_ptr + meta, cd * 2, cd * 2 < D, DT)
+                     + _key_scores(q_hi, kb >> 4, ks_ptr + meta, km_ptr + meta, cd * 2 + 1, cd * 2 + 1 < D, DT))
+            p, alpha, m_i, l_i = _online_softmax(m_i, l_i, s * qk_scale, valid[None, :])
+            vb = _tile(vq_base, j, valid, svqn, cdv, DV // LANES, BDV)
+            if BITS == 8:
+                acc_lo = acc_lo * alpha[:, None] + _values(p, vb, vs_base, vm_base, j, valid, svsn, cdv, VG,
+                                                           ONE_GROUP, DT)
+            else:
+                acc_lo = acc_lo * alpha[:, None] + _values(p, vb & 0xF, vs_base, vm_base, j, valid, svsn, cdv * 2,
+                                                           VG, ONE_GROUP, DT)
+                acc_hi = acc_hi * alpha[:, None] + _values(p, vb >> 4, vs_base, vm_base, j, valid, svsn,
+                                                           cdv * 2 + 1, VG, ONE_GROUP, DT)
+        _store_partial(o_ptr, ml_ptr, acc_lo, m_i, l_i, bg, split, S + 1, rows, row_ok, M, ML_STRIDE, DV,
+                       cdv * LANES, cdv * LANES < DV, True)
+        if BITS == 4:
+            _store_partial(o_ptr, ml_ptr, acc_hi, m_i, l_i, bg, split, S + 1, rows, row_ok, M, ML_STRIDE, DV,
+                           cdv * 2 + 1, cdv * 2 + 1 < DV, False)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
+        acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+        acc, m_i, l_i = _scan(acc, m_i, l_i, q, kr_ptr + b * skrb + g * skrh, vr_ptr + b * svrb + g * svrh,
+                              skrn, svrn, 0, r, tok, qk_scale, False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
+        acc, m_i, l_i = _scan(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh,
+                              sknn, svnn, 0, t, tok, qk_scale, True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
+        _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, S + 1, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
+                       offs_dv < DV, True)
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor):
+    """The scale and minimum tensors are addressed with one set of strides."""
+    a, b = dat._last_contiguous(a), dat._last_contiguous(b)
+    return (a, b) if a.stride() == b.stride() else (a.contiguous(), b.contiguous())
+
+
+def decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
+                               scale: float, bits: int, group_size: int, config: dict | None = None,
+                               num_splits: int | None = None):
+    """The op on the kernel (shapes checked by the op); group_size a power of two >= 16."""
+    q, k_q, v_q, k_res, v_res, k_new, v_new = map(dat._last_contiguous, (q, k_q, v_q, k_res, v_res, k_new, v_new))
+    k_scale, k_min = _same_strides(k_scale, k_min)
+    v_scale, v_min = _same_strides(v_scale, v_min)
+    b, h, t, d = q.shape
+    hk, n_q, r, dv = k_q.shape[1], k_q.shape[2], k_res.shape[2], v_res.shape[-1]
+    group = h // hk
+    rows = group * t
+    block_h = dat._rows_block(rows)
+    row_blocks = triton.cdiv(rows, block_h)
+    S, split_len = dat.plan_splits(n_q, b * hk * row_blocks, q.device, num_splits, align=group_size)
+    config = dict(config or DEFAULT_CONFIG)
+    config["BLOCK_N"] = min(config["BLOCK_N"], group_size)
+    out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
+    o, ml = dat.partials(b * hk, S + 1, rows, dv, q.device)
+    lanes = 8 // bits
+    _quant_stage1_kernel[(S + 1, b * hk, row_blocks)](
+        q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, o, ml,
+        n_q, r, t, group, hk, S, split_len, ml.numel() // 2, scale * dat.LOG2E,
+        *q.stride()[:3], *k_q.stride()[:3], *k_scale.stride()[:3], *v_q.stride()[:3], *v_scale.stride()[:3],
+        *k_res.stride()[:3], *v_res.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
+        BITS=bits, G=group_size, VG=min(group_size, dv), D=d, DV=dv, BLOCK_H=block_h,
+        BLOCK_D=dat._pow2(d, 16 * lanes), BLOCK_DV=dat._pow2(dv, 16 * lanes), **config)
+    dat.reduce(o, ml, out, S + 1, group, hk, False)
+    return out
