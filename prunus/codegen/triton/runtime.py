@@ -1,0 +1,213 @@
+"""The `prunus::fused` custom op and the kernel cache behind it.
+
+A fused region becomes `torch.ops.prunus.fused(inputs, key)`: `key` names a generated module (emit.py)
+registered here from its source. The op runs the module's Triton kernel on CUDA tensors, and on CPU
+tensors under `TRITON_INTERPRET=1`; elsewhere it runs the module's `reference` (the region's original
+ATen ops), so a fused graph runs anywhere. Its fake implementation is the reference on fake tensors, so
+shapes stay symbolic and the graph still exports. Sources are written once to a cache folder keyed by the
+source hash (Triton reads a kernel's source from its file) and imported from there; artifacts carry them in
+`kernels/<key>.py` and `load_kernels` registers them again.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from typing import List
+
+import torch
+import torch.fx
+
+from prunus.errors import ArtifactError
+
+_KERNELS: dict[str, "Kernel"] = {}
+KERNELS_DIR = "kernels"
+
+
+def cache_dir() -> str:
+    root = os.environ.get("PRUNUS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prunus")
+    return os.path.join(root, "kernels")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class Kernel:
+    """One generated module: its source, its Triton kernel and its reference, loaded on first use."""
+
+    def __init__(self, key: str, source: str):
+        self.key, self.source = key, source
+        self._module = None
+
+    @property
+    def module(self):
+        if self._module is None:
+            folder = cache_dir()
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{self.key}.py")
+            if not os.path.exists(path) or open(path).read() != self.source:
+                fd, tmp = tempfile.mkstemp(dir=folder, suffix=".py")
+                with os.fdopen(fd, "w") as f:
+                    f.write(self.source)
+                os.replace(tmp, path)
+            name = f"prunus_kernel_{self.key}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            self._module = module
+        return self._module
+
+    @property
+    def meta(self) -> dict:
+        return self.module.META
+
+    def reference(self, inputs: list) -> list:
+        return list(self.module.reference(*inputs))
+
+    def __call__(self, inputs: list) -> list:
+        on_gpu = bool(inputs) and inputs[0].is_cuda
+        if on_gpu or (os.environ.get("TRITON_INTERPRET") == "1" and all(t.device.type == "cpu" for t in inputs)):
+            return self.launch(inputs)
+        return self.reference(inputs)
+
+    def launch(self, inputs: list) -> list:
+        meta = self.meta
+        rank = meta["rank"]
+        rows_shape = [1] * rank
+        for t in inputs:
+            lead = t.shape[:-1] if t.dim() else ()
+            for j, size in enumerate(reversed(lead)):
+                if size != 1:
+                    rows_shape[rank - 1 - j] = size
+        args = []
+        for t in inputs:
+            lead = t.shape[:-1] if t.dim() else ()
+            offset = rank - len(lead)
+            strides = [0 if d < offset or lead[d - offset] == 1 else t.stride(d - offset) for d in range(rank)]
+            args += [t, *strides, t.stride(-1) if t.dim() else 0, t.shape[-1] if t.dim() else 1]
+
+        def resolve(w):
+            return w if isinstance(w, int) else inputs[int(w.removeprefix("in"))].shape[-1]
+
+        device = inputs[0].device
+        outs = [torch.empty((*rows_shape, resolve(o["width"])), dtype=getattr(torch, o["dtype"]), device=device)
+                for o in meta["outputs"]]
+        rows = 1
+        for s in rows_shape:
+            rows *= s
+        span = max(resolve(w) for w in meta["span"])
+        if rows == 0 or span == 0:
+            return outs
+        if meta["reduction"]:
+            block = _next_pow2(span)
+            col_blocks = 1
+        else:
+            block = min(_next_pow2(span), 1024)
+            col_blocks = -(-span // block)
+        rb = min(_next_pow2(rows), max(1, 2048 // block))
+        warps = 4 if block * rb <= 2048 else (8 if block * rb <= 8192 else 16)
+        grid = (-(-rows // rb), col_blocks)
+        self.module.kernel[grid](*args, *outs, *rows_shape, rows, RB=rb, BLOCK=block, num_warps=warps)
+        return outs
+
+
+def register_kernel(key: str, source: str) -> Kernel:
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _KERNELS[key] = Kernel(key, source)
+    return kernel
+
+
+def get_kernel(key: str) -> Kernel:
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        raise ArtifactError(f"fused kernel {key} is not registered: load the artifact that holds kernels/{key}.py")
+    return kernel
+
+
+@torch.library.custom_op("prunus::fused", mutates_args=())
+def fused(inputs: List[torch.Tensor], key: str) -> List[torch.Tensor]:
+    """The generated kernel `key` over `inputs` (Triton on CUDA or the interpreter, its reference elsewhere)."""
+    return get_kernel(key)(list(inputs))
+
+
+@fused.register_fake
+def _(inputs, key):
+    return get_kernel(key).reference(list(inputs))
+
+
+# ---- graphs that hold fused calls -------------------------------------------------------------------
+
+
+def fused_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.prunus.fused.default]
+
+
+def kernels_of(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """key -> source of every kernel the graph calls."""
+    return {n.args[1]: get_kernel(n.args[1]).source for n in fused_nodes(gm)}
+
+
+def save_kernels(gm: torch.fx.GraphModule, directory: str) -> list[str]:
+    """Write `kernels/<key>.py` for every kernel the graph calls; returns the keys written."""
+    kernels = kernels_of(gm)
+    if kernels:
+        os.makedirs(os.path.join(directory, KERNELS_DIR), exist_ok=True)
+        for key, source in kernels.items():
+            with open(os.path.join(directory, KERNELS_DIR, f"{key}.py"), "w") as f:
+                f.write(source)
+    return sorted(kernels)
+
+
+def load_kernels(directory: str) -> list[str]:
+    """Register every `kernels/<key>.py` of an artifact directory; returns the keys."""
+    folder = os.path.join(directory, KERNELS_DIR)
+    if not os.path.isdir(folder):
+        return []
+    keys = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name)) as f:
+                register_kernel(name.removesuffix(".py"), f.read())
+            keys.append(name.removesuffix(".py"))
+    return keys
+
+
+def inline_fused(graph):
+    """A copy of `graph` with every fused call replaced by its region's original ops (for ONNX export).
+
+    The copy shares parameters with `graph`; a graph without fused calls is returned as it is.
+    """
+    from prunus.ir.graph import Graph
+
+    if not fused_nodes(graph.gm):
+        return graph
+    new = torch.fx.Graph()
+    env: dict = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.prunus.fused.default:
+            traced = torch.fx.symbolic_trace(get_kernel(node.args[1]).module.reference)
+            sub_env = {}
+            placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+            for ph, inp in zip(placeholders, node.args[0]):
+                sub_env[ph] = env[inp]
+            for sub in traced.graph.nodes:
+                if sub.op == "call_function":
+                    sub_env[sub] = new.node_copy(sub, lambda a: sub_env[a])
+                elif sub.op == "output":
+                    env[node] = [torch.fx.node.map_arg(o, lambda a: sub_env[a]) for o in sub.args[0]]
+        elif node.op == "call_function" and isinstance(node.args[0], torch.fx.Node) \
+                and node.args[0].target is torch.ops.prunus.fused.default:
+            env[node] = env[node.args[0]][node.args[1]]  # getitem of a fused call
+        else:
+            env[node] = new.node_copy(node, lambda a: env[a])
+    new._codegen = graph.graph._codegen
+    gm = torch.fx.GraphModule(graph.gm, new)
+    copy = Graph(gm, in_spec=graph.in_spec, out_spec=graph.out_spec, leaf_is_tensor=graph.leaf_is_tensor,
+                 inputs=graph.inputs, example_inputs=graph.example_inputs, fake_mode=graph.fake_mode,
+                 history=list(graph.history))
+    copy.propagate_shapes("inline_fused")
+    return copy
