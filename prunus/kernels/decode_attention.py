@@ -62,7 +62,9 @@ def decode_attention_reference(q, k_past, v_past, k_new, v_new, scale: float, pa
     visible = (j < n) | (j - n <= i)
     visible = visible[None, None]
     if past_lengths is not None:
-        visible = visible & _past_mask(past_lengths, n, t, q.device)
+        held = _past_mask(past_lengths, n, t, q.device)
+        visible = visible & held
+        v = v.masked_fill(~held[:, :, 0, :, None], 0.0)  # padding may hold anything (NaN): 0 * NaN is NaN
     logits = logits.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     out = (probs @ v).reshape(b, h, t, -1).to(q.dtype)
