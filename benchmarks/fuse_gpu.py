@@ -164,29 +164,35 @@ def bench_patterns(dev, dtype, smoke: bool):
     for rows in rows_list:
         ctx = 16 if smoke else 2048
         for name, module, inputs in pattern_cases(rows, dev, dtype, ctx):
-            module = module.to(dev, dtype).eval()
-            hidden = HIDDEN if not smoke else None
-            opt = prunus.optimize(module, "fuse", example_inputs=inputs)
-            fused = [r for r in opt.report if r.name == "fuse"][0].notes[0]
-            with torch.no_grad():
-                ref = _flat(module(*inputs))
-                got = _flat(opt(*inputs))
-            err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got))
-            correct = all(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2) for a, b in zip(ref, got))
-            nbytes = _bytes(inputs) + _bytes(ref) + sum(p.numel() * p.element_size() for p in module.parameters())
-            sets = [tuple(x.clone() for x in inputs) for _ in range(copies(nbytes, on_gpu))]
-            with torch.no_grad():
-                eager = time_us(module, sets, graphs=on_gpu)
-                ours = time_us(opt.graph.gm, sets, graphs=on_gpu)
-                comp = None
-                if on_gpu:
-                    compiled = torch.compile(module)
-                    comp = time_us(compiled, sets)
-            ceiling = nbytes / COPY_CEILING * 1e6
-            results.append(dict(pattern=name, rows=rows, nbytes=nbytes, eager=eager, compile=comp, ours=ours,
-                                ceiling=ceiling, err=err, correct=correct, fused=fused, hidden=hidden))
-            print(results[-1], flush=True)
+            try:
+                results.append(bench_one(name, module.to(dev, dtype).eval(), inputs, rows, on_gpu))
+            except Exception as e:  # noqa: BLE001 - one failing pattern is reported, the others still run
+                print(f"{name} at {rows} rows failed: {type(e).__name__}: {e}", flush=True)
     return results
+
+
+def bench_one(name, module, inputs, rows, on_gpu):
+    opt = prunus.optimize(module, "fuse", example_inputs=inputs)
+    fused = [r for r in opt.report if r.name == "fuse"][0].notes[0]
+    with torch.no_grad():
+        ref = _flat(module(*inputs))
+        got = _flat(opt(*inputs))
+    err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got))
+    correct = all(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2) for a, b in zip(ref, got))
+    nbytes = _bytes(inputs) + _bytes(ref) + sum(p.numel() * p.element_size() for p in module.parameters())
+    sets = [tuple(x.clone() for x in inputs) for _ in range(copies(nbytes, on_gpu))]
+    with torch.no_grad():
+        eager = time_us(module, sets, graphs=on_gpu)
+        ours = time_us(opt.graph.gm, sets, graphs=on_gpu)
+        comp = None
+        if on_gpu:
+            compiled = torch.compile(module)
+            comp = time_us(compiled, sets)
+    ceiling = nbytes / COPY_CEILING * 1e6
+    result = dict(pattern=name, rows=rows, nbytes=nbytes, eager=eager, compile=comp, ours=ours,
+                  ceiling=ceiling, err=err, correct=correct, fused=fused)
+    print(result, flush=True)
+    return result
 
 
 def bench_end_to_end(dev, dtype, layers: int, smoke: bool):
