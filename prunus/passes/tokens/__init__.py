@@ -1,1 +1,4 @@
 """Token dropping: score -> select -> gather points inserted into the forward pass."""
+from prunus.passes.tokens.drop import DropTokens
+
+__all__ = ["DropTokens"]
