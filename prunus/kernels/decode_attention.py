@@ -20,6 +20,11 @@ each cached then new entry received, summed over the query heads of its group an
 queries of a prefill pay each key, summed over those queries and over the query heads of each group (the
 SnapKV observation window; `window = s` gives H2O's accumulated attention over the whole prompt). Computed
 in chunks of queries so memory stays O(chunk * s).
+
+On CUDA, `decode_attention` and `decode_attention_scores` run the Triton flash-decoding kernels of
+`decode_attention_triton` (GQA-aware, split over the sequence, past and new entries read in place, entries
+beyond `past_lengths` never read); `attention_scores` (prefill-time, once per prompt) runs its reference.
+The quantized-cache variant is `prunus.kernels.kv_quant.decode_attention_quantized`.
 """
 from __future__ import annotations
 

@@ -6,13 +6,14 @@ reach every code path on small shapes.
 
 Flash-decoding (Dao et al., "Flash-Decoding for long-context inference", 2023): decoding has one query row per
 head, so a kernel that parallelises over heads alone leaves most of the GPU idle; the sequence is split instead.
-- `_stage1_kernel`: grid (past splits + 1, b * hk, row blocks). One program takes all query rows of one KV
-  group (the `group = h // hk` query heads times the t new tokens, row r = head_in_group * t + i), so each K/V
-  entry is read from memory once and the scores are a tensor-core `tl.dot`. Program `split < S` runs an
+- `_stage1_kernel`: grid (max(S, 1), b * hk, row blocks) for S past splits. One program takes all query rows
+  of one KV group (the `group = h // hk` query heads times the t new tokens, row r = head_in_group * t + i), so
+  each K/V entry is read from memory once and the scores are a tensor-core `tl.dot`. Program `split` runs an
   online softmax over its slice of the past cache, stopping at the head's `past_lengths` (entries beyond are
-  never loaded); program `split == S` attends the new tokens' own keys with the causal mask. Each writes an
+  never loaded); the last one then attends the new tokens' own keys with the causal mask (no extra program:
+  on an H100, 16 splits x 8 heads + 8 more programs spilled into a second wave). Each writes an
   unnormalised fp32 partial output with its running max and sum (log2 domain).
-- `_reduce_kernel`: one program per (group, row) merges the S + 1 partials (log-sum-exp weights) into `out`,
+- `_reduce_kernel`: one program per (group, row) merges the partials (log-sum-exp weights) into `out`,
   and optionally the row's log2-sum-exp (for the scores kernel).
 - `_scores_kernel`: decode_attention_scores' `probs`: recomputes q.k per entry with the final log-sum-exp and
   sums the probabilities over the group's rows (reads K again, not V).
@@ -131,11 +132,12 @@ def _stage1_kernel(q_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, len_ptr, o_ptr, ml_ptr
         hi = tl.minimum(lo + split_len, length)
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kp_ptr + b * skpb + g * skph, vp_ptr + b * svpb + g * svph,
                               skpn, svpn, lo, hi, tok, qk_scale, False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
-    else:
+    splits = tl.num_programs(0)
+    if split == splits - 1:
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh,
                               sknn, svnn, 0, t, tok, qk_scale, True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
-    _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, S + 1, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
+    _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, splits, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
                    offs_dv < DV, True)
 
 
@@ -246,7 +248,7 @@ def plan_splits(n: int, parallel: int, device: torch.device, num_splits: int | N
     if n == 0:
         return 0, 0
     if num_splits is None:
-        want = triton.cdiv(num_programs_target(device), parallel)
+        want = num_programs_target(device) // parallel  # rounded down: a last, thin wave costs a whole one
         num_splits = max(1, min(want, triton.cdiv(n, MIN_SPLIT), MAX_SPLITS))
     split_len = triton.cdiv(triton.cdiv(n, num_splits), align) * align
     return triton.cdiv(n, split_len), split_len
@@ -298,7 +300,8 @@ def decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths
     row_blocks = triton.cdiv(rows, block_h)
     S, split_len = plan_splits(n, b * hk * row_blocks, q.device, num_splits)
     out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
-    o, ml = partials(b * hk, S + 1, rows, dv, q.device)
+    programs = max(S, 1)  # the last split also attends the new tokens (one program when nothing is cached)
+    o, ml = partials(b * hk, programs, rows, dv, q.device)
     lengths = past_lengths if past_lengths is not None else o
     ls = past_lengths.stride() if past_lengths is not None else (0, 0)
     args = dict(q_ptr=q, kp_ptr=k_past, vp_ptr=v_past, kn_ptr=k_new, vn_ptr=v_new, len_ptr=lengths, o_ptr=o,
@@ -310,8 +313,8 @@ def decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths
                 svnb=v_new.stride(0), svnh=v_new.stride(1), svnn=v_new.stride(2), slb=ls[0], slh=ls[1])
     consts = dict(HAS_LENGTHS=past_lengths is not None, D=d, DV=dv, BLOCK_H=block_h, BLOCK_D=_pow2(d),
                   BLOCK_DV=_pow2(dv))
-    launch(_stage1_kernel, _stage1_tuned, (S + 1, b * hk, row_blocks), args, consts, config)
-    lse = reduce(o, ml, out, S + 1, group, hk, want_lse)
+    launch(_stage1_kernel, _stage1_tuned, (programs, b * hk, row_blocks), args, consts, config)
+    lse = reduce(o, ml, out, programs, group, hk, want_lse)
     return (out, lse) if want_lse else out
 
 
