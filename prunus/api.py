@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 import prunus
 from prunus.codegen.onnx import export_onnx
+from prunus.codegen.triton import inline_fused, load_kernels, save_kernels
 from prunus.errors import ArtifactError, CaptureError, SpecError
 from prunus.ir.capture import capture, graph_from_exported
 from prunus.ir.graph import Graph
@@ -70,8 +71,9 @@ class OptimizedModel:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an artifact is an ordinary directory
         try:
             torch.export.save(self.graph.exported(), os.path.join(tmp, "program.pt2"))
+            save_kernels(self.graph.gm, tmp)  # kernels/<key>.py for every fused call
             if onnx:
-                export_onnx(self.graph, os.path.join(tmp, "model.onnx"))
+                export_onnx(inline_fused(self.graph), os.path.join(tmp, "model.onnx"))
             if self.snapshots:
                 os.makedirs(os.path.join(tmp, "ir"))
                 for label, snapshot in self.snapshots:
@@ -113,8 +115,10 @@ class OptimizedModel:
         }
 
     def export_onnx(self, path: str, *, check: bool = True) -> str:
-        """Export to ONNX with dynamic batch/sequence; onnxruntime's outputs are checked against PyTorch."""
-        return export_onnx(self.graph, path, check=check)
+        """Export to ONNX with dynamic batch/sequence; onnxruntime's outputs are checked against PyTorch.
+
+        Fused kernels are exported as the ops they were generated from."""
+        return export_onnx(inline_fused(self.graph), path, check=check)
 
 
 def optimize(model, passes="dce", example_inputs=None, calibration=None, verify: bool = True,
@@ -147,6 +151,7 @@ def load(path: str) -> OptimizedModel:
     if version != FORMAT_VERSION:
         raise ArtifactError(f"artifact format {version} is not supported by this prunus (expects {FORMAT_VERSION})")
     try:
+        load_kernels(path)  # the fused calls in the program name these generated kernels
         ep = torch.export.load(program_path)
         in_spec = pytree.treespec_loads(manifest["in_spec"])
         out_spec = pytree.treespec_loads(manifest["out_spec"]) if manifest.get("out_spec") else None

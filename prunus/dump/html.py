@@ -41,7 +41,18 @@ def _embed(data: dict) -> str:
 
 def render_html(source: Source, label: str, view: dict, diff: dict | None = None) -> str:
     title = html.escape(f"prunus dump: {source.path} ({label})")
-    return _PAGE.format(title=title, css=_CSS, js=_JS, data=_embed(page_data(source, label, view, diff)))
+    return _PAGE.format(title=title, css=_CSS, js=_JS, data=_embed(page_data(source, label, view, diff)),
+                        kernels=_kernels_html(source))
+
+
+def _kernels_html(source: Source) -> str:
+    """The generated Triton kernels of an artifact, one collapsible source listing each."""
+    if not source.kernels:
+        return ""
+    items = "".join(f"<details><summary>kernels/{html.escape(name)}</summary><pre>{html.escape(text)}</pre></details>"
+                    for name, text in source.kernels)
+    return f'<section id="kernels-section"><h2>Generated kernels ({len(source.kernels)})</h2>{items}</section>'
+
 
 
 _PAGE = """<!doctype html>
@@ -73,6 +84,7 @@ _PAGE = """<!doctype html>
   </section>
   <section id="report-section" hidden><h2>Pass report</h2><div id="report"></div></section>
   <section id="passes-section" hidden><h2>Changes per pass</h2><div id="passes"></div></section>
+  {kernels}
 </main>
 <script type="application/json" id="prunus-data">{data}</script>
 <script>{js}</script>

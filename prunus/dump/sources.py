@@ -22,6 +22,7 @@ class Source:
     pipeline: str | None = None
     report: list[dict] = field(default_factory=list)
     flops_at: str = "example shape"  # the input sizes node FLOPs were counted at
+    kernels: list[tuple[str, str]] = field(default_factory=list)  # (file name, source) of generated kernels
 
     def select(self, after: str | None = None) -> tuple[str, dict]:
         """The view after pass `after` (a pass name such as 'dce' or a label such as '02_fold_constants').
@@ -90,7 +91,20 @@ def _artifact(path: str) -> Source:
         view["history"] = manifest.get("passes", [])
         snapshots = [("final", view)]
     return Source(path, "artifact", snapshots, pipeline=manifest.get("pipeline"), report=manifest.get("report", []),
-                  flops_at=_example_sizes(manifest))
+                  flops_at=_example_sizes(manifest), kernels=_kernel_sources(path))
+
+
+def _kernel_sources(path: str) -> list[tuple[str, str]]:
+    """The generated Triton modules an artifact carries in kernels/ (written by the fuse pass)."""
+    folder = os.path.join(path, "kernels")
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name)) as f:
+                out.append((name, f.read()))
+    return out
 
 
 def _check_view(view, path: str) -> dict:

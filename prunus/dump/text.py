@@ -88,7 +88,10 @@ def render(source: Source, label: str, view: dict) -> str:
     tables = [layer_table(view, source.flops_at)]
     if source.report:
         tables.append(report_table(source))
-    return "\n".join(head) + "\n" + ir_text(view) + "\n" + _render(*tables)
+    text = "\n".join(head) + "\n" + ir_text(view) + "\n" + _render(*tables)
+    for name, code in source.kernels:
+        text += f"\n# kernels/{name}\n{code}"
+    return text
 
 
 def render_diff(diff: dict) -> str:

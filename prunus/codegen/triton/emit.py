@@ -191,7 +191,7 @@ def _reference_source(region: Region) -> str:
         args = [_py(a, names) for a in n.args] + [f"{k}={_py(v, names)}" for k, v in n.kwargs.items()]
         lines.append(f"    {names[n]} = {_op_name(n.target)}({', '.join(args)})")
     views = ops.CASTS - {torch.ops.aten._to_copy.default} | {torch.ops.aten.slice.Tensor}
-    outs = [f"{names[o]}.clone()" if o.target in views else names[o] for o in region.outputs]
+    outs = [f"torch.ops.aten.clone.default({names[o]})" if o.target in views else names[o] for o in region.outputs]
     lines.append(f"    return [{', '.join(outs)}]")
     return "\n".join(lines)
 
@@ -255,6 +255,7 @@ def emit(region: Region) -> tuple[str, str]:
         _reference_source(region),
         "",
         "",
+        *([ops.ROUND_BF16, "", ""] if "round_bf16(" in "\n".join(body) else []),
         "@triton.jit",
         f"def kernel({', '.join(params)}):",
         *("    " + line for line in body),

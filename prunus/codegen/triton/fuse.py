@@ -15,6 +15,7 @@ from prunus.codegen.triton import runtime
 from prunus.codegen.triton.emit import Unsupported, emit
 from prunus.codegen.triton.partition import PATTERNS, classify, partition, worth_fusing
 from prunus.passes.base import LossyParams, Pass, PassResult, param
+from prunus.passes.cleanup.dce import METADATA_ASSERTS
 from prunus.passes.registry import register
 
 
@@ -84,6 +85,8 @@ def replace_region(graph, region, key: str) -> dict:
         out.replace_all_uses_with(item)
         replaced[out] = prev = item
     for n in reversed(region.nodes):
+        for user in [u for u in n.users if u.target in METADATA_ASSERTS]:
+            g.erase_node(user)
         g.erase_node(n)
     return replaced
 

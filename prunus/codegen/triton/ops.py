@@ -59,10 +59,22 @@ def _binary(op):
 
 
 def _round_to(x, dtype):
-    # a cast to a narrower float rounds: keep that rounding so the fused graph matches the unfused one
-    if dtype in (torch.bfloat16, torch.float16):
-        return f"{x}.to({TL_DTYPE[dtype]}).to(tl.float32)"
+    # An op that produces bf16/fp16 rounds: keep that rounding so the fused graph matches the unfused one.
+    # bf16 rounds through the bits (`round_bf16`, in every generated module): a float conversion pair can be
+    # elided by the compiler, and the interpreter's bf16 conversion truncates.
+    if dtype is torch.bfloat16:
+        return f"round_bf16({x})"
+    if dtype is torch.float16:
+        return f"{x}.to(tl.float16).to(tl.float32)"
     return x
+
+
+# Round-to-nearest-even of float32 to bfloat16, kept in float32 (NaN and inf stay NaN and inf).
+ROUND_BF16 = """@triton.jit
+def round_bf16(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return ((bits >> 16) << 16).to(tl.float32, bitcast=True)"""
 
 
 # op -> function(operand expressions..., **scalar kwargs) -> expression. Tensor operands arrive as

@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from prunus.codegen.triton import ops
+from prunus.passes.cleanup.dce import METADATA_ASSERTS
 
 
 @dataclass
@@ -116,7 +117,9 @@ def partition(gm: torch.fx.GraphModule) -> list[Region]:
             for a in n.all_input_nodes:
                 if a not in members and a not in r.inputs:
                     r.inputs.append(a)
-        r.outputs = [n for n in r.nodes if any(u not in members for u in n.users)]
+        # a metadata assert on a value inside the region checks what the kernel guarantees: it keeps no output
+        r.outputs = [n for n in r.nodes if any(u not in members and u.target not in METADATA_ASSERTS
+                                               for u in n.users)]
     return sorted(regions, key=lambda r: order[r.nodes[0]])
 
 

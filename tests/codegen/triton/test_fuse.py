@@ -1,0 +1,242 @@
+"""The fuse pass: generated kernels (run by the Triton interpreter) reproduce the unfused graph; regions, errors,
+artifacts, dump and ONNX."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunus
+from prunus.codegen.triton import PATTERNS, classify, fused_nodes, get_kernel, partition
+from tests.conftest import main_output
+
+aten = torch.ops.aten
+
+
+def _fuse(model, inputs, spec="fuse"):
+    return prunus.optimize(model, spec, example_inputs=inputs)
+
+
+def _kernels(opt):
+    return {get_kernel(n.args[1]).meta["pattern"] for n in fused_nodes(opt.graph.gm)}
+
+
+# ---- one module per pattern, written as Hugging Face writes it (float32: the interpreter's bf16 is wrong) ----
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, n=32):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(x.dtype)
+
+
+class AddNorm(RMSNorm):
+    def forward(self, x, residual):
+        h = x + residual
+        return h, super().forward(h)
+
+
+class LayerNorm(torch.nn.Module):
+    def __init__(self, n=32):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(n)
+        torch.nn.init.normal_(self.norm.weight)
+        torch.nn.init.normal_(self.norm.bias)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class SwiGLU(torch.nn.Module):
+    def forward(self, gate, up):
+        return F.silu(gate) * up
+
+
+class GeluBias(torch.nn.Module):
+    def __init__(self, n=48, approximate="tanh"):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(n))
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.gelu(x + self.bias, approximate=self.approximate)
+
+
+class Rope(torch.nn.Module):
+    def forward(self, q, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = q.shape[-1] // 2
+        rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+        return q * cos + rotated * sin
+
+
+class Softmax(torch.nn.Module):
+    def forward(self, scores, mask):
+        return F.softmax(scores + mask, dim=-1)
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    mask = torch.zeros(2, 1, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    return {
+        "rmsnorm": (RMSNorm(), (r(2, 5, 32),)),
+        "layernorm": (LayerNorm(), (r(2, 5, 32),)),
+        "add_norm": (AddNorm(), (r(2, 5, 32), r(2, 5, 32))),
+        "swiglu": (SwiGLU(), (r(2, 5, 48), r(2, 5, 48))),
+        "gelu": (GeluBias(), (r(2, 5, 48),)),
+        "rope": (Rope(), (r(2, 3, 5, 16).transpose(1, 2).contiguous().transpose(1, 2), r(2, 5, 16), r(2, 5, 16))),
+        "softmax": (Softmax(), (r(2, 3, 6, 6), mask)),
+    }
+
+
+@pytest.mark.parametrize("pattern", [p for p in PATTERNS if p != "elementwise"])
+def test_each_pattern_fuses_into_one_kernel_and_matches(pattern):
+    model, inputs = _cases()[pattern]
+    opt = _fuse(model, inputs)
+    calls = fused_nodes(opt.graph.gm)
+    assert len(calls) == 1 and _kernels(opt) == {pattern}
+    compute = [n for n in opt.graph.graph.nodes if n.op == "call_function"
+               and n.target not in (torch.ops.prunus.fused.default,) and "getitem" not in str(n.target)
+               and n.target not in (aten.unsqueeze.default, aten.transpose.int, aten._assert_tensor_metadata.default)]
+    assert compute == []  # every op of the pattern went into the kernel
+    with torch.no_grad():
+        ref = model(*inputs)
+    got = opt(*inputs)
+    for a, b in zip(ref if isinstance(ref, tuple) else (ref,), got if isinstance(got, tuple) else (got,)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert opt.report[-1].kind == "exact" and opt.report[-1].verification["max_abs_error"] < 1e-4
+
+
+class ScaledScores(torch.nn.Module):
+    def forward(self, x):
+        scores = torch.matmul(x, x.transpose(1, 2))  # [batch, seq, seq]: the softmax row width is symbolic
+        return F.softmax(scores * 0.25, dim=-1)
+
+
+def test_generated_kernel_handles_other_shapes_than_captured():
+    model = ScaledScores()
+    opt = _fuse(model, (torch.randn(2, 6, 8),))
+    assert _kernels(opt) == {"softmax"}
+    for shape in ((3, 9, 8), (1, 1, 8), (2, 33, 8)):  # other batch, other (and wider than a block) row width
+        x = torch.randn(*shape)
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_exact_and_bert_style_post_norm():
+    model = GeluBias(approximate="none")
+    x = torch.randn(2, 5, 48)
+    opt = _fuse(model, (x,))
+    assert _kernels(opt) == {"gelu"}
+    torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("llama", {"rmsnorm", "add_norm", "rope", "swiglu"}),
+    ("gpt2", {"layernorm", "gelu"}),
+    ("bert", {"layernorm"}),
+])
+def test_tiny_models_fused_match_unfused(tiny_models, arch, expected):
+    model, inputs = tiny_models(arch)
+    opt = _fuse(model, inputs, "dce, fuse")
+    assert expected <= _kernels(opt)
+    with torch.no_grad():
+        ref = main_output(model(*inputs))
+    torch.testing.assert_close(main_output(opt(*inputs)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_partition_regions_of_a_llama_layer(cleaned):
+    gm = cleaned("llama").graph.gm
+    regions = partition(gm)
+    by_pattern = {}
+    for r in regions:
+        by_pattern.setdefault(classify(r), []).append(r)
+    # RoPE of q and of k in each of the 2 layers: rotate_half (slice, neg, cat) and both products in one region
+    ropes = by_pattern["rope"]
+    assert len(ropes) == 4
+    for r in ropes:
+        targets = [n.target for n in r.nodes]
+        assert targets.count(aten.slice.Tensor) == 2 and aten.neg.default in targets and aten.cat.default in targets
+        assert len(r.outputs) == 1 and r.outputs[0].users  # the rotated q (or k) feeds attention
+    # SwiGLU: silu(gate) * up, nothing else, with the two projections as inputs
+    for r in by_pattern["swiglu"]:
+        assert [n.target for n in r.nodes] == [aten.silu.default, aten.mul.Tensor]
+        assert all(i.target is aten.linear.default for i in r.inputs)
+    # the residual add joins the RMSNorm after it, and both the sum and the normalized value leave the region
+    for r in by_pattern["add_norm"]:
+        assert r.nodes[0].target is aten.add.Tensor and aten.mean.dim in {n.target for n in r.nodes}
+        assert len(r.outputs) == 2
+    # no region holds a matmul, attention or view, and no node sits in two regions
+    seen = set()
+    for r in regions:
+        assert not seen & set(r.nodes)
+        seen |= set(r.nodes)
+        assert not {n.target for n in r.nodes} & {aten.linear.default, aten.scaled_dot_product_attention.default,
+                                                   aten.view.default, aten.transpose.int}
+
+
+def test_patterns_param_selects_regions(tiny_models):
+    model, inputs = tiny_models("llama")
+    opt = _fuse(model, inputs, "dce, fuse(patterns=[swiglu, rope])")
+    assert _kernels(opt) == {"swiglu", "rope"}
+    assert any(n.target is aten.mean.dim for n in opt.graph.graph.nodes)  # the norms stayed unfused
+
+
+def test_errors_unknown_pattern_and_backend():
+    with pytest.raises(prunus.SpecError, match="patterns"):
+        prunus.passes.build_pipeline("fuse(patterns=[rmsnorm, flashy])")
+    with pytest.raises(prunus.SpecError, match="backend"):
+        prunus.passes.build_pipeline("fuse(backend=cuda)")
+    with pytest.raises(prunus.SpecError):
+        prunus.passes.build_pipeline("fuse(patterns=[])")
+    assert "fuse" in prunus.passes.registry()
+
+
+def test_identical_regions_share_one_kernel(tiny_models):
+    model, inputs = tiny_models("bert")
+    opt = _fuse(model, inputs, "dce, fuse")
+    keys = [n.args[1] for n in fused_nodes(opt.graph.gm)]
+    assert len(keys) > len(set(keys))  # the layers' post-attention norms are one generated kernel
+
+
+def test_save_load_dump_and_onnx(tiny_models, tmp_path, monkeypatch):
+    model, inputs = tiny_models("llama")
+    opt = _fuse(model, inputs, "dce, fuse")
+    out = opt.save(str(tmp_path / "art"))
+    kernels = sorted(os.listdir(os.path.join(out, "kernels")))
+    keys = sorted({n.args[1] for n in fused_nodes(opt.graph.gm)})
+    assert kernels == [f"{k}.py" for k in keys]
+    source = open(os.path.join(out, "kernels", kernels[0])).read()
+    assert "@triton.jit" in source and "def reference(" in source
+
+    # a fresh cache and no registered kernels: load rebuilds them from the artifact's sources
+    from prunus.codegen.triton import runtime
+    monkeypatch.setenv("PRUNUS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "_KERNELS", {})
+    loaded = prunus.load(out)
+    assert fused_nodes(loaded.graph.gm)
+    with torch.no_grad():
+        ref = main_output(model(*inputs))
+    torch.testing.assert_close(main_output(loaded(*inputs)), ref, rtol=1e-4, atol=1e-4)
+    # without the interpreter the fused calls run their reference ops (a machine without a GPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.testing.assert_close(main_output(loaded(*inputs)), ref, rtol=1e-4, atol=1e-4)
+
+    from prunus.dump import dump
+    text = dump(out, "text")
+    assert "@triton.jit" in text and kernels[0].removesuffix(".py") in text
+    page = dump(out, "html")
+    assert "tl.load" in page and kernels[0].removesuffix(".py") in page
+
+    # ONNX: the fused calls are exported as the ops they came from
+    path = opt.export_onnx(str(tmp_path / "model.onnx"))
+    import onnx
+    op_types = {n.op_type for n in onnx.load(path).graph.node}
+    assert not any("fused" in t for t in op_types) and {"Neg", "Concat"} <= op_types
