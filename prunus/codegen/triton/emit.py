@@ -82,11 +82,18 @@ class _Emitter:
         else:
             expr = self.compute(node, idx)
             dtype = node.meta["val"].dtype
-            if dtype != torch.float32:
+            if dtype != torch.float32 and not self.exact_in(node, dtype):
                 expr = ops._round_to(expr, dtype)
         name = self.define(expr)
         self.cache[key] = name
         return name
+
+    def exact_in(self, node, dtype) -> bool:
+        """Whether `node` yields values of `dtype` already: neg, slice, cat and casts of such values."""
+        if node.target not in ops.EXACT:
+            return False
+        return all(a.meta["val"].dtype == dtype or (a not in self.index and self.exact_in(a, dtype))
+                   for a in node.all_input_nodes)
 
     def load(self, node, idx: str) -> str:
         k = self.index[node]

@@ -120,6 +120,9 @@ COMPOSITES = {aten.layer_norm.default, aten.softmax.int, aten._softmax.default, 
 
 INDEXING = {aten.slice.Tensor, aten.cat.default}
 
+# Ops whose result is exactly representable in their input's dtype (no rounding needed when it is narrow).
+EXACT = INDEXING | CASTS | {aten.neg.default, aten.abs.default, aten.relu.default}
+
 # Ops that count as work when deciding whether a region is worth a kernel (casts and indexing are not).
 COMPUTE = set(ELEMENTWISE) | set(REDUCTIONS) | COMPOSITES
 
