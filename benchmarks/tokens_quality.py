@@ -47,7 +47,8 @@ def smollm2(args) -> None:
 
 def minilm(args) -> None:
     model, tok = prunus.models.load("minilm-l6")
-    example = (tok(["a short example sentence", "another one of the same size"], return_tensors="pt").input_ids,)
+    example = (tok(["a short example sentence", "another one of a similar size"], padding=True,
+                   return_tensors="pt").input_ids,)
     rows = []
     for method, queries in (("attention", "first"), ("attention", "all"), ("zerotprune", "auto"),
                             ("tome", "auto"), ("ttv", "auto")):

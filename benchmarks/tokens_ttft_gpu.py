@@ -57,7 +57,8 @@ def main() -> None:
     times: dict = {}
     for label, spec in VARIANTS:
         t0 = time.time()
-        opt = prunus.optimize(model, spec, example_inputs=example, verify=False)
+        with torch.device("cuda"):  # simplify_masks builds its probe tensors on the default device
+            opt = prunus.optimize(model, spec, example_inputs=example, verify=False)
         capture_s = time.time() - t0
         for n, ids in inputs.items():
             times[label, n] = _prefill_seconds(opt, ids, args.repeats)
