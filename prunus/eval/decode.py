@@ -1,19 +1,17 @@
 """Token-by-token decoding for evaluation: greedy generation and streaming perplexity share one stepper.
 
 A decoder holds the state of one batch of sequences; `feed(ids)` appends tokens and returns the logits
-the model gives at the fed positions. Two kinds exist today:
+the model gives at the fed positions. Three kinds exist:
 
 - `CacheDecoder`: a Hugging Face-style `nn.Module` whose forward takes `past_key_values`/`use_cache`;
   each feed runs only the new tokens against the model's KV cache.
 - `PrefixDecoder`: any other callable, e.g. a `prunus.OptimizedModel` captured as one full-sequence
   graph; each feed re-runs the whole growing prefix and keeps the logits of the new positions.
 
-KV graphs plug in here: once the KV-cache passes give an OptimizedModel its
-`prefill(ids, positions) -> (logits, cache)` and `decode(ids, positions, cache) -> (logits, cache)`
-graphs, a third decoder with the same `feed`, threading the cache tensors through them as
-`prunus.generate` does, is what `decoder()` returns for such a model. `greedy`, `passkey`, `long_ppl`
-and `speed` then run those graphs unchanged, which is what makes a KV policy (eviction, quantized
-entries) show in their numbers.
+- `prunus.passes.kv.KVDecoder`: an OptimizedModel that went through `kv_cache` runs its prefill graph
+  once, then its decode graph on new tokens only, with the cache as explicit tensors that the graph's
+  policy compresses. `greedy`, `passkey`, `long_ppl` and `speed` run it unchanged, which is what makes a
+  KV policy (eviction, quantized entries) show in their numbers.
 """
 from __future__ import annotations
 
@@ -70,8 +68,14 @@ class PrefixDecoder:
         return 0  # nothing is cached: every feed recomputes the prefix
 
 
-def decoder(model) -> CacheDecoder | PrefixDecoder:
-    """A fresh decoder for `model`: its KV cache when its forward has one, else prefix re-runs."""
+def decoder(model):
+    """A fresh decoder for `model`: its KV graphs when `kv_cache` gave it some, its own KV cache when its
+    forward has one, else prefix re-runs."""
+    graph = getattr(model, "graph", None)
+    if getattr(graph, "kv", None) is not None:
+        from prunus.passes.kv.runtime import KVDecoder
+
+        return KVDecoder(graph)
     if isinstance(model, torch.nn.Module):
         params = inspect.signature(model.forward).parameters
         if "past_key_values" in params and "use_cache" in params:

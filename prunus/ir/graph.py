@@ -41,6 +41,7 @@ class Graph:
         self.history = history if history is not None else []
         self._analyses: dict = {}
         self._program = None  # the re-exported ExportedProgram, until the next edit
+        self.kv: dict | None = None  # the KV-cache policy `kv_cache`/`kv_quant` chose (params), read by decoding
 
     # ---- running ---------------------------------------------------------------------------
     def flatten_inputs(self, args: tuple) -> list[torch.Tensor]:
@@ -166,6 +167,12 @@ class Graph:
                 raise KeyError(f"unknown analysis {name!r}; known: {', '.join(sorted(ANALYSES))}")
             self._analyses[name] = ANALYSES[name](self)
         return self._analyses[name]
+
+    def cached(self, key, make):
+        """`make()` computed once and kept with the analyses until the graph next changes (e.g. KV graphs)."""
+        if key not in self._analyses:
+            self._analyses[key] = make()
+        return self._analyses[key]
 
     def invalidate(self, preserve: tuple[str, ...] = ()) -> None:
         self._analyses = {k: v for k, v in self._analyses.items() if k in preserve}

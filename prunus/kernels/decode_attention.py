@@ -33,6 +33,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 SCORE_CHUNK = 256  # queries per chunk in attention_scores
 
@@ -78,9 +79,24 @@ def decode_attention_reference(q, k_past, v_past, k_new, v_new, scale: float, pa
     return out
 
 
+def decode_attention_sdpa(q, k_past, v_past, k_new, v_new, scale: float) -> torch.Tensor:
+    """The same attention through torch SDPA on the concatenated cache (the CPU path: no mask for t = 1)."""
+    _check(q, k_past, v_past, k_new, v_new)
+    t, n = q.shape[2], k_past.shape[2]
+    k = torch.cat([k_past, k_new], dim=2)
+    v = torch.cat([v_past, v_new], dim=2)
+    mask = None
+    if t > 1:
+        mask = torch.ones(t, n + t, dtype=torch.bool, device=q.device).tril(n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 @torch.library.custom_op("prunus::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_past: torch.Tensor, v_past: torch.Tensor, k_new: torch.Tensor,
                      v_new: torch.Tensor, scale: float, past_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if past_lengths is None and q.dtype == k_past.dtype == v_past.dtype:
+        return decode_attention_sdpa(q, k_past, v_past, k_new, v_new, scale)
     return decode_attention_reference(q, k_past, v_past, k_new, v_new, scale, past_lengths)
 
 

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from prunus.errors import PassError, PrunusError, SpecError, VerificationError
 from prunus.ir.printer import to_dict, to_text
 from prunus.passes.base import Pass, PassContext
+from prunus.passes.kv.cache import kv_bytes_per_token
 from prunus.passes.verify import fidelity_metrics, max_abs_error
 
 # Exact passes may reorder float arithmetic (e.g. fused attention instead of an explicit mask), so the
@@ -117,6 +118,7 @@ class PassManager:
             if p.needs_calibration and not ctx.calibration:
                 raise SpecError("this pass needs calibration data; pass calibration=...", pass_name=p.name)
             params_before, bytes_before = graph.num_parameters(), graph.weight_bytes()
+            kv_before = kv_bytes_per_token(graph)
             t0 = time.perf_counter()
             try:
                 result = p.run(graph, ctx)
@@ -137,7 +139,8 @@ class PassManager:
                 name=p.name, params=p.param_dict(), spec=p.spec(), kind=p.kind, seconds=seconds,
                 modified=result.modified, params_before=params_before, params_after=graph.num_parameters(),
                 weight_bytes_before=bytes_before, weight_bytes_after=graph.weight_bytes(),
-                flops_before=flops, flops_after=flops_after, verification=verification, notes=result.notes))
+                flops_before=flops, flops_after=flops_after, kv_bytes_before=kv_before,
+                kv_bytes_after=kv_bytes_per_token(graph), verification=verification, notes=result.notes))
             previous, flops = outs, flops_after
             self._dump(graph, i, p.name)
             if self.progress is not None:

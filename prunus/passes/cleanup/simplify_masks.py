@@ -21,7 +21,7 @@ _BASE_SIZES = (2, 3, 5, 17)
 _MAX_SIZE = 4500  # the mask is [s, s]: keep the largest probe in memory
 
 
-def _shape_only_ancestors(mask: torch.fx.Node) -> set | None:
+def shape_only_ancestors(mask: torch.fx.Node) -> set | None:
     """The nodes `mask` is computed from, or None if it reads an input's values (not only its sizes)."""
     seen, stack = set(), [mask]
     while stack:
@@ -115,7 +115,7 @@ class SimplifyMasks(Pass):
                 continue
             mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
             if isinstance(mask, torch.fx.Node):
-                ancestors = _shape_only_ancestors(mask)
+                ancestors = shape_only_ancestors(mask)
                 if ancestors is not None:
                     candidates.setdefault(mask, (ancestors, []))[1].append(node)
         if not candidates:

@@ -1,0 +1,142 @@
+"""`kv_cache`: give a decoder explicit prefill/decode graphs and a cache policy.
+
+The pass checks that the model's attention can be rewritten (causal SDPA layers, token ids as the one
+input), builds the prefill and decode graphs (`rewrite.py`) and proves the rewrite exact on the example
+inputs: prefilling a prefix and then decoding the remaining tokens one at a time must reproduce the
+full-sequence logits. The main graph keeps computing the same thing (masks may be simplified); the
+policy is recorded on the graph (`graph.kv`) and applied whenever the model is decoded (`prunus.generate`,
+`prunus.eval`), where the cache really shrinks (`policies.py`, `runtime.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunus.errors import PassError
+from prunus.passes.base import Pass, PassResult, param
+from prunus.passes.cleanup.simplify_masks import SimplifyMasks, shape_only_ancestors
+from prunus.passes.kv.policies import POLICIES, Policy
+from prunus.passes.kv.rewrite import attention_layers
+from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy
+from prunus.passes.registry import register
+
+REFERENCE_CONTEXT = 4096  # context length at which the report states KV bytes per token
+EXACT_RTOL = 1e-4
+
+
+@dataclass(kw_only=True)
+class KVCacheParams:
+    policy: str = param("full", "which entries each layer keeps", choices=tuple(POLICIES))
+    budget: int | None = param(None, "entries kept per layer and KV head (tokens)", range="[1, inf)")
+    ratio: float | None = param(None, "entries kept as a fraction of the prompt, instead of budget", range="(0, 1]")
+    sink: int = param(4, "first positions never evicted (attention sinks)", range="[0, inf)")
+    window: int = param(32, "most recent positions never evicted; the observation window of snapkv-style "
+                            "scorers; streaming without a budget keeps sink + window", range="[0, inf)")
+    pool: int = param(7, "snapkv/pyramidkv/vatp: width of the average pool smoothing the scores",
+                      range="[1, 129]")
+    chunk: int = param(10, "chunkkv: tokens per chunk", range="[1, 4096]")
+    reuse: int = param(2, "chunkkv: neighbouring layers sharing one selection", range="[1, 1024]")
+
+    def check(self) -> str | None:
+        if self.budget is not None and self.ratio is not None:
+            return "give at most one of budget and ratio"
+        if self.policy == "full":
+            if self.budget is not None or self.ratio is not None:
+                return "policy full keeps every entry: drop budget/ratio or choose an eviction policy"
+            return None
+        if self.budget is None and self.ratio is None and self.policy != "streaming":
+            return f"policy {self.policy} needs a budget (tokens) or a ratio"
+        if self.budget is not None and self.budget < self.sink + self.window:
+            return (f"budget {self.budget} is below sink + window = {self.sink} + {self.window}; lower sink or "
+                    "window, or raise the budget")
+        return None
+
+    def spec(self) -> dict:
+        out = {"policy": self.policy, "sink": self.sink, "window": self.window, "pool": self.pool,
+               "chunk": self.chunk, "reuse": self.reuse}
+        if self.policy == "streaming" and self.budget is None and self.ratio is None:
+            out["budget"] = self.sink + self.window
+        if self.budget is not None:
+            out["budget"] = self.budget
+        if self.ratio is not None:
+            out["ratio"] = self.ratio
+        return out
+
+
+def _layer_bytes(graph) -> list[int]:
+    """Cache bytes per token of context of every attention layer (keys + values, full cache)."""
+    out = []
+    for site in graph.analysis("attention_sites"):
+        val = site.node.args[1].meta.get("val")
+        elem = val.element_size() if isinstance(val, torch.Tensor) else 4
+        out.append(2 * site.num_kv_heads * site.head_dim * elem)
+    return out
+
+
+def _size_only(mask) -> bool:
+    """A mask computed from sizes alone (a causal or windowed mask not yet simplified), not from an input."""
+    return mask is not None and shape_only_ancestors(mask) is not None
+
+
+def kv_bytes_per_token(graph, context: int = REFERENCE_CONTEXT) -> int | None:
+    """Cache bytes per token of a `context`-token prompt under the graph's policy; None without a causal cache."""
+    try:
+        sites = graph.analysis("attention_sites")
+    except Exception:  # noqa: BLE001 - a graph the analysis cannot read has no cache to report
+        return None
+    if not sites or not all(s.is_causal or _size_only(s.mask) for s in sites):
+        return None
+    per_layer = _layer_bytes(graph)
+    policy: Policy = make_policy(graph.kv or {"policy": "full"}, len(per_layer))
+    budgets = policy.layer_budgets(context)
+    kept = [context if b is None else min(b, context) for b in budgets]
+    return round(sum(p * k for p, k in zip(per_layer, kept)) / context)
+
+
+def _check_exact(graph, ids: torch.Tensor) -> float:
+    """Prefill all but the last two tokens, decode those one by one; max error against the full forward."""
+    s = ids.shape[1]
+    full = KVDecoder(graph, {"policy": "full"})
+    ref = full._logits(graph.run_flat([ids]))
+    split = max(1, s - 2)
+    got = [full.feed(ids[:, :split])] + [full.feed(ids[:, i:i + 1]) for i in range(split, s)]
+    err = (torch.cat(got, dim=1) - ref).abs().max().item()
+    return err / max(1.0, ref.abs().max().item())
+
+
+@register
+class KVCache(Pass):
+    """Explicit prefill/decode graphs with the KV cache as tensors, and an eviction policy."""
+
+    name = "kv_cache"
+    kind = "exact"  # the full-sequence graph is unchanged; the policy acts when decoding
+    Params = KVCacheParams
+    requires = ("attention_sites",)
+
+    def run(self, graph, ctx) -> PassResult:
+        notes, modified = [], False
+        if any(s.mask is not None or not s.is_causal for s in graph.analysis("attention_sites")):
+            modified = SimplifyMasks().run(graph, ctx).modified
+            if modified:
+                graph.invalidate()
+                graph.recompile(self.name)
+                notes.append("simplified attention masks")
+        layers = attention_layers(graph)
+        spec = self.params.spec()
+        graphs, _ = kv_graphs(graph, {"policy": "full"})
+        ids = ctx.example_inputs[0]
+        if ids.shape[1] >= 2:
+            err = _check_exact(graph, ids)
+            if not err <= EXACT_RTOL:
+                raise PassError(self.name, f"the decode graph does not reproduce the full forward (relative error "
+                                           f"{err:.3g}): a position-dependent op escaped the rewrite")
+            notes.append(f"prefill + decode reproduce the full forward (relative error {err:.1e})")
+        kv_graphs(graph, spec)  # the policy's variant (with scores) builds too
+        graph.kv = spec
+        full = sum(_layer_bytes(graph))
+        notes.append(f"{len(layers)} cached layers, {full} bytes per token of context with the full cache")
+        budget = spec.get("budget")
+        if budget is not None and budget >= ids.shape[1]:
+            notes.append(f"budget {budget} >= the {ids.shape[1]}-token example: nothing is evicted at that length")
+        return PassResult(modified=modified, notes=notes)

@@ -1,0 +1,249 @@
+"""Derive explicit-cache prefill and decode graphs from a captured full-sequence decoder graph.
+
+The captured graph computes `outputs = f(ids)` over a whole sequence. Two graphs come out of it, sharing
+its weights (the attributes are the same tensors):
+
+- prefill `(ids, positions, *) -> (*outputs, k_0, v_0, k_1, v_1, ..., [scores_0, scores_1, ...])`: the
+  full-sequence forward, returning every attention layer's keys (after RoPE, before any GQA repeat,
+  [b, kv_heads, s, d]) and values, and, when a policy scores entries at prefill end, the attention the last
+  `window` queries pay each key (`torch.ops.prunus.attention_scores`, [b, kv_heads, s]).
+- decode `(ids, positions, k_past_0, v_past_0, ..., [past_lengths_0, ...]) -> (*outputs, k_new_0, v_new_0,
+  ..., [probs_0, ...])`: the same layers on the new tokens only; each attention becomes
+  `torch.ops.prunus.decode_attention` over the cache plus the new entries, which the graph returns for the
+  caller to append (the cache is a plain tensor list that a policy can gather, evict or quantize).
+
+Positions: the captured graph derives token positions from the sequence length (`arange(seq)` for RoPE
+tables and learned position embeddings, `cumsum(ones)` in OPT). Those roots are replaced by the explicit
+`positions` input (int64 [t], shared by the batch), so new tokens get their true positions and nothing
+position-dependent has to be recomputed over the context. Causal and all-visible masks are removed
+by `simplify_masks` before the rewrite; any other mask (sliding windows, padding) makes the rewrite fail
+with a `PassError` naming it.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.fx
+
+from prunus.errors import PassError
+from prunus.kernels import decode_attention  # noqa: F401  (registers torch.ops.prunus.decode_attention*)
+from prunus.passes.cleanup.dce import eliminate_dead_code
+
+aten = torch.ops.aten
+PASS = "kv_cache"
+# Ops that move data between the site's keys/values and the attention op without changing them per KV head.
+_REPEAT_PATH = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default,
+                aten.unsqueeze.default, aten.slice.Tensor, aten.repeat.default, aten.repeat_interleave.self_int,
+                aten.clone.default, aten.contiguous.default}
+_ARANGE = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+_CONSTANT_FILLS = {aten.ones.default, aten.full.default, aten.new_ones.default, aten.ones_like.default}
+
+
+@dataclass
+class KVLayer:
+    """One attention layer's cache geometry."""
+    layer: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_dim: int
+    scale: float
+
+
+@dataclass
+class KVGraphs:
+    prefill: torch.fx.GraphModule
+    decode: torch.fx.GraphModule
+    layers: list[KVLayer]
+    num_outputs: int  # outputs of the original graph, which come first in both graphs
+    prefill_window: int | None = None  # the prefill graph appends scores of this many last queries
+    decode_probs: bool = False  # the decode graph appends each layer's attention probabilities
+    ragged: bool = False  # the decode graph takes per-head valid lengths of the cache
+    notes: list = field(default_factory=list)
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _same_size(a, b) -> bool:
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return not isinstance(a, torch.SymInt) and not isinstance(b, torch.SymInt) and a == b
+
+
+def _ids_input(graph):
+    """The index of the token-ids input and its sequence size (a SymInt)."""
+    for i, ph in enumerate(graph.placeholders()):
+        val = _val(ph)
+        if isinstance(val, torch.Tensor) and val.dim() == 2 and not val.dtype.is_floating_point:
+            return i, val.shape[1]
+    raise PassError(PASS, "the model has no [batch, seq] integer token-ids input")
+
+
+def _pre_repeat(node: torch.fx.Node, num_kv_heads: int) -> torch.fx.Node:
+    """Walk from an attention operand back over the GQA repeat to the per-KV-head tensor [b, kv, s, d]."""
+    cur = node
+    while True:
+        val = _val(cur)
+        if (isinstance(val, torch.Tensor) and val.dim() == 4 and _same_size(val.shape[1], num_kv_heads)
+                and not (cur.op == "call_function" and cur.target in (aten.expand.default, aten.slice.Tensor))):
+            return cur
+        if cur.op != "call_function" or cur.target not in _REPEAT_PATH:
+            raise PassError(PASS, "cannot find the per-KV-head keys/values behind the attention's GQA repeat",
+                            node=node.name)
+        cur = cur.args[0]
+
+
+def _scale(site) -> float:
+    node = site.node
+    scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
+    return float(scale) if scale is not None else 1.0 / math.sqrt(site.head_dim)
+
+
+def attention_layers(graph) -> list:
+    """The attention sites a KV cache applies to, in layer order, checked for what the rewrite supports."""
+    sites = graph.analysis("attention_sites")
+    if not sites:
+        raise PassError(PASS, "the graph has no attention: there is no KV cache to rewrite")
+    for site in sites:
+        if site.kind != "sdpa":
+            raise PassError(PASS, f"layer {site.layer} computes attention explicitly (matmul-softmax-matmul); "
+                                  "the KV rewrite needs scaled_dot_product_attention", node=site.node.name)
+        if not site.is_causal:
+            what = "a mask that is not plainly causal (sliding window or padding)" if site.mask is not None else \
+                "no causal mask: an encoder-only model, whose tokens all see each other, has no KV cache to reuse"
+            raise PassError(PASS, f"attention of layer {site.layer} has {what}", node=site.node.name)
+        dropout = site.node.args[4] if len(site.node.args) > 4 else site.node.kwargs.get("dropout_p", 0.0)
+        if dropout:
+            raise PassError(PASS, f"attention of layer {site.layer} applies dropout {dropout}", node=site.node.name)
+    return sorted(sites, key=lambda s: s.layer)
+
+
+def _copy(gm: torch.fx.GraphModule):
+    g = torch.fx.Graph()
+    env: dict = {}
+    out = g.graph_copy(gm.graph, env)
+    return g, env, out
+
+
+def _replace_positions(g: torch.fx.Graph, env: dict, source: torch.fx.Graph, seq, positions) -> int:
+    """Point every position root (arange over the sequence, cumsum of ones along it) at `positions`."""
+    replaced, known = 0, set(g.nodes)
+    for node in source.nodes:
+        if node.op != "call_function":
+            continue
+        val = _val(node)
+        if not isinstance(val, torch.Tensor):
+            continue
+        new = env[node]
+        if node.target in _ARANGE and val.dim() == 1 and _same_size(val.shape[0], seq):
+            start = node.args[0] if node.target != aten.arange.default else 0
+            with g.inserting_before(new.next):
+                rep = g.call_function(aten.add.Tensor, (positions, start)) if start else positions
+                rep = g.call_function(aten._to_copy.default, (rep,), {"dtype": val.dtype})
+        elif (node.target == aten.cumsum.default and val.dim() >= 1 and _same_size(val.shape[-1], seq)
+              and node.args[1] in (-1, val.dim() - 1) and isinstance(node.args[0], torch.fx.Node)
+              and node.args[0].target in _CONSTANT_FILLS and _fill_value(node.args[0]) == 1):
+            # cumsum of ones along the tokens is position + 1 (OPT's learned positions)
+            with g.inserting_before(new.next):
+                plus = g.call_function(aten.add.Tensor, (positions, 1))
+                rep = g.call_function(aten.mul.Tensor, (env[node.args[0]], plus))
+                rep = g.call_function(aten._to_copy.default, (rep,), {"dtype": val.dtype})
+        else:
+            continue
+        created = {n for n in rep.graph.nodes if n.op == "call_function" and n not in known}
+        new.replace_all_uses_with(rep, delete_user_cb=lambda user: user not in created)
+        known |= created
+        replaced += 1
+    return replaced
+
+
+def _fill_value(node):
+    if node.target in (aten.ones.default, aten.new_ones.default, aten.ones_like.default):
+        return 1
+    return node.args[1] if len(node.args) > 1 else None
+
+
+def _placeholder(g, after, name, val=None):
+    with g.inserting_after(after):
+        ph = g.placeholder(name)
+    if val is not None:
+        ph.meta["val"] = val
+    return ph
+
+
+def _finish(graph, g: torch.fx.Graph, outputs) -> torch.fx.GraphModule:
+    g.output(tuple(outputs))
+    eliminate_dead_code(SimpleNamespace(graph=g))
+    g.lint()
+    return torch.fx.GraphModule(graph.gm, g)
+
+
+def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: bool = False,
+                    ragged: bool = False) -> KVGraphs:
+    """The prefill and decode graphs of `graph` (see the module docstring)."""
+    sites = attention_layers(graph)
+    ids_index, seq = _ids_input(graph)
+    if len(graph.placeholders()) != 1:
+        raise PassError(PASS, "the KV graphs take token ids only; capture the model with input ids as its one input "
+                              f"(it has {len(graph.placeholders())} tensor inputs)")
+    layers, pre = [], []
+    for site in sites:
+        sdpa = site.node
+        k = _pre_repeat(sdpa.args[1], site.num_kv_heads)
+        v = _pre_repeat(sdpa.args[2], site.num_kv_heads)
+        kval, vval = _val(k), _val(v)
+        layers.append(KVLayer(site.layer, site.num_heads, site.num_kv_heads, int(kval.shape[-1]),
+                              int(vval.shape[-1]), _scale(site)))
+        pre.append((sdpa, k, v))
+
+    def common():
+        g, env, out = _copy(graph.gm)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        last = env[graph.placeholders()[-1]]
+        positions = _placeholder(g, last, "positions")
+        if not _replace_positions(g, env, graph.graph, seq, positions):
+            raise PassError(PASS, "found no position source (arange over the sequence) in the graph")
+        return g, env, out, positions
+
+    # prefill
+    g, env, out, positions = common()
+    extra, scores = [], []
+    for (sdpa, k, v), layer in zip(pre, layers):
+        extra += [env[k], env[v]]
+        if prefill_window is not None:
+            with g.inserting_after(env[sdpa]):
+                scores.append(g.call_function(torch.ops.prunus.attention_scores.default,
+                                              (env[sdpa.args[0]], env[k], prefill_window, layer.scale)))
+    prefill = _finish(graph, g, out + extra + scores)
+
+    # decode
+    g, env, out, positions = common()
+    after, extra, probs = positions, [], []
+    for i, ((sdpa, k, v), layer) in enumerate(zip(pre, layers)):
+        kp = after = _placeholder(g, after, f"k_past_{i}")
+        vp = after = _placeholder(g, after, f"v_past_{i}")
+        lengths = None
+        if ragged:
+            lengths = after = _placeholder(g, after, f"past_lengths_{i}")
+        new = env[sdpa]
+        with g.inserting_before(new):
+            args = (env[sdpa.args[0]], kp, vp, env[k], env[v], layer.scale, lengths)
+            if decode_probs:
+                both = g.call_function(torch.ops.prunus.decode_attention_scores.default, args)
+                att = g.call_function(operator.getitem, (both, 0))
+                probs.append(g.call_function(operator.getitem, (both, 1)))
+            else:
+                att = g.call_function(torch.ops.prunus.decode_attention.default, args)
+        new.replace_all_uses_with(att)
+        g.erase_node(new)
+        extra += [env[k], env[v]]
+    decode = _finish(graph, g, out + extra + probs)
+    return KVGraphs(prefill, decode, layers, len(out), prefill_window, decode_probs, ragged)
+
+

@@ -1,0 +1,86 @@
+"""Running the KV graphs: a decoder that threads an explicit, policy-managed cache through prefill/decode.
+
+`KVDecoder(graph)` has the `feed(ids) -> logits` / `cache_bytes()` interface of `prunus.eval.decode`'s
+decoders, so `prunus.generate`, `long_ppl`, `passkey` and `speed` run a KV policy unchanged. The first feed
+runs the prefill graph and lets the policy compress what it returns; every later feed runs the decode graph
+on the new tokens only, appends their entries and lets the policy evict down to its budget.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils import _pytree as pytree
+
+from prunus.passes.kv.policies import POLICIES, LayerCache, Policy
+from prunus.passes.kv.rewrite import KVGraphs, build_kv_graphs
+
+POLICY_KEYS = ("budget", "ratio", "sink", "window", "pool", "chunk", "reuse")
+
+
+def make_policy(spec: dict, num_layers: int) -> Policy:
+    cls = POLICIES[spec.get("policy", "full")]
+    return cls(num_layers=num_layers, **{k: spec[k] for k in POLICY_KEYS if k in spec})
+
+
+def kv_graphs(graph, spec: dict | None = None) -> tuple[KVGraphs, Policy]:
+    """The prefill/decode graphs for `graph` under `spec` (default: the graph's own), built once per version."""
+    spec = spec if spec is not None else (graph.kv or {"policy": "full"})
+    probe = make_policy(spec, 1)
+    key = ("kv_graphs", probe.prefill_window, probe.decode_probs)
+    graphs = graph.cached(key, lambda: build_kv_graphs(graph, prefill_window=probe.prefill_window,
+                                                       decode_probs=probe.decode_probs))
+    return graphs, make_policy(spec, len(graphs.layers))
+
+
+def _device(graph) -> torch.device:
+    for t in list(graph.gm.parameters()) + list(graph.gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class KVDecoder:
+    """Feeds tokens through the prefill graph once, then the decode graph, under the graph's KV policy."""
+
+    stream_chunk = 1
+
+    def __init__(self, graph, spec: dict | None = None):
+        self.graph = graph
+        self.graphs, self.policy = kv_graphs(graph, spec)
+        self.device = _device(graph)
+        self.caches: list[LayerCache] | None = None
+        self.position = 0
+
+    def _logits(self, outputs: list) -> torch.Tensor:
+        from prunus.eval.run import main_tensor
+
+        n = self.graphs.num_outputs
+        tree = pytree.tree_unflatten(outputs[:n], self.graph.out_spec) if self.graph.out_spec else outputs[0]
+        return main_tensor(tree, ("logits",)).float()
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.device)
+        t = ids.shape[1]
+        positions = torch.arange(self.position, self.position + t, device=self.device)
+        g, n_layers, n_out = self.graphs, len(self.graphs.layers), self.graphs.num_outputs
+        if self.caches is None:
+            out = list(g.prefill(ids, positions))
+            kv = out[n_out:n_out + 2 * n_layers]
+            scores = out[n_out + 2 * n_layers:] or None
+            b = ids.shape[0]
+            self.caches = [LayerCache(k, v, positions.expand(b, k.shape[1], t)) for k, v in zip(kv[0::2], kv[1::2])]
+            self.policy.after_prefill(self.caches, scores, t)
+        else:
+            flat = [x for c in self.caches for x in (c.k, c.v)]
+            out = list(g.decode(ids, positions, *flat))
+            kv = out[n_out:n_out + 2 * n_layers]
+            probs = out[n_out + 2 * n_layers:] or None
+            self.policy.after_step(self.caches, list(zip(kv[0::2], kv[1::2])), probs, self.position + t)
+        self.position += t
+        return self._logits(out)
+
+    def cache_bytes(self) -> int:
+        """Bytes of the keys and values the cache holds now (positions and scores are bookkeeping, not counted)."""
+        return sum(c.nbytes() for c in self.caches) if self.caches else 0
+
+    def cache_lengths(self) -> list[int]:
+        return [c.length for c in self.caches] if self.caches else []

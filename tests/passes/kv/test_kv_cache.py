@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+import prunus
+from prunus.passes.kv import KVDecoder
+from prunus.passes.kv.cache import KVCacheParams
+from prunus.passes.kv.policies import POLICIES
+from prunus.passes.kv.rewrite import build_kv_graphs
+
+DECODERS = ["llama", "mistral", "qwen2", "gpt2", "opt"]
+
+
+def _ids(model, b=2, s=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (b, s), generator=g)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_full_policy_decodes_exactly(tiny_models, arch):
+    model, ex = tiny_models(arch)
+    opt = prunus.optimize(model, passes="kv_cache", example_inputs=ex)
+    ids = _ids(model)
+    with torch.no_grad():
+        full = model(ids).logits
+    dec = KVDecoder(opt.graph)
+    got = [dec.feed(ids[:, :9]), dec.feed(ids[:, 9:12])] + [dec.feed(ids[:, i:i + 1]) for i in range(12, 24)]
+    torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert dec.cache_lengths() == [24] * len(dec.graphs.layers)
+    # greedy generation through the KV graphs is the original model's greedy output
+    assert torch.equal(prunus.generate(opt, ids[:, :10], 12), prunus.generate(model, ids[:, :10], 12))
+
+
+def test_graph_interfaces(tiny_models):
+    model, ex = tiny_models("llama")
+    opt = prunus.optimize(model, passes="kv_cache", example_inputs=ex)
+    g = build_kv_graphs(opt.graph, prefill_window=4, decode_probs=True)
+    n_layers = model.config.num_hidden_layers
+    kv, d = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    assert [p.name for p in g.prefill.graph.nodes if p.op == "placeholder"] == ["input_ids", "positions"]
+    names = [p.name for p in g.decode.graph.nodes if p.op == "placeholder"]
+    assert names[:2] == ["input_ids", "positions"] and len(names) == 2 + 2 * n_layers
+    out = g.prefill(_ids(model, s=7), torch.arange(7))
+    keys = out[g.num_outputs:g.num_outputs + 2 * n_layers]
+    assert all(tuple(k.shape) == (2, kv, 7, d) for k in keys)  # per KV head, before the GQA repeat
+    scores = out[g.num_outputs + 2 * n_layers:]
+    assert len(scores) == n_layers and tuple(scores[0].shape) == (2, kv, 7)
+    # the 4 observing queries spend one unit of attention per query head: 4 * heads per group
+    torch.testing.assert_close(scores[0].sum(-1), torch.full((2, kv), 4.0 * model.config.num_attention_heads / kv))
+    step = g.decode(_ids(model, s=1), torch.tensor([7]), *keys)
+    probs = step[g.num_outputs + 2 * n_layers:]
+    assert tuple(probs[0].shape) == (2, kv, 8)
+
+
+@pytest.fixture(scope="module")
+def llama_kv(tiny_models):
+    """tiny llama through kv_cache once; policies are tried on its graph with `_decoder`."""
+    model, ex = tiny_models("llama")
+    return model, prunus.optimize(model, passes="kv_cache", example_inputs=ex)
+
+
+def _decoder(opt, **params):
+    """A KV decoder for the graph under the policy `kv_cache(**params)` would record."""
+    return KVDecoder(opt.graph, KVCacheParams(**params).spec())
+
+
+def _run(dec, ids, new=16):
+    dec.feed(ids)
+    lengths = [dec.cache_lengths()]
+    for i in range(new):
+        dec.feed(ids[:, i % ids.shape[1]:i % ids.shape[1] + 1])
+        lengths.append(dec.cache_lengths())
+    return dec, lengths
+
+
+@pytest.mark.parametrize("policy", sorted(set(POLICIES) - {"full"}))
+def test_policies_bound_the_cache(llama_kv, policy):
+    model, opt = llama_kv
+    ids = _ids(model, s=40)
+    dec, lengths = _run(_decoder(opt, policy=policy, budget=20, sink=2, window=6), ids)
+    budgets = dec.policy.budgets
+    assert all(n <= b for step in lengths for n, b in zip(step, budgets))
+    assert lengths[0] == budgets  # the 40-token prompt was compressed to the budget at prefill end
+    full = KVDecoder(opt.graph)
+    full.feed(ids)
+    assert dec.cache_bytes() < full.cache_bytes() * 0.6
+    for cache in dec.caches:  # sinks and the recent window always survive
+        pos = cache.pos[0, 0]
+        assert set(range(2)) <= set(pos.tolist()) and set(range(56 - 6, 56)) <= set(pos.tolist())
+        assert torch.equal(pos, pos.sort().values)
+
+
+def test_streaming_keeps_sinks_and_recent(llama_kv):
+    model, opt = llama_kv
+    dec, _ = _run(_decoder(opt, policy="streaming", sink=3, window=9), _ids(model, s=30), new=5)
+    assert dec.policy.budget == 12
+    expected = list(range(3)) + list(range(35 - 9, 35))
+    assert all(c.pos[b, h].tolist() == expected for c in dec.caches for b in range(2) for h in range(c.pos.shape[1]))
+
+
+def test_snapkv_keeps_what_the_window_attends(llama_kv):
+    model, opt = llama_kv
+    ids = _ids(model, s=30)
+    dec = _decoder(opt, policy="snapkv", budget=12, sink=0, window=4, pool=1)
+    g = dec.graphs
+    out = g.prefill(ids, torch.arange(30))
+    scores = out[g.num_outputs + 2 * len(g.layers):]
+    dec.feed(ids)
+    for cache, s in zip(dec.caches, scores):
+        top = s[..., :26].topk(8, dim=-1).indices.sort(-1).values  # 8 best of the older entries + the window
+        expected = torch.cat([top, torch.arange(26, 30).expand(*top.shape[:2], 4)], dim=-1)
+        assert torch.equal(cache.pos, expected)
+
+
+def test_chunkkv_keeps_whole_chunks_shared_by_heads(llama_kv):
+    model, opt = llama_kv
+    dec = _decoder(opt, policy="chunkkv", budget=24, sink=0, window=4, chunk=5, reuse=2)
+    dec.feed(_ids(model, s=44))
+    for cache in dec.caches:
+        pos = cache.pos[0, 0].tolist()
+        older = [p for p in pos if p < 40]
+        assert all(p // 5 * 5 + j in older for p in older for j in range(5)), pos  # whole chunks of 5
+        assert torch.equal(cache.pos, cache.pos[:, :1].expand_as(cache.pos))  # every head the same chunks
+    assert torch.equal(dec.caches[0].pos, dec.caches[1].pos)  # layers 0 and 1 share one selection
+
+
+def test_pyramid_budgets_shrink_with_depth(llama_kv):
+    model, opt = llama_kv
+    dec = _decoder(opt, policy="pyramidkv", budget=40, sink=2, window=4)
+    dec.feed(_ids(model, s=60))
+    budgets = dec.policy.budgets
+    assert budgets[0] > budgets[-1] and sum(budgets) == pytest.approx(40 * len(budgets), abs=len(budgets))
+
+
+def test_budget_above_context_is_a_noop(tiny_models):
+    model, ex = tiny_models("llama")
+    opt = prunus.optimize(model, passes="kv_cache(policy=h2o, budget=64, sink=2, window=4)", example_inputs=ex)
+    assert any("nothing is evicted" in n for n in opt.report[-1].notes)
+    ids = _ids(model, s=20)
+    assert torch.equal(prunus.generate(opt, ids, 10), prunus.generate(model, ids, 10))
+
+
+def test_report_states_kv_bytes(tiny_models):
+    model, ex = tiny_models("llama")
+    opt = prunus.optimize(model, passes="kv_cache(policy=streaming, budget=256, sink=4, window=32)",
+                          example_inputs=ex)
+    record = opt.report[-1]
+    cfg = model.config
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads * 4
+    assert record.kv_bytes_before == per_token
+    assert record.kv_bytes_after == round(per_token * 256 / 4096)  # stated at a 4096-token context
+    _, stats = prunus.generate(opt, _ids(model, s=300), 3, return_stats=True)
+    assert stats["kv_bytes"] == 2 * 256 * per_token  # batch 2, budget 256 entries
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("kv_cache(policy=h2o, budget=10, sink=4, window=8)", "below sink \\+ window"),
+    ("kv_cache(policy=snapkv)", "needs a budget"),
+    ("kv_cache(policy=full, budget=64)", "keeps every entry"),
+    ("kv_cache(policy=h2o, budget=64, ratio=0.5)", "at most one"),
+    ("kv_cache(policy=nope)", "accepted"),
+])
+def test_spec_errors(spec, match):
+    with pytest.raises(prunus.SpecError, match=match):
+        prunus.passes.build_pipeline(spec)
+
+
+def test_encoder_is_rejected(tiny_models):
+    model, ex = tiny_models("bert")
+    with pytest.raises(prunus.PassError, match="encoder"):
+        prunus.optimize(model, passes="kv_cache", example_inputs=ex)
