@@ -174,7 +174,7 @@ class DropTokens(Pass):
             raise PassError(self.name, f"layer {scored} has no attention site to score tokens with")
         point = _stream(graph, spans[indices[0]][0] if p.method == "gemfilter" else spans[scored][1], self.name)
         region = (ge.descendants(point) - {point}) | {graph.output_node()}
-        em = ge.Emitter(graph, tag={"layer": layer})
+        em = ge.Emitter(graph, point.meta["val"].device, tag={"layer": layer})
         length = em.size(point, 1)
         batch = graph.analysis("sequence_flow").batch
         if p.method == "tome":

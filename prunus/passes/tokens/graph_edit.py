@@ -27,8 +27,9 @@ FORCED = 1e30  # score of sink / protected tokens; the last position gets +inf s
 class Emitter:
     """Creates call_function nodes (placed before the output; `toposort` orders them afterwards)."""
 
-    def __init__(self, graph, tag: dict | None = None):
+    def __init__(self, graph, device: torch.device, tag: dict | None = None):
         self.g = graph.graph
+        self.device = device
         self.anchor = graph.output_node()
         self.tag = tag or {}
         self.created: set[torch.fx.Node] = set()
@@ -39,6 +40,10 @@ class Emitter:
         node.meta["prunus_tokens"] = dict(self.tag)
         self.created.add(node)
         return node
+
+    def arange(self, length) -> torch.fx.Node:
+        """int64 positions 0..length-1 on the graph's device."""
+        return self(aten.arange.start, 0, length, dtype=torch.int64, device=self.device)
 
     def size(self, node: torch.fx.Node, dim: int):
         """The size of `node`'s dim as a graph value: an int if static, else a `sym_size` node."""
@@ -61,7 +66,7 @@ def kept_count(em: Emitter, length, keep: float):
 
 def priority(em: Emitter, scores: torch.fx.Node, length, sink: int, protect_last: int) -> torch.fx.Node:
     """Scores with the first `sink` and last `protect_last` positions forced in (the very last above all)."""
-    pos = em(aten.arange.start, 0, length, dtype=torch.int64)
+    pos = em.arange(length)
     rev = em(aten.flip.default, pos, [0])  # rev[p] = length - 1 - p
     forced = em(aten.bitwise_or.Tensor, em(aten.lt.Scalar, pos, sink), em(aten.lt.Scalar, rev, protect_last))
     scores = em(aten.masked_fill.Scalar, scores, forced, FORCED)

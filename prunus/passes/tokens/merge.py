@@ -69,12 +69,12 @@ def tome(em: ge.Emitter, point: torch.fx.Node, site, length, ratio: float, sink:
     dim = int(keys.meta["val"].shape[-1])
     x = em(aten._to_copy.default, point, dtype=torch.float32)
     sizes = em(aten.ones_like.default, em(aten.select.int, x, 2, 0))
-    pos = em(aten.arange.start, 0, length, dtype=torch.int64)
+    pos = em.arange(length)
     kept = em(aten.expand.default, em(aten.unsqueeze.default, pos, 0), [em.size(point, 0), -1])
     n = length
     for keep in _rounds(ratio):
         r = _merged(n, sink, keep, em)
-        pos = em(aten.arange.start, 0, n, dtype=torch.int64)
+        pos = em.arange(n)
         rev = em(aten.flip.default, pos, [0])
         in_a = em(aten.bitwise_and.Tensor, em(aten.eq.Scalar, em(aten.remainder.Scalar, pos, 2), 1),
                   em(aten.bitwise_and.Tensor, em(aten.ge.Scalar, pos, sink), em(aten.gt.Scalar, rev, 0)))

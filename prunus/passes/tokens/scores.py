@@ -65,7 +65,7 @@ def attention_probs(em: Emitter, site, queries: str, window: int, length) -> tor
         else:
             logits = em(aten.add.Tensor, logits, em(aten._to_copy.default, rows, dtype=torch.float32))
     if ops["is_causal"]:
-        pos = em(aten.arange.start, 0, length, dtype=torch.int64)
+        pos = em.arange(length)
         qpos = em(aten.unsqueeze.default, _rows(em, pos, 0, queries, window), 1)
         future = em(aten.gt.Tensor, em(aten.unsqueeze.default, pos, 0), qpos)
         logits = em(aten.masked_fill.Scalar, logits, future, -math.inf)
