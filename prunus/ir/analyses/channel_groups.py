@@ -1,7 +1,8 @@
 """Channel groups: which weight rows and columns must be removed together (DepGraph; "Structurally Prune
 Anything", SPA).
 
-A group is a set of prunable *units* (MLP neurons, or attention heads / GQA KV groups) shared by producers
+A group is a set of prunable *units* (MLP neurons, attention heads / GQA KV groups, query heads inside KV
+groups, or channels of the hidden dimension) shared by producers
 (matmuls whose output channels hold the units, with their biases) and consumers (matmuls whose input
 channels read them). Groups are found by walking the graph forward from the producers and tracking, for
 every node on the way, which tensor axis carries the units: through pointwise ops (act, gate * up, RoPE,
@@ -9,6 +10,10 @@ dropout, casts), views, transposes, the GQA expand/reshape and attention itself.
 size `units x width`, so after keeping `k` of `n` units each shape literal on that axis (in view, reshape,
 expand, split) scales to `old // n * k`; `literals` lists them so the pruning machinery rewrites them
 instead of patching by hand, and shape re-propagation checks the result.
+
+The hidden dimension is one group spanning the whole residual stream: embeddings and every projection that
+writes into a residual add produce it, norm weights and biases scale it elementwise, every projection reading
+a (normalized) hidden state consumes it, and the reductions of RMS/LayerNorm-style norms run over it.
 """
 from __future__ import annotations
 
@@ -52,6 +57,9 @@ class ChannelGroup:
     literals: list = field(default_factory=list, repr=False)  # (node, arg position, list position or None)
     heads_per_unit: int = 1  # query heads one unit stands for (n_rep under GQA)
     site: object = field(default=None, repr=False)  # the AttentionSite of a heads group
+    elementwise: list = field(default_factory=list)  # hidden: norm weights/biases, units along `dim`
+    reductions: list = field(default_factory=list, repr=False)  # hidden: mean nodes over the unit axis
+    per_kv_group: int = 1  # query_heads: units split into this many KV groups, each keeping as many
 
     @property
     def members(self) -> list[Member]:
@@ -63,6 +71,11 @@ class ChannelGroups:
     mlp: list[ChannelGroup]
     heads: list[ChannelGroup]
     unsupported: list[tuple[str, str, str]]  # (kind, node, reason) of groups that cannot be pruned
+    hidden: list[ChannelGroup] = field(default_factory=list)  # at most one: the residual stream's width
+    # why the hidden width cannot be pruned; apart from `unsupported` because an encoder returning its hidden
+    # states (which no pass may reshape) is a normal model, not a gap in the analysis
+    hidden_unsupported: list[tuple[str, str, str]] = field(default_factory=list)
+    query_heads: list[ChannelGroup] = field(default_factory=list)  # GQA: query heads inside KV groups
 
 
 class Untrackable(Exception):
@@ -327,6 +340,136 @@ def _mlp_groups(graph, unsupported) -> list[ChannelGroup]:
     return groups
 
 
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}
+_LAYER_NORM = {aten.layer_norm.default}
+
+
+class _HiddenWalk(_Walk):
+    """The walk over the residual stream: operands that vary along the hidden axis are either norm parameters
+    (sliced elementwise) or the outputs of projections/embeddings writing into it (more producers); a
+    reduction over the axis with keepdim ends the path (the norm's statistic)."""
+
+    def __init__(self, graph, units: int):
+        super().__init__(graph, units)
+        self.producers: list = []
+        self.elementwise: list = []  # (get_attr, dim)
+        self.reductions: list = []
+
+    def grow(self, starts: list) -> None:
+        pending = list(starts)
+        while pending:
+            self.producers.extend(pending)
+            self.run_more({p: len(_val(p).shape) - 1 for p in pending})
+            pending = [p for p in self._writers() if p not in self.producers]
+
+    def run_more(self, starts: dict) -> None:
+        queue = list(starts.items())
+        while queue:
+            node, ax = queue.pop(0)
+            if node in self.axis:
+                if self.axis[node] != ax:
+                    raise Untrackable(node, "reached along two different axes")
+                continue
+            self.axis[node] = ax
+            for user in list(node.users):
+                nxt = self._step(node, user, ax)
+                if nxt is not None:
+                    queue.extend(nxt)
+
+    def _step(self, src, node, ax):
+        t = node.target
+        if t in _REDUCTIONS:
+            dims = [d % len(_val(src).shape) for d in node.args[1]]
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            if dims != [ax] or not keepdim or t != aten.mean.dim:
+                raise Untrackable(node, "a reduction over the hidden axis other than a norm's mean(keepdim=True)")
+            self.reductions.append(node)
+            return None
+        if t in _LAYER_NORM:
+            if src is not node.args[0] or ax != len(_val(src).shape) - 1 or len(node.args[1]) != 1:
+                raise Untrackable(node, "layer_norm over more than the hidden axis")
+            self._literal(node, 1, 0)
+            for a in node.args[2:4]:
+                if isinstance(a, torch.fx.Node):
+                    self._param(node, a, 0)
+            return [(node, ax)]
+        if t == aten.embedding.default:
+            raise Untrackable(node, "hidden states index an embedding")
+        if t == aten._assert_tensor_metadata.default:  # checks dtype/device, which slicing keeps
+            return None
+        return super()._step(src, node, ax)
+
+    def _param(self, node, a, dim) -> None:
+        if a.op != "get_attr" or not self.graph.is_parameter(a):
+            raise Untrackable(node, f"operand '{a.name}' varies along the hidden axis and is not a parameter")
+        if (a, dim) not in self.elementwise:
+            self.elementwise.append((a, dim))
+
+    def _writers(self) -> list:
+        """Projection/embedding outputs that other operands of tracked pointwise ops come from; params recorded."""
+        found = []
+        for node, ax in list(self.axis.items()):
+            if node.op != "call_function" or not (isinstance(node.target, torch._ops.OpOverload)
+                                                  and torch.Tag.pointwise in node.target.tags):
+                continue
+            rank = len(_val(node).shape)
+            for a in node.all_input_nodes:
+                val = _val(a)
+                if a in self.axis or not isinstance(val, torch.Tensor):
+                    continue
+                pos = ax - (rank - val.dim())
+                if pos < 0 or val.shape[pos] == 1:
+                    continue
+                if a.op == "get_attr":
+                    self._param(node, a, pos)
+                    continue
+                w = _writer(self.graph, a)
+                if w is None:
+                    raise Untrackable(node, f"operand '{a.name}' varies along the hidden axis and does not come "
+                                            "from a projection or an embedding")
+                if w not in found:
+                    found.append(w)
+        return found
+
+
+def _writer(graph, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The projection (weight as a direct operand) or embedding whose output `node` is, through casts and views."""
+    while node.op == "call_function" and (node.target in _CASTS or node.target in _VIEWS):
+        node = node.args[0]
+    if node.op != "call_function":
+        return None
+    if node.target == aten.embedding.default and graph.is_parameter(node.args[0]):
+        return node
+    if weight_of(graph, node) is not None and _weight_dims(graph, node) is not None:
+        return node
+    return None
+
+
+def _hidden_group(graph) -> ChannelGroup:
+    embeds = [n for n in graph.graph.nodes if n.op == "call_function" and n.target == aten.embedding.default
+              and graph.is_parameter(n.args[0])]
+    if not embeds:
+        raise Untrackable(graph.output_node(), "no token embedding starts the residual stream")
+    width = int(_val(embeds[0]).shape[-1])
+    walk = _HiddenWalk(graph, width)
+    walk.grow(embeds[:1])
+    index = torch.arange(width).unsqueeze(1)
+    prods = []
+    for p in walk.producers:
+        if p.target == aten.embedding.default:
+            prods.append(Member(p, p.args[0], 1, index))
+        else:
+            w, out_dim, _, bias = _weight_dims(graph, p)
+            prods.append(Member(p, w, out_dim, index, bias))
+    cons = []
+    for c in walk.consumers:
+        w, _, in_dim, bias = _weight_dims(graph, c)
+        cons.append(Member(c, w, in_dim, index, bias))
+    elementwise = [Member(next(iter(a.users)), a, dim, index) for a, dim in walk.elementwise]
+    return ChannelGroup("hidden", -1, "", width, prods, cons, walk.literals, elementwise=elementwise,
+                        reductions=walk.reductions)
+
+
 def _fused_split(graph, proj: torch.fx.Node) -> torch.fx.Node:
     """The split node that separates q, k and v after a fused projection."""
     n = proj
@@ -391,4 +534,9 @@ def channel_groups(graph) -> ChannelGroups:
             heads.append(_heads_group(graph, site))
         except Untrackable as e:
             unsupported.append(("heads", e.node.name, e.reason))
-    return ChannelGroups(mlp, heads, unsupported)
+    hidden, hidden_unsupported = [], []
+    try:
+        hidden.append(_hidden_group(graph))
+    except Untrackable as e:
+        hidden_unsupported.append(("hidden", e.node.name, e.reason))
+    return ChannelGroups(mlp, heads, unsupported, hidden, hidden_unsupported=hidden_unsupported)

@@ -1,5 +1,5 @@
 """Structured pruning: channel-group importance, allocation and weight surgery, and layer removal (issue 4)."""
 from prunus.passes.prune.layers import PruneLayers
-from prunus.passes.prune.structured import PruneHeads, PruneMLP
+from prunus.passes.prune.structured import PruneHeads, PruneHidden, PruneMLP
 
-__all__ = ["PruneHeads", "PruneLayers", "PruneMLP"]
+__all__ = ["PruneHeads", "PruneHidden", "PruneLayers", "PruneMLP"]

@@ -1,9 +1,14 @@
-"""`prune_mlp` and `prune_heads`: score the units of every channel group, allocate, and cut the weights.
+"""`prune_mlp`, `prune_heads` and `prune_hidden`: score the units of every channel group, allocate, and cut the weights.
 
 Importance criteria and allocation rules are plug-ins over the `channel_groups` analysis (DepGraph / SPA
 style grouping): magnitude, wanda (structured Wanda, Sun et al. 2023), flap (An et al., AAAI 2024, with
 bias compensation) and taylor (LLM-Pruner, Ma et al. 2023). The pruned graph is physically smaller: fewer
 parameters and FLOPs, and it saves, reloads and exports like any other graph.
+
+`prune_hidden` slices channels of the residual stream (the hidden width) without rotating it first: SliceGPT
+(Ashkboos et al., ICLR 2024) deletes principal directions after a PCA rotation; here the channels themselves
+are scored (magnitude of every weight reading or writing them, or wanda/flap/taylor over the projections that
+read them) and removed from embeddings, projections and norms together.
 """
 from __future__ import annotations
 
@@ -64,7 +69,8 @@ class _StructuredPrune(Pass):
         found = graph.analysis("channel_groups")
         groups = getattr(found, self.group_kind)
         if not groups:
-            why = "; ".join(f"{node}: {reason}" for kind, node, reason in found.unsupported if kind == self.group_kind)
+            why = "; ".join(f"{node}: {reason}" for kind, node, reason in found.unsupported + found.hidden_unsupported
+                            if kind == self.group_kind)
             raise PassError(self.name, f"no prunable {self.unit} group found" + (f" ({why})" if why else ""))
         compensate = p.compensate if p.compensate is not None else p.importance == "flap"
         evidence = Evidence()
@@ -132,3 +138,16 @@ class PruneHeads(_StructuredPrune):
 
     def _count(self, groups, units: int) -> int:
         return units * groups[0].heads_per_unit
+
+
+@register
+class PruneHidden(_StructuredPrune):
+    """Remove channels of the hidden dimension (residual stream) from embeddings, projections and norms."""
+
+    name = "prune_hidden"
+    Params = PruneMLPParams
+    unit = "channel"
+    group_kind = "hidden"
+
+    def _round_to(self) -> int:
+        return self.params.round_to

@@ -22,22 +22,30 @@ def _owner(graph, target: str):
 
 
 def _check_private(graph, node: torch.fx.Node, users: set, pass_name: str) -> None:
-    """A pruned parameter must be read only by its group's matmuls and live under one name (not tied)."""
+    """A pruned parameter must be read only by its group's matmuls, under one name in the graph (not tied)."""
     if not graph.is_parameter(node):
         raise PassError(pass_name, f"'{node.target}' is not a parameter, so it cannot be sliced", node=node.name)
     others = [u.name for u in node.users if u not in users]
     if others:
         raise PassError(pass_name, f"weight '{node.target}' is also read by {others}; pruning it would change "
                                    "them too", node=node.name)
-    value = graph.get_attr_value(node)
-    tied = [n for n, p in graph.gm.named_parameters(remove_duplicate=False) if p is value and n != node.target]
+    read = {n.target for n in graph.graph.nodes if n.op == "get_attr" and n.users}
+    tied = [n for n in _aliases(graph, node) if n in read]
     if tied:
         raise PassError(pass_name, f"weight '{node.target}' is tied to {tied}", node=node.name)
 
 
+def _aliases(graph, node: torch.fx.Node) -> list[str]:
+    """Other names of the same parameter (a tied embedding); the graph reads at most one of them."""
+    value = graph.get_attr_value(node)
+    return [n for n, p in graph.gm.named_parameters(remove_duplicate=False) if p is value and n != node.target]
+
+
 def _replace(graph, node: torch.fx.Node, value: torch.Tensor) -> None:
-    mod, attr = _owner(graph, node.target)
-    mod._parameters[attr] = torch.nn.Parameter(value.contiguous(), requires_grad=False)
+    new = torch.nn.Parameter(value.contiguous(), requires_grad=False)
+    for target in [node.target, *_aliases(graph, node)]:  # aliases the graph does not read stay tied to it
+        mod, attr = _owner(graph, target)
+        mod._parameters[attr] = new
 
 
 def _select(graph, node, dim: int, idx: torch.Tensor) -> torch.Tensor:
@@ -80,25 +88,54 @@ def _add_bias(graph, member: Member, delta: torch.Tensor, pass_name: str) -> Non
 
 def prune_group(graph, group: ChannelGroup, keep: torch.Tensor, pass_name: str,
                 means: dict | None = None) -> None:
-    """Keep units `keep` (ascending) of `group`; with `means` (consumer node -> input mean), compensate."""
+    """Keep units `keep` (ascending) of `group`; with `means` (consumer node -> input mean), compensate.
+
+    A weight shared by several members (a tied embedding and output head reading the hidden dimension) is
+    sliced once, and only when every member cuts it the same way."""
     n, k = group.units, len(keep)
     if k == n:
         return
     removed = torch.tensor(sorted(set(range(n)) - set(keep.tolist())), dtype=torch.long)
-    for m in group.members:
-        _check_private(graph, m.weight, {p.node for p in group.members}, pass_name)
+    sliced: dict = {}  # get_attr -> (dim, channels)
+
+    def cut(node, dim, idx):
+        if node in sliced:
+            if sliced[node][0] != dim or not torch.equal(sliced[node][1], idx):
+                raise PassError(pass_name, f"weight '{node.target}' is shared by members that prune it differently",
+                                node=node.name)
+            return
+        sliced[node] = (dim, idx)
+        _replace(graph, node, _select(graph, node, dim, idx))
+
+    users = {m.node for m in group.members + group.elementwise}
+    for m in group.members + group.elementwise:
+        _check_private(graph, m.weight, users, pass_name)
+    deltas = {m: compensation(graph, m, removed, means[m.node]) for m in group.consumers} if means else {}
     for m in group.producers:
         idx = _channels(m, keep)
-        _replace(graph, m.weight, _select(graph, m.weight, m.dim, idx))
+        cut(m.weight, m.dim, idx)
         if m.bias is not None:
             _check_private(graph, m.bias, {m.node}, pass_name)
-            _replace(graph, m.bias, _select(graph, m.bias, 0, idx))
+            cut(m.bias, 0, idx)
     for m in group.consumers:
-        if means is not None:
-            _add_bias(graph, m, compensation(graph, m, removed, means[m.node]), pass_name)
-        _replace(graph, m.weight, _select(graph, m.weight, m.dim, _channels(m, keep)))
+        if m in deltas:
+            _add_bias(graph, m, deltas[m], pass_name)
+        cut(m.weight, m.dim, _channels(m, keep))
+    for m in group.elementwise:
+        cut(m.weight, m.dim, _channels(m, keep))
     for node, arg, pos in group.literals:
         _rewrite_literal(node, arg, pos, n, k, pass_name)
+    for node in group.reductions:
+        _rescale_mean(graph, node, k / n)
+
+
+def _rescale_mean(graph, node: torch.fx.Node, factor: float) -> None:
+    """mean over the kept channels * k/n = the sum over them / n: the statistic of the original width with the
+    removed channels reading zero, so a norm whose removed inputs carry nothing computes what it did."""
+    with graph.graph.inserting_after(node):
+        scaled = graph.graph.call_function(aten.mul.Tensor, (node, factor))
+    scaled.meta = dict(node.meta)
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
 
 
 def _scaled(value: int, n: int, k: int, node, pass_name: str) -> int:
