@@ -1,6 +1,15 @@
-"""Capture a model into a `Graph` with torch.export (non-strict), batch and sequence dims dynamic."""
+"""Capture a model into a `Graph` with torch.export (non-strict), batch and sequence dims dynamic.
+
+SDPA is traced with its efficient-attention and cuDNN backends disabled. The graph records the
+backend-agnostic `scaled_dot_product_attention` op either way (the kernel is chosen when the graph runs),
+but tracing runs the chosen backend on symbolic sizes: on CUDA a masked SDPA would go to efficient
+attention, which pads the [b, 1, s, s] mask to an aligned stride, and the modulo guards that adds make
+export specialise the sequence length to the example's (pytorch/pytorch#124502). Flash attention refuses
+masks before looking at sizes, and it is what CPU tracing uses, so CPU graphs are unchanged.
+"""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import traceback
@@ -8,12 +17,20 @@ import traceback
 import torch
 import torch.fx
 from torch.export import Dim
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from prunus.errors import CaptureError
 from prunus.ir.graph import Graph, InputInfo
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@contextlib.contextmanager
+def _tracing():
+    """The context every export here runs in: no autograd, SDPA through flash or math (see the module docstring)."""
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def _fixed_kwargs(model: torch.nn.Module) -> dict:
@@ -86,7 +103,7 @@ def capture(model: torch.nn.Module, example_inputs) -> Graph:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with _tracing():
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - every capture failure becomes one typed error
         first = (str(e).strip().splitlines() or [""])[0][:400]
@@ -139,5 +156,5 @@ def graph_from_exported(ep: torch.export.ExportedProgram, *, in_spec, leaf_is_te
 def reexport(graph: Graph) -> torch.export.ExportedProgram:
     """Export the graph's flat GraphModule again (for saving), keeping its dynamic dims."""
     dyn = tuple({d: Dim.AUTO for d in info.dynamic} for info in graph.inputs)
-    with torch.no_grad():
+    with _tracing():
         return torch.export.export(graph.gm, tuple(graph.example_inputs), dynamic_shapes=dyn, strict=False)

@@ -51,7 +51,7 @@ def _classify(mask: torch.Tensor) -> str | None:
     lq, lk = attend.shape[-2], attend.shape[-1]
     if bool(attend.all()):
         return "full"
-    causal = torch.ones(lq, lk, dtype=torch.bool).tril()
+    causal = torch.ones(lq, lk, dtype=torch.bool, device=attend.device).tril()
     if lq == lk and bool((attend == causal).all()):
         return "causal"
     return None
@@ -67,7 +67,8 @@ def _probe_sizes(nodes: set, upper: int) -> list[int]:
 
 
 def _evaluate(graph, nodes: set, masks: list, seq: int) -> list:
-    """Run the sub-graph that computes `masks` with inputs of sequence length `seq` (batch 2)."""
+    """Run the sub-graph that computes `masks` with inputs of sequence length `seq` (batch 2), each on its
+    example input's device (the graph's factory ops name that device, and the default device may differ)."""
     sub = torch.fx.Graph()
     env = {}
     for n in graph.graph.nodes:
@@ -79,10 +80,11 @@ def _evaluate(graph, nodes: set, masks: list, seq: int) -> list:
     for ph, info in zip(graph.placeholders(), graph.inputs):
         if ph not in nodes:
             continue
-        shape = list(graph.example_inputs[graph.placeholders().index(ph)].shape)
+        example = graph.example_inputs[graph.placeholders().index(ph)]
+        shape = list(example.shape)
         for dim, name in info.dynamic.items():
             shape[dim] = 2 if name == "batch" else seq
-        inputs.append(torch.zeros(shape, dtype=info.dtype))
+        inputs.append(torch.zeros(shape, dtype=info.dtype, device=example.device))
     with torch.no_grad():
         return list(module(*inputs))
 
