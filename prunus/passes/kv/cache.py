@@ -17,6 +17,7 @@ from prunus.errors import PassError
 from prunus.passes.base import Pass, PassResult, param
 from prunus.passes.cleanup.simplify_masks import SimplifyMasks, shape_only_ancestors
 from prunus.passes.kv.policies import POLICIES, Policy
+from prunus.passes.kv.quantized import quantized_bytes
 from prunus.passes.kv.rewrite import attention_layers
 from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy
 from prunus.passes.registry import register
@@ -64,14 +65,14 @@ class KVCacheParams:
         return out
 
 
+def _cache_elem(site) -> int:
+    val = site.node.args[1].meta.get("val")
+    return val.element_size() if isinstance(val, torch.Tensor) else 4
+
+
 def _layer_bytes(graph) -> list[int]:
     """Cache bytes per token of context of every attention layer (keys + values, full cache)."""
-    out = []
-    for site in graph.analysis("attention_sites"):
-        val = site.node.args[1].meta.get("val")
-        elem = val.element_size() if isinstance(val, torch.Tensor) else 4
-        out.append(2 * site.num_kv_heads * site.head_dim * elem)
-    return out
+    return [2 * site.num_kv_heads * site.head_dim * _cache_elem(site) for site in graph.analysis("attention_sites")]
 
 
 def _size_only(mask) -> bool:
@@ -80,7 +81,8 @@ def _size_only(mask) -> bool:
 
 
 def kv_bytes_per_token(graph, context: int = REFERENCE_CONTEXT) -> int | None:
-    """Cache bytes per token of a `context`-token prompt under the graph's policy; None without a causal cache."""
+    """Cache bytes per token of a `context`-token prompt under the graph's policy (and `kv_quant`'s storage, as
+    the cache holds it after prefill); None without a causal cache."""
     try:
         sites = graph.analysis("attention_sites")
     except Exception:  # noqa: BLE001 - a graph the analysis cannot read has no cache to report
@@ -88,9 +90,15 @@ def kv_bytes_per_token(graph, context: int = REFERENCE_CONTEXT) -> int | None:
     if not sites or not all(s.is_causal or _size_only(s.mask) for s in sites):
         return None
     per_layer = _layer_bytes(graph)
-    policy: Policy = make_policy(graph.kv or {"policy": "full"}, len(per_layer))
+    spec = graph.kv or {"policy": "full"}
+    policy: Policy = make_policy(spec, len(per_layer))
     budgets = policy.layer_budgets(context)
     kept = [context if b is None else min(b, context) for b in budgets]
+    if spec.get("quant"):
+        sites = sorted(sites, key=lambda s: s.layer)
+        total = sum(quantized_bytes(n, s.num_kv_heads, s.head_dim, s.head_dim, _cache_elem(s), spec["quant"])
+                    for s, n in zip(sites, kept))
+        return round(total / context)
     return round(sum(p * k for p, k in zip(per_layer, kept)) / context)
 
 
@@ -132,6 +140,8 @@ class KVCache(Pass):
                 raise PassError(self.name, f"the decode graph does not reproduce the full forward (relative error "
                                            f"{err:.3g}): a position-dependent op escaped the rewrite")
             notes.append(f"prefill + decode reproduce the full forward (relative error {err:.1e})")
+        if graph.kv and "quant" in graph.kv:  # kv_quant ran first: keep its storage
+            spec["quant"] = graph.kv["quant"]
         kv_graphs(graph, spec)  # the policy's variant (with scores) builds too
         graph.kv = spec
         full = sum(_layer_bytes(graph))

@@ -58,11 +58,23 @@ class LayerCache:
     def keep(self, idx: torch.Tensor) -> None:
         """Keep entries `idx` [b, hk, m] (any order; stored sorted by position)."""
         idx = idx.sort(dim=-1).values
-        self.k = self.k.gather(2, idx[..., None].expand(*idx.shape, self.k.shape[-1]))
-        self.v = self.v.gather(2, idx[..., None].expand(*idx.shape, self.v.shape[-1]))
+        self.k, self.v = gather_rows(self.k, idx), gather_rows(self.v, idx)
         self.pos = self.pos.gather(2, idx)
         if self.score is not None:
             self.score = self.score.gather(2, idx)
+
+    def shrink(self, ranked: torch.Tensor, budget: int) -> None:
+        """Keep the `budget` entries ranked highest (`ranked` [b, hk, n]: scores, inf where protected)."""
+        self.keep(ranked.topk(budget, dim=-1).indices)
+
+    def graph_inputs(self) -> tuple:
+        """The tensors the decode graph takes for this layer's cache."""
+        return self.k, self.v
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` [b, hk, m] of x [b, hk, n, c] along the sequence dim."""
+    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
 class Policy:
@@ -123,8 +135,7 @@ class Policy:
         if cache.length <= budget:
             return
         protected = (cache.pos < self.sink) | (cache.pos >= position - self.window)
-        ranked = cache.score.masked_fill(protected, float("inf"))
-        cache.keep(ranked.topk(budget, dim=-1).indices)
+        cache.shrink(cache.score.masked_fill(protected, float("inf")), budget)
 
 
 class Full(Policy):

@@ -11,6 +11,10 @@ its weights (the attributes are the same tensors):
   ..., [probs_0, ...])`: the same layers on the new tokens only; each attention becomes
   `torch.ops.prunus.decode_attention` over the cache plus the new entries, which the graph returns for the
   caller to append (the cache is a plain tensor list that a policy can gather, evict or quantize).
+- quantized decode (`quant={"bits", "group_size", ...}`, for `kv_quant`): the same, but each layer's past is
+  the KIVI-style cache of `prunus.kernels.kv_quant` as eight inputs `(k_q_i, k_scale_i, k_min_i, v_q_i,
+  v_scale_i, v_min_i, k_res_i, v_res_i)` (packed codes, their scales and minimums, the full-precision
+  residual), read by `torch.ops.prunus.decode_attention_quantized(_scores)` without a dequantized copy.
 
 Positions: the captured graph derives token positions from the sequence length (`arange(seq)` for RoPE
 tables and learned position embeddings, `cumsum(ones)` in OPT). Those roots are replaced by the explicit
@@ -30,8 +34,9 @@ import torch
 import torch.fx
 
 from prunus.errors import PassError
-from prunus.kernels import decode_attention  # noqa: F401  (registers torch.ops.prunus.decode_attention*)
+from prunus.kernels import decode_attention, kv_quant  # noqa: F401  (registers torch.ops.prunus.decode_attention*)
 from prunus.passes.cleanup.dce import eliminate_dead_code
+from prunus.passes.kv import quantized  # noqa: F401  (registers torch.ops.prunus.decode_attention_quantized_scores)
 
 aten = torch.ops.aten
 PASS = "kv_cache"
@@ -63,6 +68,7 @@ class KVGraphs:
     prefill_window: int | None = None  # the prefill graph appends scores of this many last queries
     decode_probs: bool = False  # the decode graph appends each layer's attention probabilities
     ragged: bool = False  # the decode graph takes per-head valid lengths of the cache
+    quant: dict | None = None  # the decode graph takes quantized caches (bits, group_size)
     notes: list = field(default_factory=list)
 
 
@@ -184,9 +190,14 @@ def _finish(graph, g: torch.fx.Graph, outputs) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(graph.gm, g)
 
 
+_QUANTIZED_INPUTS = ("k_q", "k_scale", "k_min", "v_q", "v_scale", "v_min", "k_res", "v_res")
+
+
 def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: bool = False,
-                    ragged: bool = False) -> KVGraphs:
+                    ragged: bool = False, quant: dict | None = None) -> KVGraphs:
     """The prefill and decode graphs of `graph` (see the module docstring)."""
+    if quant is not None and ragged:
+        raise PassError(PASS, "a quantized cache is rectangular: it cannot be combined with per-head (ragged) lengths")
     sites = attention_layers(graph)
     ids_index, seq = _ids_input(graph)
     if len(graph.placeholders()) != 1:
@@ -226,24 +237,33 @@ def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: b
     g, env, out, positions = common()
     after, extra, probs = positions, [], []
     for i, ((sdpa, k, v), layer) in enumerate(zip(pre, layers)):
-        kp = after = _placeholder(g, after, f"k_past_{i}")
-        vp = after = _placeholder(g, after, f"v_past_{i}")
-        lengths = None
-        if ragged:
-            lengths = after = _placeholder(g, after, f"past_lengths_{i}")
         new = env[sdpa]
-        with g.inserting_before(new):
+        if quant is None:
+            kp = after = _placeholder(g, after, f"k_past_{i}")
+            vp = after = _placeholder(g, after, f"v_past_{i}")
+            lengths = None
+            if ragged:
+                lengths = after = _placeholder(g, after, f"past_lengths_{i}")
             args = (env[sdpa.args[0]], kp, vp, env[k], env[v], layer.scale, lengths)
+            ops = (torch.ops.prunus.decode_attention_scores.default, torch.ops.prunus.decode_attention.default)
+        else:
+            past = []
+            for name in _QUANTIZED_INPUTS:
+                past.append(after := _placeholder(g, after, f"{name}_{i}"))
+            args = (env[sdpa.args[0]], *past, env[k], env[v], layer.scale, quant["bits"], quant["group_size"])
+            ops = (torch.ops.prunus.decode_attention_quantized_scores.default,
+                   torch.ops.prunus.decode_attention_quantized.default)
+        with g.inserting_before(new):
             if decode_probs:
-                both = g.call_function(torch.ops.prunus.decode_attention_scores.default, args)
+                both = g.call_function(ops[0], args)
                 att = g.call_function(operator.getitem, (both, 0))
                 probs.append(g.call_function(operator.getitem, (both, 1)))
             else:
-                att = g.call_function(torch.ops.prunus.decode_attention.default, args)
+                att = g.call_function(ops[1], args)
         new.replace_all_uses_with(att)
         g.erase_node(new)
         extra += [env[k], env[v]]
     decode = _finish(graph, g, out + extra + probs)
-    return KVGraphs(prefill, decode, layers, len(out), prefill_window, decode_probs, ragged)
+    return KVGraphs(prefill, decode, layers, len(out), prefill_window, decode_probs, ragged, quant)
 
 

@@ -3,7 +3,9 @@
 `KVDecoder(graph)` has the `feed(ids) -> logits` / `cache_bytes()` interface of `prunus.eval.decode`'s
 decoders, so `prunus.generate`, `long_ppl`, `passkey` and `speed` run a KV policy unchanged. The first feed
 runs the prefill graph and lets the policy compress what it returns; every later feed runs the decode graph
-on the new tokens only, appends their entries and lets the policy evict down to its budget.
+on the new tokens only, appends their entries and lets the policy evict down to its budget. Under `kv_quant`
+(`spec["quant"]`) each layer's cache is a `QuantizedLayerCache`: prefill entries are evicted in full precision,
+then all but the most recent are quantized; the decode graph reads the packed cache.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from prunus.passes.kv.policies import POLICIES, LayerCache, Policy
+from prunus.passes.kv.quantized import QuantizedLayerCache
 from prunus.passes.kv.rewrite import KVGraphs, build_kv_graphs
 
 POLICY_KEYS = ("budget", "ratio", "sink", "window", "pool", "chunk", "reuse")
@@ -24,10 +27,11 @@ def make_policy(spec: dict, num_layers: int) -> Policy:
 def kv_graphs(graph, spec: dict | None = None) -> tuple[KVGraphs, Policy]:
     """The prefill/decode graphs for `graph` under `spec` (default: the graph's own), built once per version."""
     spec = spec if spec is not None else (graph.kv or {"policy": "full"})
-    probe = make_policy(spec, 1)
-    key = ("kv_graphs", probe.prefill_window, probe.decode_probs)
+    probe, quant = make_policy(spec, 1), spec.get("quant")
+    key = ("kv_graphs", probe.prefill_window, probe.decode_probs,
+           quant and (quant["bits"], quant["group_size"]))
     graphs = graph.cached(key, lambda: build_kv_graphs(graph, prefill_window=probe.prefill_window,
-                                                       decode_probs=probe.decode_probs))
+                                                       decode_probs=probe.decode_probs, quant=quant))
     return graphs, make_policy(spec, len(graphs.layers))
 
 
@@ -45,6 +49,7 @@ class KVDecoder:
     def __init__(self, graph, spec: dict | None = None):
         self.graph = graph
         self.graphs, self.policy = kv_graphs(graph, spec)
+        self.quant = (spec if spec is not None else graph.kv or {}).get("quant")
         self.device = _device(graph)
         self.caches: list[LayerCache] | None = None
         self.position = 0
@@ -67,19 +72,30 @@ class KVDecoder:
             kv = out[n_out:n_out + 2 * n_layers]
             scores = out[n_out + 2 * n_layers:] or None
             b = ids.shape[0]
-            self.caches = [LayerCache(k, v, positions.expand(b, k.shape[1], t)) for k, v in zip(kv[0::2], kv[1::2])]
+            self.caches = [self._layer_cache(k, v, positions.expand(b, k.shape[1], t))
+                           for k, v in zip(kv[0::2], kv[1::2])]
             self.policy.after_prefill(self.caches, scores, t)
         else:
-            flat = [x for c in self.caches for x in (c.k, c.v)]
+            flat = [x for c in self.caches for x in c.graph_inputs()]
             out = list(g.decode(ids, positions, *flat))
             kv = out[n_out:n_out + 2 * n_layers]
             probs = out[n_out + 2 * n_layers:] or None
             self.policy.after_step(self.caches, list(zip(kv[0::2], kv[1::2])), probs, self.position + t)
+        if self.quant:
+            for cache in self.caches:
+                cache.flush()
         self.position += t
         return self._logits(out)
 
+    def _layer_cache(self, k, v, pos):
+        if self.quant:
+            return QuantizedLayerCache(k, v, pos, bits=self.quant["bits"], group_size=self.quant["group_size"],
+                                       residual=self.quant["residual"])
+        return LayerCache(k, v, pos)
+
     def cache_bytes(self) -> int:
-        """Bytes of the keys and values the cache holds now (positions and scores are bookkeeping, not counted)."""
+        """Bytes of the keys and values the cache holds now (packed codes, scales and minimums under kv_quant;
+        positions and scores are bookkeeping, not counted)."""
         return sum(c.nbytes() for c in self.caches) if self.caches else 0
 
     def cache_lengths(self) -> list[int]:
