@@ -11,7 +11,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import prunus
-from prunus.codegen.onnx import export_onnx
+from prunus.codegen.onnx import export_kv_onnx, export_onnx
 from prunus.codegen.triton import inline_fused, load_kernels, save_kernels
 from prunus.errors import ArtifactError, CaptureError, SpecError
 from prunus.ir.capture import capture, graph_from_exported
@@ -61,7 +61,8 @@ class OptimizedModel:
 
     # ---- artifact ----------------------------------------------------------------------------
     def save(self, directory: str, *, onnx: bool = False) -> str:
-        """Write the artifact directory atomically: program.pt2, pipeline.json, optionally model.onnx."""
+        """Write the artifact directory atomically: program.pt2, pipeline.json, optionally model.onnx (and, for a
+        model through `kv_cache`, prefill.onnx and decode.onnx, which `prunus.codegen.onnx.OrtKVDecoder` runs)."""
         directory = os.path.abspath(directory)
         parent = os.path.dirname(directory)
         os.makedirs(parent, exist_ok=True)
@@ -74,6 +75,8 @@ class OptimizedModel:
             save_kernels(self.graph.gm, tmp)  # kernels/<key>.py for every fused call
             if onnx:
                 export_onnx(inline_fused(self.graph), os.path.join(tmp, "model.onnx"))
+                if self.graph.kv is not None:
+                    export_kv_onnx(self.graph, tmp)
             if self.snapshots:
                 os.makedirs(os.path.join(tmp, "ir"))
                 for label, snapshot in self.snapshots:
@@ -111,6 +114,7 @@ class OptimizedModel:
             "inputs": [{"name": i.name, "rank": i.rank, "dtype": str(i.dtype).removeprefix("torch."),
                         "dynamic": {str(k): v for k, v in i.dynamic.items()}} for i in g.inputs],
             "example_shapes": [list(x.shape) for x in g.example_inputs],
+            "kv": g.kv,  # the KV policy decoding applies (kv_cache / kv_quant), None without one
             "versions": {"prunus": prunus.__version__, "torch": torch.__version__},
         }
 
@@ -162,6 +166,7 @@ def load(path: str) -> OptimizedModel:
                 for shape, i in zip(manifest["example_shapes"], manifest["inputs"])]
     graph = graph_from_exported(ep, in_spec=in_spec, leaf_is_tensor=manifest["leaf_is_tensor"], dynamic=dims,
                                 example_inputs=examples, out_spec=out_spec, history=manifest.get("passes", []))
+    graph.kv = manifest.get("kv")  # absent in artifacts written before KV policies were saved
     from prunus.passes.manager import PassRecord
 
     report = [PassRecord(**r) for r in manifest.get("report", [])]

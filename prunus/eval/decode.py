@@ -12,6 +12,9 @@ the model gives at the fed positions. Three kinds exist:
   once, then its decode graph on new tokens only, with the cache as explicit tensors that the graph's
   policy compresses. `greedy`, `passkey`, `long_ppl` and `speed` run it unchanged, which is what makes a
   KV policy (eviction, quantized entries) show in their numbers.
+
+Anything else with a `kv_decoder()` method hands out its own decoder: `prunus.codegen.onnx.OrtKVDecoder`
+(the KV graphs in onnxruntime) is passed as the model that way.
 """
 from __future__ import annotations
 
@@ -70,7 +73,10 @@ class PrefixDecoder:
 
 def decoder(model):
     """A fresh decoder for `model`: its KV graphs when `kv_cache` gave it some, its own KV cache when its
-    forward has one, else prefix re-runs."""
+    forward has one, else prefix re-runs. A model with a `kv_decoder()` method makes its own."""
+    make = getattr(model, "kv_decoder", None)
+    if callable(make):
+        return make()
     graph = getattr(model, "graph", None)
     if getattr(graph, "kv", None) is not None:
         from prunus.passes.kv.runtime import KVDecoder

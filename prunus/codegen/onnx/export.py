@@ -26,8 +26,6 @@ def _failed_op(e: BaseException) -> str:
 
 def export_onnx(graph, path: str, *, check: bool = True, opset: int | None = None) -> str:
     """Write `graph` to `path` as ONNX (atomically), check it, and compare onnxruntime with PyTorch."""
-    import onnx
-
     input_names = [info.name for info in graph.inputs]
     output_names = graph.output_names()
     directory = os.path.dirname(os.path.abspath(path))
@@ -35,28 +33,39 @@ def export_onnx(graph, path: str, *, check: bool = True, opset: int | None = Non
     large = sum(p.numel() * p.element_size() for p in graph.gm.parameters()) > EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(dir=directory, prefix=".prunus-onnx-") as tmp:
         tmp_path = os.path.join(tmp, os.path.basename(path))
-        try:
-            with warnings.catch_warnings(), _quiet_exporter():
-                warnings.simplefilter("ignore")
-                # Exporting the (cached) ExportedProgram skips a second trace of the model.
-                program = torch.onnx.export(
-                    graph.exported(), dynamo=True, input_names=input_names,
-                    custom_translation_table=translation_table(), output_names=output_names, opset_version=opset, verbose=False,
-                    external_data=large, optimize=True)
-                program.save(tmp_path, external_data=large)
-        except Exception as e:  # noqa: BLE001 - every lowering failure becomes one typed error
-            raise ExportError(f"ONNX lowering failed at {_failed_op(e)}: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
-        try:
-            onnx.checker.check_model(tmp_path, full_check=False)
-        except Exception as e:  # noqa: BLE001
-            raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
+        # Exporting the (cached) ExportedProgram skips a second trace of the model.
+        lower_program(graph.exported(), tmp_path, input_names, output_names, external_data=large, opset=opset)
         if check:
             check_parity(graph, tmp_path, graph.example_inputs)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(directory, name if name != os.path.basename(tmp_path)
                                                              else os.path.basename(path)))
     return path
+
+
+def lower_program(program, path: str, input_names: list[str], output_names: list[str], *,
+                  external_data: bool = False, opset: int | None = None, metadata: dict | None = None) -> None:
+    """ExportedProgram -> ONNX file at `path` (prunus ops through `translation_table`), checked by
+    `onnx.checker`; `metadata` goes into the model's metadata_props. Every failure is an ExportError."""
+    import onnx
+
+    try:
+        with warnings.catch_warnings(), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(
+                program, dynamo=True, input_names=input_names, custom_translation_table=translation_table(),
+                output_names=output_names, opset_version=opset, verbose=False, external_data=external_data,
+                optimize=True)
+            for key, value in (metadata or {}).items():
+                onnx_program.model.metadata_props[key] = value
+            onnx_program.save(path, external_data=external_data)
+    except Exception as e:  # noqa: BLE001 - every lowering failure becomes one typed error
+        raise ExportError(f"ONNX lowering failed at {_failed_op(e)}: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+    try:
+        onnx.checker.check_model(path, full_check=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
 
 
 class _quiet_exporter:
@@ -86,15 +95,19 @@ def run_onnx(path: str, inputs: list[torch.Tensor], input_names: list[str]) -> l
 def check_parity(graph, path: str, inputs: list[torch.Tensor], atol: float = 1e-3) -> float:
     """Largest |onnxruntime - PyTorch| over the outputs, relative to the output scale; raises ExportError."""
     names = [info.name for info in graph.inputs]
-    got = run_onnx(path, inputs, names)
-    want = graph.run_flat(list(inputs))
+    return compare_outputs(graph.output_names(), run_onnx(path, inputs, names), graph.run_flat(list(inputs)), atol)
+
+
+def compare_outputs(names: list[str], got: list[np.ndarray], want: list[torch.Tensor], atol: float = 1e-3,
+                    where: str = "") -> float:
+    """Largest |got - want| relative to each output's scale; an ExportError above `atol` or on a shape mismatch."""
     worst = 0.0
-    for name, g, w in zip(graph.output_names(), got, want):
+    for name, g, w in zip(names, got, want):
         w = w.detach().float().numpy()
         if g.shape != w.shape:
-            raise ExportError(f"output '{name}' has shape {g.shape} in onnxruntime but {w.shape} in PyTorch")
+            raise ExportError(f"{where}output '{name}' has shape {g.shape} in onnxruntime but {w.shape} in PyTorch")
         err = float(np.abs(g.astype(np.float64) - w).max()) if w.size else 0.0
         worst = max(worst, err / max(1.0, float(np.abs(w).max())))
     if worst > atol:
-        raise ExportError(f"onnxruntime output differs from PyTorch by {worst:.3g} (relative), above {atol}")
+        raise ExportError(f"{where}onnxruntime output differs from PyTorch by {worst:.3g} (relative), above {atol}")
     return worst

@@ -6,6 +6,10 @@
   slower on the CPU at both 1 and 256 rows unless it also quantizes activations, which breaks parity.)
 - linear_w8a8 -> per-token symmetric int8 activations (the reference op's rule exactly) + MatMulInteger
 - linear_fp8  -> DequantizeLinear of the e4m3 weight + MatMul
+- decode_attention / decode_attention_scores / attention_scores (the KV graphs) -> a decomposition that
+  follows the references in `prunus.kernels.decode_attention` step for step: the query heads of each KV
+  group stacked as rows (row = head_in_group * t + i), one MatMul against the concatenated cache, the
+  causal offset as a Where mask, an fp32 Softmax, and probabilities summed over the group's rows.
 """
 from __future__ import annotations
 
@@ -103,6 +107,75 @@ def linear_w8a8(x, qweight, scales, smooth, bias):
     return _bias(y, bias)
 
 
+_FLOAT = onnxscript.ir.DataType.FLOAT
+
+
+def _i64(*values):
+    return op.Constant(value_ints=list(values))
+
+
+def _dim(x, axis: int):
+    """Size of `x` along `axis` as an int64 scalar (dynamic sizes stay symbolic)."""
+    return op.Squeeze(op.Shape(x, start=axis, end=axis + 1), _i64(0))
+
+
+def _grouped_probs(q, k, hk: int, d: int, scale: float, visible):
+    """Softmax(q k^T * scale) over the keys `visible` lets each row see, with q's heads stacked per KV
+    group: q [b, h, t, d], k [b, hk, m, d] -> probabilities fp32 [b, hk, (h // hk) * t, m]."""
+    qg = op.Reshape(op.Cast(q, to=_FLOAT), _i64(0, hk, -1, d))
+    logits = op.Mul(op.MatMul(qg, op.Transpose(op.Cast(k, to=_FLOAT), perm=[0, 1, 3, 2])),
+                    op.Constant(value_float=scale))
+    return op.Softmax(op.Where(visible, logits, op.Constant(value_float=float("-inf"))), axis=-1)
+
+
+def _row_positions(rows, count, offset):
+    """Position of every stacked query row: `offset + row mod count` (rows cycle through the tokens)."""
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    return op.Add(op.Mod(op.Range(zero, rows, one), count), offset)
+
+
+def _decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths):
+    h, hk, dv = q.shape[1], k_past.shape[1], v_past.shape[3]
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    n, t = _dim(k_past, 2), _dim(q, 2)
+    k = op.Concat(k_past, k_new, axis=2)
+    v = op.Cast(op.Concat(v_past, v_new, axis=2), to=_FLOAT)
+    # new token i (at n + i) sees every cached entry and the new entries up to itself: j <= n + i
+    seen = _row_positions(op.Mul(t, op.Constant(value_int=h // hk)), t, n)
+    j = op.Range(zero, op.Add(n, t), one)
+    visible = op.LessOrEqual(op.Unsqueeze(j, _i64(0)), op.Unsqueeze(seen, _i64(1)))
+    if past_lengths is not None:
+        # a ragged cache: head (b, g) holds only its first past_lengths[b, g] cached entries
+        held = op.Or(op.Less(j, op.Unsqueeze(op.Cast(past_lengths, to=onnxscript.ir.DataType.INT64), _i64(-1))),
+                     op.GreaterOrEqual(j, n))
+        visible = op.And(visible, op.Unsqueeze(held, _i64(2)))
+        v = op.Where(op.Unsqueeze(held, _i64(3)), v, op.Constant(value_float=0.0))
+    probs = _grouped_probs(q, k, hk, q.shape[3], scale, visible)
+    out = op.CastLike(op.Reshape(op.MatMul(probs, v), _i64(0, h, -1, dv)), q)
+    return out, probs
+
+
+def decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths=None):
+    return _decode_attention(q, k_past, v_past, k_new, v_new, scale, past_lengths)[0]
+
+
+def decode_attention_scores(q, k_past, v_past, k_new, v_new, scale: float, past_lengths=None):
+    out, probs = _decode_attention(q, k_past, v_past, k_new, v_new, scale, past_lengths)
+    return out, op.ReduceSum(probs, _i64(2), keepdims=0)
+
+
+def attention_scores(q, k, window: int, scale: float):
+    # the last min(window, s) queries (Slice clamps the start); row i of them sits at position s - w + i
+    h, hk, d = q.shape[1], k.shape[1], q.shape[3]
+    last = op.Slice(q, _i64(-window), _i64(2 ** 62), _i64(2))
+    w, s = _dim(last, 2), _dim(k, 2)
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    seen = _row_positions(op.Mul(w, op.Constant(value_int=h // hk)), w, op.Sub(s, w))
+    j = op.Range(zero, s, one)
+    visible = op.LessOrEqual(op.Unsqueeze(j, _i64(0)), op.Unsqueeze(seen, _i64(1)))
+    return op.ReduceSum(_grouped_probs(last, k, hk, d, scale, visible), _i64(2), keepdims=0)
+
+
 def translation_table() -> dict:
     import torch
 
@@ -110,4 +183,6 @@ def translation_table() -> dict:
 
     p = torch.ops.prunus
     return {p.linear_int4.default: linear_int4, p.linear_int8.default: linear_int8,
-            p.linear_w8a8.default: linear_w8a8, p.linear_fp8.default: linear_fp8}
+            p.linear_w8a8.default: linear_w8a8, p.linear_fp8.default: linear_fp8,
+            p.decode_attention.default: decode_attention, p.decode_attention_scores.default: decode_attention_scores,
+            p.attention_scores.default: attention_scores}

@@ -1,0 +1,198 @@
+"""ONNX export of a `kv_cache` model's prefill and decode graphs, and a decoder that runs them in onnxruntime.
+
+`export_kv_onnx(graph, directory)` writes `prefill.onnx` and `decode.onnx`: the graphs of
+`prunus.passes.kv.rewrite` with dynamic batch, sequence and per-layer past length, positions as an input,
+and the prunus attention ops lowered by `translations.py`. Each file carries what a runtime needs in its
+metadata (`prunus.kv`: the policy, the layers, where the logits are), so the directory alone is enough.
+
+`OrtKVDecoder(directory)` is `prunus.passes.kv.KVDecoder` with onnxruntime sessions in place of the fx
+graphs: the same feed loop and the same Python policy between steps (numpy <-> torch at the session
+boundary), so `prunus.generate(OrtKVDecoder(dir), ids)` and `prunus.eval` run a KV policy over ONNX Runtime.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from prunus.codegen.onnx.export import EXTERNAL_DATA_BYTES, compare_outputs, lower_program, run_onnx
+from prunus.errors import ArtifactError, SpecError
+from prunus.passes.kv.rewrite import KVGraphs, KVLayer
+from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy
+
+KV_FILES = ("prefill.onnx", "decode.onnx")
+METADATA_KEY = "prunus.kv"
+# Example sizes of the export: all distinct, so no two dynamic dimensions are taken for one symbol.
+EXAMPLE_BATCH, PREFILL_TOKENS, DECODE_TOKENS, FIRST_PAST = 2, 7, 3, 5
+
+
+def _names(graphs: KVGraphs, output_names: list[str]) -> dict:
+    layers = range(len(graphs.layers))
+    kv_out = [f"{kind}_{i}" for i in layers for kind in ("k", "v")]
+    placeholders = {name: [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+                    for name, gm in (("prefill", graphs.prefill), ("decode", graphs.decode))}
+    return {
+        "prefill_inputs": placeholders["prefill"],
+        "prefill_outputs": output_names + kv_out + ([f"scores_{i}" for i in layers] if graphs.prefill_window else []),
+        "decode_inputs": placeholders["decode"],
+        "decode_outputs": output_names + kv_out + ([f"probs_{i}" for i in layers] if graphs.decode_probs else []),
+    }
+
+
+def _logits_index(graph) -> int:
+    """Which flat output KVDecoder reads as logits (the `logits` field of a structured output, else the first)."""
+    from prunus.eval.run import main_tensor
+
+    n = len(graph.output_names())
+    marks = [torch.empty(0) for _ in range(n)]
+    tree = pytree.tree_unflatten(marks, graph.out_spec) if graph.out_spec is not None else marks
+    picked = main_tensor(tree, ("logits",))
+    return next(i for i, m in enumerate(marks) if m is picked)
+
+
+def _examples(graphs: KVGraphs, vocab_ids: torch.Tensor):
+    """Example inputs of both graphs: a prefill of PREFILL_TOKENS, then DECODE_TOKENS new tokens over a cache
+    whose length differs per layer (FIRST_PAST + layer), taken from that prefill's real keys and values."""
+    ids = vocab_ids.reshape(-1)
+    n_layers = len(graphs.layers)
+    longest = FIRST_PAST + n_layers - 1
+    total = longest + DECODE_TOKENS
+    tokens = ids[torch.arange(EXAMPLE_BATCH * max(total, PREFILL_TOKENS)) % ids.numel()]
+    tokens = tokens.reshape(EXAMPLE_BATCH, -1)
+    prefill = (tokens[:, :PREFILL_TOKENS], torch.arange(PREFILL_TOKENS))
+    with torch.no_grad():
+        out = graphs.prefill(tokens[:, :longest], torch.arange(longest))
+    kv = out[graphs.num_outputs:graphs.num_outputs + 2 * n_layers]
+    past = [x[:, :, :FIRST_PAST + i // 2] for i, x in enumerate(kv)]
+    decode = (tokens[:, longest:total], torch.arange(longest, total), *past)
+    return prefill, decode
+
+
+def _dynamic(args) -> tuple:
+    """Batch and sequence of the ids, the positions' length, batch and length of every cache tensor."""
+    ids, positions, *past = args
+    return ({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO}, *({0: Dim.AUTO, 2: Dim.AUTO} for _ in past))
+
+
+def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bool = True) -> list[str]:
+    """Write `prefill.onnx` and `decode.onnx` for `graph` under its KV policy (or `spec`) into `directory`
+    (atomically), each checked against PyTorch in onnxruntime; returns their paths."""
+    from prunus.codegen.triton import inline_fused
+
+    spec = spec if spec is not None else graph.kv
+    if spec is None:
+        raise SpecError("the graph has no KV policy: run the kv_cache pass before exporting its prefill/decode graphs")
+    source = inline_fused(graph)
+    graphs, _ = kv_graphs(source, spec)
+    names = _names(graphs, source.output_names())
+    meta = {"spec": spec, "layers": [dataclasses.asdict(layer) for layer in graphs.layers],
+            "num_outputs": graphs.num_outputs, "logits": _logits_index(source),
+            "prefill_window": graphs.prefill_window, "decode_probs": graphs.decode_probs, **names}
+    examples = dict(zip(("prefill", "decode"), _examples(graphs, source.example_inputs[0])))
+    large = sum(p.numel() * p.element_size() for p in source.gm.parameters()) > EXTERNAL_DATA_BYTES
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".prunus-onnx-") as tmp:
+        for which, file in zip(("prefill", "decode"), KV_FILES):
+            gm, args = getattr(graphs, which), examples[which]
+            with torch.no_grad():
+                program = torch.export.export(gm, args, dynamic_shapes=_dynamic(args), strict=False)
+            path = os.path.join(tmp, file)
+            lower_program(program, path, names[f"{which}_inputs"], names[f"{which}_outputs"], external_data=large,
+                          metadata={METADATA_KEY: json.dumps(meta)})
+            if check:
+                with torch.no_grad():
+                    want = list(gm(*args))
+                got = run_onnx(path, list(args), names[f"{which}_inputs"])
+                compare_outputs(names[f"{which}_outputs"], got, want, where=f"{file}: ")
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    return [os.path.join(directory, f) for f in KV_FILES]
+
+
+class _Session:
+    """An onnxruntime session called like the fx graph it came from: torch tensors in, torch tensors out."""
+
+    def __init__(self, path: str, input_names: list[str], providers=None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
+        self.input_names = input_names
+        # an input the graph never reads (positions, in a model without position-dependent ops) is not in the file
+        self.declared = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        feed = {name: np.ascontiguousarray(t.detach().cpu().numpy())
+                for name, t in zip(self.input_names, tensors) if name in self.declared}
+        return [torch.from_numpy(x) for x in self.session.run(None, feed)]
+
+
+class OrtKVDecoder(KVDecoder):
+    """`KVDecoder` over onnxruntime sessions of `prefill.onnx` / `decode.onnx` in `directory` (an artifact
+    saved with `onnx=True`, or a directory `export_kv_onnx` wrote). `spec` overrides the saved policy, where
+    the exported graphs report the scores it needs.
+
+    Used as a model, it hands `prunus.generate` / `prunus.eval` a fresh decoder per sequence (`kv_decoder()`,
+    sharing the sessions); called on ids, it returns the logits of their prefill."""
+
+    def __init__(self, directory: str, spec: dict | None = None, *, providers=None, _shared=None):
+        if _shared is None:
+            _shared = self._open(directory, providers)
+        self._shared = directory, _shared
+        meta, prefill, decode = _shared
+        spec = dict(spec if spec is not None else meta["spec"])
+        probe = make_policy(spec, 1)
+        if probe.prefill_window is not None and probe.prefill_window != meta["prefill_window"]:
+            raise SpecError(f"policy {spec.get('policy')} scores the prefill over the last {probe.prefill_window} "
+                            f"queries, but {KV_FILES[0]} reports {meta['prefill_window']}: export it for this policy")
+        if probe.decode_probs and not meta["decode_probs"]:
+            raise SpecError(f"policy {spec.get('policy')} reads each decode step's attention, which {KV_FILES[1]} "
+                            "does not report: export it for this policy")
+        layers = [KVLayer(**layer) for layer in meta["layers"]]
+        self.spec = spec
+        self.quant = spec.get("quant")
+        self.graph = None
+        self.graphs = KVGraphs(prefill, decode, layers, meta["num_outputs"], meta["prefill_window"],
+                               meta["decode_probs"])
+        self.policy = make_policy(spec, len(layers))
+        self.device = torch.device("cpu")
+        self.caches = None
+        self.position = 0
+        self.logits_index = meta["logits"]
+
+    @staticmethod
+    def _open(directory: str, providers):
+        paths = [os.path.join(directory, f) for f in KV_FILES]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise ArtifactError(f"{directory} lacks {', '.join(os.path.basename(p) for p in missing)}: save a "
+                                "kv_cache model with onnx=True (or run export_kv_onnx) to get the KV graphs")
+        import onnx
+
+        try:
+            proto = onnx.load(paths[0], load_external_data=False)
+            meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+        except (KeyError, ValueError, OSError) as e:
+            raise ArtifactError(f"{paths[0]} has no readable '{METADATA_KEY}' metadata: not written by prunus "
+                                f"({type(e).__name__}: {e})") from e
+        return (meta, _Session(paths[0], meta["prefill_inputs"], providers),
+                _Session(paths[1], meta["decode_inputs"], providers))
+
+    def _logits(self, outputs: list) -> torch.Tensor:
+        return outputs[self.logits_index].float()
+
+    def kv_decoder(self) -> OrtKVDecoder:
+        """A fresh decoder (empty cache, position 0) over the same sessions and policy."""
+        directory, shared = self._shared
+        return OrtKVDecoder(directory, self.spec, _shared=shared)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.kv_decoder().feed(ids)

@@ -1,0 +1,149 @@
+"""The KV graphs in ONNX: translations of the attention ops, prefill.onnx / decode.onnx in the artifact, and
+greedy generation over onnxruntime against PyTorch (policy full and snapkv with a budget, tiny llama)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.export import Dim
+
+import prunus
+from prunus.codegen.onnx import OrtKVDecoder, run_onnx
+from prunus.codegen.onnx.export import lower_program
+from prunus.kernels.decode_attention import attention_scores_reference, decode_attention_reference
+from prunus.passes.kv import KVDecoder
+
+PIPELINE = "kv_cache(policy=snapkv, budget=12, sink=2, window=4)"
+SCALE = 0.3
+
+
+@pytest.fixture(scope="module")
+def kv_artifact(tiny_models, tmp_path_factory):
+    """The tiny llama through kv_cache (snapkv, budget 12) saved with ONNX once for the module."""
+    model, ex = tiny_models("llama")
+    opt = prunus.optimize(model, PIPELINE, example_inputs=ex)
+    path = opt.save(str(tmp_path_factory.mktemp("kv") / "art"), onnx=True)
+    return model, opt, path
+
+
+def _ids(b, s, seed):
+    return torch.randint(0, 256, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def test_artifact_holds_prefill_and_decode_graphs(kv_artifact):
+    import onnx
+
+    model, opt, path = kv_artifact
+    assert {"model.onnx", "prefill.onnx", "decode.onnx", "pipeline.json"} <= set(os.listdir(path))
+    assert json.load(open(os.path.join(path, "pipeline.json")))["kv"] == opt.graph.kv
+    layers = model.config.num_hidden_layers
+    prefill = onnx.load(os.path.join(path, "prefill.onnx"))
+    assert [i.name for i in prefill.graph.input] == ["input_ids", "positions"]
+    decode = onnx.load(os.path.join(path, "decode.onnx"))
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    inputs = {i.name: dims(i) for i in decode.graph.input}
+    assert list(inputs)[:4] == ["input_ids", "positions", "k_past_0", "v_past_0"] and len(inputs) == 2 + 2 * layers
+    assert all(isinstance(d, str) for d in inputs["input_ids"])  # batch and new tokens are dynamic
+    assert isinstance(inputs["k_past_0"][2], str) and inputs["k_past_0"][1:4:2] == [2, 16]
+    assert inputs["k_past_0"][2] != inputs["k_past_1"][2]  # every layer's past length is its own
+    outputs = [o.name for o in decode.graph.output]
+    assert outputs[-3 * layers:] == [f"{k}_{i}" for i in range(layers) for k in "kv"] + \
+        [f"probs_{i}" for i in range(layers)]
+    assert [o.name for o in prefill.graph.output][-layers:] == [f"scores_{i}" for i in range(layers)]
+
+
+def test_ort_steps_match_pytorch_at_new_shapes(kv_artifact):
+    """Batch 3, a 17-token prefill, a 2-token chunk, then single tokens: logits and the evicted cache agree."""
+    _, opt, path = kv_artifact
+    ort, ref = OrtKVDecoder(path), KVDecoder(opt.graph)
+    ids = _ids(3, 24, seed=3)
+    for chunk in (ids[:, :17], ids[:, 17:19], *ids[:, 19:].split(1, dim=1)):
+        got, want = ort.feed(chunk), ref.feed(chunk)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert ort.cache_lengths() == ref.cache_lengths() and max(ort.cache_lengths()) <= 12
+        assert ort.cache_bytes() == ref.cache_bytes()
+        for a, b in zip(ort.caches, ref.caches):
+            assert torch.equal(a.pos, b.pos)  # the policy kept the same entries
+
+
+def test_greedy_over_ort_equals_pytorch(kv_artifact):
+    model, _, path = kv_artifact
+    ids = _ids(2, 20, seed=1)
+    full = OrtKVDecoder(path, {"policy": "full"})
+    assert torch.equal(prunus.generate(full, ids, 16), prunus.generate(model, ids, 16))
+    loaded = prunus.load(path)  # the reloaded artifact decodes under its saved policy (snapkv, budget 12)
+    want, want_stats = prunus.generate(loaded, ids, 16, return_stats=True)
+    got, stats = prunus.generate(OrtKVDecoder(path), ids, 16, return_stats=True)
+    assert torch.equal(got, want)
+    _, full_stats = prunus.generate(full, ids, 16, return_stats=True)
+    assert stats["kv_bytes"] == want_stats["kv_bytes"] < full_stats["kv_bytes"]
+    # called as a model, the decoder returns the prefill's logits
+    torch.testing.assert_close(OrtKVDecoder(path)(ids), model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_ort_decoder_errors(kv_artifact, tmp_path):
+    _, _, path = kv_artifact
+    with pytest.raises(prunus.ArtifactError, match="prefill.onnx"):
+        OrtKVDecoder(str(tmp_path))
+    with pytest.raises(prunus.SpecError, match="export it for this policy"):
+        OrtKVDecoder(path, {"policy": "h2o", "budget": 12})  # scores every prompt query: not in prefill.onnx
+
+
+class AttentionOps(torch.nn.Module):
+    def forward(self, q, k_past, v_past, k_new, v_new, lengths, qs, ks):
+        p = torch.ops.prunus
+        ragged = p.decode_attention(q, k_past, v_past, k_new, v_new, SCALE, lengths)
+        out, probs = p.decode_attention_scores(q, k_past, v_past, k_new, v_new, SCALE)
+        return (ragged, out, probs, p.attention_scores(qs, ks, 3, SCALE),
+                p.attention_scores(qs, ks, 2 ** 31 - 1, SCALE))
+
+
+def _attention_inputs(b, t, n, s, seed, h=4, hk=2, d=8):
+    g = torch.Generator().manual_seed(seed)
+    q, k_past, v_past = (torch.randn(b, x, m, d, generator=g) for x, m in ((h, t), (hk, n), (hk, n)))
+    k_new, v_new = torch.randn(b, hk, t, d, generator=g), torch.randn(b, hk, t, d, generator=g)
+    lengths = torch.randint(0, n + 1, (b, hk), generator=g)
+    beyond = torch.arange(n)[None, None, :, None] >= lengths[..., None, None]
+    k_past, v_past = k_past.masked_fill(beyond, 1e4), v_past.masked_fill(beyond, -1e4)  # padding is never read
+    qs, ks = torch.randn(b, h, s, d, generator=g), torch.randn(b, hk, s, d, generator=g)
+    return q, k_past, v_past, k_new, v_new, lengths, qs, ks
+
+
+def test_attention_translations_match_the_references(tmp_path):
+    args = _attention_inputs(2, 3, 5, 6, seed=0)
+    names = ["q", "k_past", "v_past", "k_new", "v_new", "lengths", "qs", "ks"]
+    b, t, n, s = (Dim.AUTO,) * 4
+    dyn = ({0: b, 2: t}, {0: b, 2: n}, {0: b, 2: n}, {0: b, 2: t}, {0: b, 2: t}, {0: b}, {0: b, 2: s}, {0: b, 2: s})
+    program = torch.export.export(AttentionOps(), args, dynamic_shapes=dyn, strict=False)
+    path = str(tmp_path / "ops.onnx")
+    lower_program(program, path, names, ["ragged", "out", "probs", "window_scores", "all_scores"])
+    # a new shape: one new token (decode), a prefill shorter than the window
+    for b, t, n, s in ((2, 3, 5, 6), (3, 1, 4, 2), (1, 2, 0, 9)):
+        q, k_past, v_past, k_new, v_new, lengths, qs, ks = x = _attention_inputs(b, t, n, s, seed=b)
+        got = run_onnx(path, list(x), names)
+        want = [decode_attention_reference(q, k_past, v_past, k_new, v_new, SCALE, lengths),
+                *decode_attention_reference(q, k_past, v_past, k_new, v_new, SCALE, return_probs=True),
+                attention_scores_reference(qs, ks, 3, SCALE), attention_scores_reference(qs, ks, 2 ** 31 - 1, SCALE)]
+        for g_, w in zip(got, want):
+            np.testing.assert_allclose(g_, w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_kv_op_without_lowering_is_an_export_error_naming_it(tmp_path, monkeypatch):
+    import prunus.codegen.onnx.export as export
+
+    table = export.translation_table()
+    monkeypatch.setattr(export, "translation_table",
+                        lambda: {k: v for k, v in table.items() if "decode_attention" not in str(k)})
+    args = _attention_inputs(2, 3, 5, 6, seed=0)[:5]
+    program = torch.export.export(_DecodeOnly(), args, strict=False)
+    with pytest.raises(prunus.ExportError, match="decode_attention"):
+        lower_program(program, str(tmp_path / "m.onnx"), [f"x{i}" for i in range(5)], ["out"])
+
+
+class _DecodeOnly(torch.nn.Module):
+    def forward(self, q, k_past, v_past, k_new, v_new):
+        return torch.ops.prunus.decode_attention(q, k_past, v_past, k_new, v_new, SCALE)
