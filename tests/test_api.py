@@ -88,3 +88,31 @@ def test_optimize_argument_errors(tiny_models):
         prunus.optimize(model, "dce(", example_inputs=x)
     with pytest.raises(prunus.SpecError, match="calibration sample 1"):
         prunus.optimize(model, "dce", example_inputs=x, calibration=[x, (torch.randn(2, 3),)])
+
+
+def test_kv_policy_survives_save_and_load(tiny_models, tmp_path):
+    from prunus.eval.decode import PrefixDecoder, decoder
+    from prunus.passes.kv import KVDecoder
+    from prunus.passes.kv.policies import SnapKV
+
+    model, x = tiny_models("llama")
+    opt = prunus.optimize(model, "kv_cache(policy=snapkv, budget=12, sink=2, window=4)", example_inputs=x)
+    art = opt.save(str(tmp_path / "kv"))
+    assert "prefill.onnx" not in os.listdir(art)  # the KV graphs go to ONNX only with onnx=True
+    manifest = json.loads((tmp_path / "kv" / "pipeline.json").read_text())
+    assert manifest["kv"] == opt.graph.kv and manifest["kv"]["budget"] == 12
+    loaded = prunus.load(art)
+    assert loaded.graph.kv == opt.graph.kv
+    dec = decoder(loaded)
+    assert isinstance(dec, KVDecoder) and isinstance(dec.policy, SnapKV) and dec.policy.budget == 12
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    want, want_stats = prunus.generate(opt, ids, 8, return_stats=True)
+    got, stats = prunus.generate(loaded, ids, 8, return_stats=True)
+    assert torch.equal(got, want) and stats["kv_bytes"] == want_stats["kv_bytes"]
+    assert dec.feed(ids) is not None and max(dec.cache_lengths()) == 12  # the budget evicts on reload too
+    # an artifact written before KV policies were saved has no "kv" key: it loads as a plain graph
+    del manifest["kv"]
+    (tmp_path / "kv" / "pipeline.json").write_text(json.dumps(manifest))
+    old = prunus.load(art)
+    assert old.graph.kv is None and isinstance(decoder(old), PrefixDecoder)
+    torch.testing.assert_close(main_output(old(ids)), model(ids).logits, rtol=1e-4, atol=1e-4)
