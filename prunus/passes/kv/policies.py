@@ -5,7 +5,8 @@ Every policy keeps, per layer and per KV head, at most `budget` entries of the c
 prefill end from what the prefill graph reports, and again at every decode step from the attention
 the new tokens paid; when a layer holds more than its budget, the lowest-scored entries go. The first
 `sink` positions and the last `window` positions are never evicted. Keys are cached after RoPE, so an
-entry stays valid wherever it sits; kept entries are stored in position order.
+entry stays valid wherever it sits; kept entries are stored in position order. Under `kv_quant` a layer's
+cache is a `quantized.QuantizedLayerCache`: the same ranking, but quantized entries leave a key group at a time.
 
 Scorers (ALGORITHMS.md section 3):
 - streaming (StreamingLLM): score = position: sinks plus the most recent entries.

@@ -188,7 +188,7 @@ def test_quantized_cache_evicts_whole_groups():
     assert cache.pos[0, 0].tolist() == list(range(8)) + [16, 18, 19]
 
 
-def test_pipeline_generate_and_report(tiny_models):
+def test_pipeline_generate_report_and_save(tiny_models, tmp_path):
     model, ex = tiny_models("llama")
     opt = prunus.optimize(model, passes="kv_cache(policy=snapkv,budget=64),kv_quant(bits=4)", example_inputs=ex)
     assert opt.graph.kv["quant"] == {"bits": 4, "group_size": 32, "residual": 32}
@@ -203,6 +203,11 @@ def test_pipeline_generate_and_report(tiny_models):
     out, stats = prunus.generate(opt, ids, 12, return_stats=True)
     assert out.shape == (2, 112) and torch.equal(out[:, :100], ids)
     assert stats["kv_bytes"] == 2 * 2 * per_layer_seq
+    opt.save(str(tmp_path / "art"))  # the quantized storage is part of the saved KV spec
+    loaded = prunus.load(str(tmp_path / "art"))
+    assert loaded.graph.kv == opt.graph.kv
+    again, stats_again = prunus.generate(loaded, ids, 12, return_stats=True)
+    assert torch.equal(again, out) and stats_again["kv_bytes"] == stats["kv_bytes"]
 
 
 @pytest.mark.parametrize("spec,match", [
