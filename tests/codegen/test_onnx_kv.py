@@ -2,6 +2,7 @@
 greedy generation over onnxruntime against PyTorch (policy full and snapkv with a budget, tiny llama)."""
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch.export import Dim
 
 import prunus
-from prunus.codegen.onnx import OrtKVDecoder, run_onnx
+from prunus.codegen.onnx import OrtKVDecoder, export_kv_onnx, run_onnx
 from prunus.codegen.onnx.export import lower_program
 from prunus.kernels.decode_attention import attention_scores_reference, decode_attention_reference
 from prunus.passes.kv import KVDecoder
@@ -85,8 +86,25 @@ def test_greedy_over_ort_equals_pytorch(kv_artifact):
     torch.testing.assert_close(OrtKVDecoder(path)(ids), model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_ort_decoder_errors(kv_artifact, tmp_path):
-    _, _, path = kv_artifact
+def _bytes_tokenizer(text, **kwargs):
+    """The tiny llama's 256-token vocabulary read as bytes: a tokenizer for prunus.eval without a download."""
+    return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]))
+
+
+def test_eval_runs_over_ort(kv_artifact):
+    model, _, path = kv_artifact
+    text = "The quick brown fox jumps over the lazy dog, again and again."
+    ort = OrtKVDecoder(path)
+    want = prunus.eval.long_ppl(prunus.load(path), _bytes_tokenizer, text=text, max_tokens=40)
+    assert prunus.eval.long_ppl(ort, _bytes_tokenizer, text=text, max_tokens=40) == pytest.approx(want, rel=1e-4)
+    metrics = prunus.eval.fidelity(model, ort, _ids(2, 9, seed=4))
+    assert metrics["top1"] == 1.0 and metrics["sqnr_db"] > 60
+
+
+def test_kv_export_and_decoder_errors(kv_artifact, tmp_path):
+    _, opt, path = kv_artifact
+    with pytest.raises(prunus.ExportError, match="decode_attention_quantized"):
+        export_kv_onnx(opt.graph, str(tmp_path), {**opt.graph.kv, "quant": {"bits": 4, "group_size": 32}})
     with pytest.raises(prunus.ArtifactError, match="prefill.onnx"):
         OrtKVDecoder(str(tmp_path))
     with pytest.raises(prunus.SpecError, match="export it for this policy"):

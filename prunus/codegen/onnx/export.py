@@ -18,7 +18,7 @@ EXTERNAL_DATA_BYTES = 1 << 30
 _OP = re.compile(r"((?:aten|prims|prunus|torch\.ops\.\w+)[.:]+[\w.]+)")
 
 
-def _failed_op(e: BaseException) -> str:
+def failed_op(e: BaseException) -> str:
     text = f"{e}\n{e.__cause__ or ''}"
     m = _OP.search(text)
     return m.group(1) if m else "unknown op"
@@ -60,7 +60,7 @@ def lower_program(program, path: str, input_names: list[str], output_names: list
                 onnx_program.model.metadata_props[key] = value
             onnx_program.save(path, external_data=external_data)
     except Exception as e:  # noqa: BLE001 - every lowering failure becomes one typed error
-        raise ExportError(f"ONNX lowering failed at {_failed_op(e)}: {type(e).__name__}: "
+        raise ExportError(f"ONNX lowering failed at {failed_op(e)}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
     try:
         onnx.checker.check_model(path, full_check=False)

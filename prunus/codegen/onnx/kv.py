@@ -21,8 +21,8 @@ import torch
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from prunus.codegen.onnx.export import EXTERNAL_DATA_BYTES, compare_outputs, lower_program, run_onnx
-from prunus.errors import ArtifactError, SpecError
+from prunus.codegen.onnx.export import EXTERNAL_DATA_BYTES, compare_outputs, failed_op, lower_program, run_onnx
+from prunus.errors import ArtifactError, ExportError, SpecError
 from prunus.passes.kv.rewrite import KVGraphs, KVLayer
 from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy
 
@@ -88,6 +88,9 @@ def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bo
     spec = spec if spec is not None else graph.kv
     if spec is None:
         raise SpecError("the graph has no KV policy: run the kv_cache pass before exporting its prefill/decode graphs")
+    if spec.get("quant"):
+        raise ExportError("ONNX lowering failed at prunus::decode_attention_quantized: a kv_quant cache has no ONNX "
+                          "translation yet; export the model before kv_quant (the eviction policy exports)")
     source = inline_fused(graph)
     graphs, _ = kv_graphs(source, spec)
     names = _names(graphs, source.output_names())
@@ -101,8 +104,12 @@ def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bo
     with tempfile.TemporaryDirectory(dir=directory, prefix=".prunus-onnx-") as tmp:
         for which, file in zip(("prefill", "decode"), KV_FILES):
             gm, args = getattr(graphs, which), examples[which]
-            with torch.no_grad():
-                program = torch.export.export(gm, args, dynamic_shapes=_dynamic(args), strict=False)
+            try:
+                with torch.no_grad():
+                    program = torch.export.export(gm, args, dynamic_shapes=_dynamic(args), strict=False)
+            except Exception as e:  # noqa: BLE001 - a capture failure is an export failure of this graph
+                raise ExportError(f"capturing the {which} graph for ONNX failed at {failed_op(e)}: "
+                                  f"{type(e).__name__}: {str(e).strip()[:300]}") from e
             path = os.path.join(tmp, file)
             lower_program(program, path, names[f"{which}_inputs"], names[f"{which}_outputs"], external_data=large,
                           metadata={METADATA_KEY: json.dumps(meta)})
@@ -119,11 +126,13 @@ def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bo
 class _Session:
     """An onnxruntime session called like the fx graph it came from: torch tensors in, torch tensors out."""
 
-    def __init__(self, path: str, input_names: list[str], providers=None):
+    def __init__(self, path: str, input_names: list[str], providers=None, threads: int | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
         self.input_names = input_names
         # an input the graph never reads (positions, in a model without position-dependent ops) is not in the file
@@ -138,14 +147,15 @@ class _Session:
 class OrtKVDecoder(KVDecoder):
     """`KVDecoder` over onnxruntime sessions of `prefill.onnx` / `decode.onnx` in `directory` (an artifact
     saved with `onnx=True`, or a directory `export_kv_onnx` wrote). `spec` overrides the saved policy, where
-    the exported graphs report the scores it needs.
+    the exported graphs report the scores it needs; `providers` and `threads` (intra-op) configure the sessions.
 
     Used as a model, it hands `prunus.generate` / `prunus.eval` a fresh decoder per sequence (`kv_decoder()`,
     sharing the sessions); called on ids, it returns the logits of their prefill."""
 
-    def __init__(self, directory: str, spec: dict | None = None, *, providers=None, _shared=None):
+    def __init__(self, directory: str, spec: dict | None = None, *, providers=None, threads: int | None = None,
+                 _shared=None):
         if _shared is None:
-            _shared = self._open(directory, providers)
+            _shared = self._open(directory, providers, threads)
         self._shared = directory, _shared
         meta, prefill, decode = _shared
         spec = dict(spec if spec is not None else meta["spec"])
@@ -169,7 +179,7 @@ class OrtKVDecoder(KVDecoder):
         self.logits_index = meta["logits"]
 
     @staticmethod
-    def _open(directory: str, providers):
+    def _open(directory: str, providers, threads):
         paths = [os.path.join(directory, f) for f in KV_FILES]
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
@@ -183,8 +193,8 @@ class OrtKVDecoder(KVDecoder):
         except (KeyError, ValueError, OSError) as e:
             raise ArtifactError(f"{paths[0]} has no readable '{METADATA_KEY}' metadata: not written by prunus "
                                 f"({type(e).__name__}: {e})") from e
-        return (meta, _Session(paths[0], meta["prefill_inputs"], providers),
-                _Session(paths[1], meta["decode_inputs"], providers))
+        return (meta, _Session(paths[0], meta["prefill_inputs"], providers, threads),
+                _Session(paths[1], meta["decode_inputs"], providers, threads))
 
     def _logits(self, outputs: list) -> torch.Tensor:
         return outputs[self.logits_index].float()

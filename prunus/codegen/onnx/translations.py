@@ -128,28 +128,28 @@ def _grouped_probs(q, k, hk: int, d: int, scale: float, visible):
     return op.Softmax(op.Where(visible, logits, op.Constant(value_float=float("-inf"))), axis=-1)
 
 
-def _row_positions(rows, count, offset):
-    """Position of every stacked query row: `offset + row mod count` (rows cycle through the tokens)."""
+def _causal(rows, count, offset, keys):
+    """Bool [rows, keys]: stacked query row r sits at position `offset + r mod count` (rows cycle through the
+    tokens, one cycle per query head of the group) and sees keys 0..its position; also the key indices."""
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
-    return op.Add(op.Mod(op.Range(zero, rows, one), count), offset)
+    position = op.Add(op.Mod(op.Range(zero, rows, one), count), offset)
+    j = op.Range(zero, keys, one)
+    return op.LessOrEqual(op.Unsqueeze(j, _i64(0)), op.Unsqueeze(position, _i64(1))), j
 
 
 def _decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths):
     h, hk, dv = q.shape[1], k_past.shape[1], v_past.shape[3]
-    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
     n, t = _dim(k_past, 2), _dim(q, 2)
     k = op.Concat(k_past, k_new, axis=2)
     v = op.Cast(op.Concat(v_past, v_new, axis=2), to=_FLOAT)
-    # new token i (at n + i) sees every cached entry and the new entries up to itself: j <= n + i
-    seen = _row_positions(op.Mul(t, op.Constant(value_int=h // hk)), t, n)
-    j = op.Range(zero, op.Add(n, t), one)
-    visible = op.LessOrEqual(op.Unsqueeze(j, _i64(0)), op.Unsqueeze(seen, _i64(1)))
+    # new token i sits at n + i: it sees every cached entry and the new entries up to itself
+    visible, j = _causal(op.Mul(t, op.Constant(value_int=h // hk)), t, n, op.Add(n, t))
     if past_lengths is not None:
         # a ragged cache: head (b, g) holds only its first past_lengths[b, g] cached entries
         held = op.Or(op.Less(j, op.Unsqueeze(op.Cast(past_lengths, to=onnxscript.ir.DataType.INT64), _i64(-1))),
                      op.GreaterOrEqual(j, n))
         visible = op.And(visible, op.Unsqueeze(held, _i64(2)))
-        v = op.Where(op.Unsqueeze(held, _i64(3)), v, op.Constant(value_float=0.0))
+        v = op.Where(op.Unsqueeze(held, _i64(3)), v, op.Constant(value_float=0.0))  # padding may be NaN
     probs = _grouped_probs(q, k, hk, q.shape[3], scale, visible)
     out = op.CastLike(op.Reshape(op.MatMul(probs, v), _i64(0, h, -1, dv)), q)
     return out, probs
@@ -165,14 +165,11 @@ def decode_attention_scores(q, k_past, v_past, k_new, v_new, scale: float, past_
 
 
 def attention_scores(q, k, window: int, scale: float):
-    # the last min(window, s) queries (Slice clamps the start); row i of them sits at position s - w + i
     h, hk, d = q.shape[1], k.shape[1], q.shape[3]
+    # the last w = min(window, s) queries (Slice clamps the start); query i of them sits at s - w + i
     last = op.Slice(q, _i64(-window), _i64(2 ** 62), _i64(2))
     w, s = _dim(last, 2), _dim(k, 2)
-    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
-    seen = _row_positions(op.Mul(w, op.Constant(value_int=h // hk)), w, op.Sub(s, w))
-    j = op.Range(zero, s, one)
-    visible = op.LessOrEqual(op.Unsqueeze(j, _i64(0)), op.Unsqueeze(seen, _i64(1)))
+    visible, _ = _causal(op.Mul(w, op.Constant(value_int=h // hk)), w, op.Sub(s, w), s)
     return op.ReduceSum(_grouped_probs(last, k, hk, d, scale, visible), _i64(2), keepdims=0)
 
 
