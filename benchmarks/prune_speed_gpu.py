@@ -4,8 +4,8 @@
                                          [--report PATH] [--smoke]
 
 The model (random bf16 weights, all 32 layers) is captured twice at a [1, prefill] example:
-`prunus.optimize(model, "kv_cache")` (the baseline) and
-`prunus.optimize(model, "prune_heads(ratio=..), prune_mlp(ratio=..), kv_cache")` (magnitude importance,
+`prunus.optimize(model, "dce")` (the baseline) and
+`prunus.optimize(model, "prune_heads(ratio=..), prune_mlp(ratio=..)")`, each followed by `kv_cache` (magnitude importance,
 uniform allocation: no calibration; heads go in whole KV groups under GQA, MLP widths round to multiples of 8).
 Both run the same way:
 - prefill: the captured full-sequence graph (masks simplified: causal SDPA) on `prefill` tokens at batch 1;
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prunus  # noqa: E402
 from benchmarks._report import append, markdown_table  # noqa: E402
 from benchmarks.fuse_gpu import time_us  # noqa: E402
-from benchmarks.kv_decode_gpu import SMOKE_SHAPE, cache_bytes, weight_bytes_read  # noqa: E402
+from benchmarks.kv_decode_gpu import SMOKE_SHAPE, cache_bytes, capture_kv, weight_bytes_read  # noqa: E402
 from prunus.ir.flops import node_flops  # noqa: E402
 from prunus.passes.kv.runtime import kv_graphs  # noqa: E402
 from prunus.passes.kv import cache as kv_cache_pass  # noqa: E402
@@ -98,14 +98,11 @@ def main() -> None:
     model = prunus.models.shape("llama-3-8b", device=dev, dtype=dtype, **(SMOKE_SHAPE if args.smoke else {}))
     gen = torch.Generator(device=dev).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=dev, generator=gen)
-    pipelines = {"dense": "kv_cache",
-                 "pruned": f"prune_heads(ratio={args.heads}), prune_mlp(ratio={args.mlp}), kv_cache"}
+    pipelines = {"dense": "dce", "pruned": f"prune_heads(ratio={args.heads}), prune_mlp(ratio={args.mlp})"}
     results, seconds = {}, {}
     for label, spec in pipelines.items():
         t0 = time.time()
-        # the passes create index and score tensors on the default device (see the report's library note)
-        with torch.device(dev):
-            opt = prunus.optimize(model, spec, example_inputs=(ids,), verify=False)
+        opt, _ = capture_kv(model, (ids,), spec, dev)  # then kv_cache, for the decode graph
         seconds[label] = time.time() - t0
         results[label] = r = measure(opt, ids, args.context, on_gpu)
         print(f"{label} ({seconds[label]:.0f} s to capture and optimize): "
