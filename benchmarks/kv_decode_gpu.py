@@ -51,6 +51,7 @@ from prunus.passes.kv import cache as kv_cache_pass  # noqa: E402
 # model on the GPU differs by a few percent of the largest logit (SDPA vs the decode kernel, rounded in bf16
 # through 32 layers). The pass's note reports the error it found.
 kv_cache_pass.EXACT_RTOL = 0.1
+from prunus.ir.capture import capture  # noqa: E402
 from prunus.passes import PassContext, build_pipeline  # noqa: E402
 from prunus.passes.kv.runtime import kv_graphs  # noqa: E402
 
@@ -127,17 +128,17 @@ def sdpa_decode(decode: torch.fx.GraphModule, buffers: list) -> torch.fx.GraphMo
     return gm
 
 
-def capture_kv(model, example, passes: str, dev):
-    """`passes` through prunus.optimize, then the kv_cache pass run on the result outside the pass manager.
+def capture_kv(model, example, dev):
+    """Capture `model` and run the kv_cache pass on the fresh graph, outside the pass manager.
 
-    Library issue (GPU, transformers 5.17): the KV graphs build inside the pass, but after the manager's
-    recompile and shape re-propagation `kv_graphs` finds no position source; run directly, the pass leaves
-    the graph as it built its graphs (cached on it). Returns (optimized model, the pass's notes)."""
-    with torch.device(dev):  # simplify_masks (inside kv_cache) and the pruning passes make tensors on it
-        opt = prunus.optimize(model, passes, example_inputs=example, verify=False)
-        kv = build_pipeline("kv_cache")[0]
-        result = kv.run(opt.graph, PassContext(example_inputs=list(opt.graph.example_inputs)))
-    return opt, result.notes
+    Library issue (GPU, transformers 5.17): the KV graphs build on a freshly captured graph, but once the graph
+    has been recompiled and re-propagated a second time (by the manager after the pass, or before it by any
+    modifying pass such as dce) `build_kv_graphs` finds no position source. Run alone on the capture, the pass
+    builds its graphs and caches them on the graph. Returns (OptimizedModel, the pass's notes)."""
+    with torch.device(dev):  # simplify_masks (inside kv_cache) makes its probe tensors on the default device
+        graph = capture(model, example)
+        result = build_pipeline("kv_cache")[0].run(graph, PassContext(example_inputs=list(graph.example_inputs)))
+    return prunus.OptimizedModel(graph, [], "kv_cache"), result.notes
 
 
 def rand(shape, dev, dtype, gen):
@@ -260,7 +261,7 @@ def main() -> None:
     model = prunus.models.shape("llama-3-8b", device=dev, dtype=dtype, **(SMOKE_SHAPE if args.smoke else {}))
     example = (torch.randint(0, model.config.vocab_size, (2, 8), device=dev, generator=gen),)
     t0 = time.time()
-    opt, kv_notes = capture_kv(model, example, "dce", dev)
+    opt, kv_notes = capture_kv(model, example, dev)
     capture_s = time.time() - t0
     graphs, _ = kv_graphs(opt.graph, {"policy": "full"})
     layers, elem = graphs.layers, dtype.itemsize
