@@ -68,6 +68,17 @@ def test_simplify_masks_leaves_a_sliding_window_mask_alone():
     torch.testing.assert_close(opt(*long).logits, model(*long).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_simplify_masks_probes_on_the_graph_device_not_the_default_one(tiny_models):
+    # On a GPU-captured graph the mask ops name cuda while the default device is the CPU; here the default is
+    # 'meta', so any probe or reference tensor the pass builds on the default device fails (no values there).
+    model, x = tiny_models("llama")
+    with torch.device("meta"):
+        opt = prunus.optimize(model, "simplify_masks", example_inputs=x)
+    assert opt.report[0].modified
+    assert all(_mask_and_causal(n) == (None, True) for n in _sdpa_nodes(opt.graph))
+    torch.testing.assert_close(opt(*x).logits, model(*x).logits, rtol=1e-5, atol=1e-5)
+
+
 class Unused(torch.nn.Module):
     def __init__(self):
         super().__init__()

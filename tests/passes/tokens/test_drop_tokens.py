@@ -7,6 +7,7 @@ import torch
 
 import prunus
 from prunus.errors import PassError, SpecError
+from prunus.ir.capture import capture
 from prunus.models import example_inputs, tiny
 
 
@@ -89,7 +90,10 @@ def llama():
 
 def test_attention_matches_reference_selection_and_run(llama):
     model, (ids,) = llama
-    opt = prunus.optimize(model, "drop_tokens(keep=0.5, after_layer=2)", example_inputs=(ids,), verify=False)
+    # A meta default device: every tensor the pass creates must follow the graph's device (on a GPU-captured
+    # graph the default device is still the CPU), or the selection below fails.
+    with torch.device("meta"):
+        opt = prunus.optimize(model, "drop_tokens(keep=0.5, after_layer=2)", example_inputs=(ids,), verify=False)
     idx = _kept_indices(opt, ids)[2]
     assert torch.equal(idx, _reference_selection(model, ids, 2, 0.5))
     assert (idx[:, :4] == torch.arange(4)).all() and (idx[:, -1] == ids.shape[1] - 1).all()
@@ -101,8 +105,11 @@ def test_attention_matches_reference_selection_and_run(llama):
 
 def test_progressive_schedule_composes_and_keeps_order(llama):
     model, (ids,) = llama
-    opt = prunus.optimize(model, "simplify_masks, drop_tokens(schedule=[[1, 0.5], [3, 0.25]])",
+    opt = prunus.optimize(model, "simplify_masks, drop_tokens(method=cascade, schedule=[[1, 0.5], [3, 0.25]])",
                           example_inputs=(ids,), verify=False)
+    marks = sorted(n.meta["prunus_token_keep"]["layer"] for n in opt.graph.gm.graph.nodes
+                   if "prunus_token_keep" in n.meta)
+    assert marks == [1, 3]  # one marked index per point, for the KV-cache rewrite
     kept = _kept_indices(opt, ids)
     assert kept[1].shape == (2, 12) and kept[3].shape == (2, 6)
     final = torch.gather(kept[1], 1, kept[3])  # positions in the original prompt
@@ -149,13 +156,23 @@ def test_shapes_at_unseen_lengths(arch, method):
         assert hidden.shape[:2] == (3, expect) and torch.isfinite(hidden).all()
 
 
-def test_sequence_dependent_metadata_marks(llama):
-    model, x = llama
-    opt = prunus.optimize(model, "drop_tokens(method=cascade, schedule=[[1, 0.7], [2, 0.4]])", example_inputs=x,
-                          verify=False)
-    marks = sorted(n.meta["prunus_token_keep"]["layer"] for n in opt.graph.gm.graph.nodes
-                   if "prunus_token_keep" in n.meta)
-    assert marks == [1, 2]
+def test_capture_traces_attention_without_the_backends_that_specialise_seq():
+    # On CUDA, efficient attention's mask alignment (and cuDNN's checks) add guards that fix the sequence
+    # length at the example's; capture traces SDPA through flash (which refuses masks) or math only.
+    seen = []
+    flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
+             torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(f() for f in flags))
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+    before = tuple(f() for f in flags)
+    graph = capture(Attention(), (torch.randn(2, 5, 8),))
+    assert seen and set(seen) == {(True, False, False, True)}
+    assert tuple(f() for f in flags) == before  # the user's settings are restored
+    assert graph.inputs[0].dynamic == {0: "batch", 1: "seq"}
 
 
 @pytest.mark.parametrize("arch,spec", [("llama", "drop_tokens(keep=0.5, after_layer=1)"),
