@@ -27,8 +27,9 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 @contextlib.contextmanager
-def _tracing():
-    """The context every export here runs in: no autograd, SDPA through flash or math (see the module docstring)."""
+def tracing_context():
+    """No autograd, SDPA through flash or math only (module docstring): the context for export, and for any
+    fake-tensor propagation over a captured graph that must keep its sizes symbolic."""
     with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
         yield
 
@@ -103,7 +104,7 @@ def capture(model: torch.nn.Module, example_inputs) -> Graph:
     was_training = model.training
     model.eval()
     try:
-        with _tracing():
+        with tracing_context():
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - every capture failure becomes one typed error
         first = (str(e).strip().splitlines() or [""])[0][:400]
@@ -156,5 +157,5 @@ def graph_from_exported(ep: torch.export.ExportedProgram, *, in_spec, leaf_is_te
 def reexport(graph: Graph) -> torch.export.ExportedProgram:
     """Export the graph's flat GraphModule again (for saving), keeping its dynamic dims."""
     dyn = tuple({d: Dim.AUTO for d in info.dynamic} for info in graph.inputs)
-    with _tracing():
+    with tracing_context():
         return torch.export.export(graph.gm, tuple(graph.example_inputs), dynamic_shapes=dyn, strict=False)
