@@ -19,34 +19,49 @@ from prunus.passes.cleanup.simplify_masks import SimplifyMasks, shape_only_ances
 from prunus.passes.kv.policies import POLICIES, Policy
 from prunus.passes.kv.quantized import quantized_bytes
 from prunus.passes.kv.rewrite import attention_layers
-from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy
+from prunus.passes.kv.runtime import KVDecoder, duo_classification, kv_graphs, make_policy, resolve_spec
 from prunus.passes.registry import register
 
 REFERENCE_CONTEXT = 4096  # context length at which the report states KV bytes per token
-EXACT_RTOL = 1e-4
+EXACT_RTOL = 1e-4  # fp32; lower-precision graphs get a tolerance scaled to their rounding (exact_rtol)
+THINK_KEY_RATIO = 0.5
+DUO_RETRIEVAL = 0.5
+UNBUDGETED = ("streaming", "think", "duo")  # policies that run without a budget (sink + window; every token)
 
 
 @dataclass(kw_only=True)
 class KVCacheParams:
     policy: str = param("full", "which entries each layer keeps", choices=tuple(POLICIES))
-    budget: int | None = param(None, "entries kept per layer and KV head (tokens)", range="[1, inf)")
+    budget: int | None = param(None, "entries kept per layer and KV head (tokens); adakv: the mean over a layer's "
+                                     "heads; duo: per streaming head", range="[1, inf)")
     ratio: float | None = param(None, "entries kept as a fraction of the prompt, instead of budget", range="(0, 1]")
     sink: int = param(4, "first positions never evicted (attention sinks)", range="[0, inf)")
     window: int = param(32, "most recent positions never evicted; the observation window of snapkv-style "
-                            "scorers; streaming without a budget keeps sink + window", range="[0, inf)")
-    pool: int = param(7, "snapkv/pyramidkv/vatp: width of the average pool smoothing the scores",
+                            "scorers and think's channel scores; streaming and duo without a budget keep "
+                            "sink + window", range="[0, inf)")
+    pool: int = param(7, "snapkv/pyramidkv/vatp/adakv/think: width of the average pool smoothing the scores",
                       range="[1, 129]")
     chunk: int = param(10, "chunkkv: tokens per chunk", range="[1, 4096]")
     reuse: int = param(2, "chunkkv: neighbouring layers sharing one selection", range="[1, 1024]")
+    key_ratio: float | None = param(None, f"think: fraction of each head's key channels kept (default "
+                                          f"{THINK_KEY_RATIO})", range="(0, 1]")
+    retrieval: float | None = param(None, f"duo: fraction of the KV heads (over all layers) kept whole as retrieval "
+                                          f"heads (default {DUO_RETRIEVAL})", range="[0, 1]")
 
     def check(self) -> str | None:
         if self.budget is not None and self.ratio is not None:
             return "give at most one of budget and ratio"
+        if self.key_ratio is not None and self.policy != "think":
+            return f"key_ratio prunes key channels under policy think, not {self.policy}"
+        if self.retrieval is not None and self.policy != "duo":
+            return f"retrieval chooses duo's retrieval heads; it does not apply to policy {self.policy}"
         if self.policy == "full":
             if self.budget is not None or self.ratio is not None:
                 return "policy full keeps every entry: drop budget/ratio or choose an eviction policy"
             return None
-        if self.budget is None and self.ratio is None and self.policy != "streaming":
+        if self.policy == "think" and self.window < 1:
+            return "think scores key channels with the last `window` queries of the prompt: window must be >= 1"
+        if self.budget is None and self.ratio is None and self.policy not in UNBUDGETED:
             return f"policy {self.policy} needs a budget (tokens) or a ratio"
         if self.budget is not None and self.budget < self.sink + self.window:
             return (f"budget {self.budget} is below sink + window = {self.sink} + {self.window}; lower sink or "
@@ -56,12 +71,16 @@ class KVCacheParams:
     def spec(self) -> dict:
         out = {"policy": self.policy, "sink": self.sink, "window": self.window, "pool": self.pool,
                "chunk": self.chunk, "reuse": self.reuse}
-        if self.policy == "streaming" and self.budget is None and self.ratio is None:
+        if self.policy in ("streaming", "duo") and self.budget is None and self.ratio is None:
             out["budget"] = self.sink + self.window
         if self.budget is not None:
             out["budget"] = self.budget
         if self.ratio is not None:
             out["ratio"] = self.ratio
+        if self.policy == "think":
+            out["key_ratio"] = THINK_KEY_RATIO if self.key_ratio is None else self.key_ratio
+        if self.policy == "duo":
+            out["retrieval"] = DUO_RETRIEVAL if self.retrieval is None else self.retrieval
         return out
 
 
@@ -89,17 +108,28 @@ def kv_bytes_per_token(graph, context: int = REFERENCE_CONTEXT) -> int | None:
         return None
     if not sites or not all(s.is_causal or _size_only(s.mask) for s in sites):
         return None
-    per_layer = _layer_bytes(graph)
-    spec = graph.kv or {"policy": "full"}
-    policy: Policy = make_policy(spec, len(per_layer))
-    budgets = policy.layer_budgets(context)
-    kept = [context if b is None else min(b, context) for b in budgets]
+    sites = sorted(sites, key=lambda s: s.layer)
+    spec = resolve_spec(graph, graph.kv or {"policy": "full"})
+    policy: Policy = make_policy(spec, len(sites))
     if spec.get("quant"):
-        sites = sorted(sites, key=lambda s: s.layer)
+        budgets = policy.layer_budgets(context)
+        kept = [context if b is None else min(b, context) for b in budgets]
         total = sum(quantized_bytes(n, s.num_kv_heads, s.head_dim, s.head_dim, _cache_elem(s), spec["quant"])
                     for s, n in zip(sites, kept))
         return round(total / context)
-    return round(sum(p * k for p, k in zip(per_layer, kept)) / context)
+    # entries held over each layer's heads (adakv: exactly budget x heads, whatever the padding of its layout),
+    # each a key of the kept channels and a full value
+    entries = policy.layer_entries(context, [s.num_kv_heads for s in sites])
+    total = sum(n * (policy.key_width(s.head_dim) + s.head_dim) * _cache_elem(s) for s, n in zip(sites, entries))
+    return round(total / context)
+
+
+def exact_rtol(graph) -> float:
+    """Tolerance of the prefill+decode check: 1e-4 in fp32; in fp16/bf16 the two orders of accumulation
+    differ by a few roundings of the logits, so 8 machine epsilons (bf16: 0.0625, fp16: 0.0078)."""
+    dtypes = {t.dtype for t in graph.gm.parameters() if t.dtype.is_floating_point}
+    eps = max((torch.finfo(d).eps for d in dtypes), default=0.0)
+    return max(EXACT_RTOL, 8 * eps)
 
 
 def _check_exact(graph, ids: torch.Tensor) -> float:
@@ -136,12 +166,17 @@ class KVCache(Pass):
         ids = ctx.example_inputs[0]
         if ids.shape[1] >= 2:
             err = _check_exact(graph, ids)
-            if not err <= EXACT_RTOL:
+            if not err <= exact_rtol(graph):
                 raise PassError(self.name, f"the decode graph does not reproduce the full forward (relative error "
                                            f"{err:.3g}): a position-dependent op escaped the rewrite")
             notes.append(f"prefill + decode reproduce the full forward (relative error {err:.1e})")
         if graph.kv and "quant" in graph.kv:  # kv_quant ran first: keep its storage
             spec["quant"] = graph.kv["quant"]
+        if spec["policy"] == "duo":
+            heads, scores = duo_classification(graph, spec)
+            spec["retrieval_heads"] = heads
+            notes.append("duo retrieval heads per layer " + "; ".join(
+                f"{i}: {h}" for i, h in enumerate(heads)) + f" (needle attention {scores})")
         kv_graphs(graph, spec)  # the policy's variant (with scores) builds too
         graph.kv = spec
         full = sum(_layer_bytes(graph))

@@ -22,60 +22,31 @@ Scorers (ALGORITHMS.md section 3):
 In decoding, the window-query scorers (snapkv, pyramidkv, chunkkv, vatp) keep a running score
 `score * (1 - 1/window) + attention`: the attention of roughly the last `window` queries, the decode-time
 analogue of their observation window.
+
+Per-head budgets and key channels (their layouts are in `storage.py`):
+- adakv (Ada-KV, arXiv:2407.11550): SnapKV scores, but a layer's `budget x kv_heads` entries are shared by its
+  heads: a flattened top-k over all heads' scores, each head first keeping its sinks, its window and the
+  `FLOOR` fraction of the budget it ranks highest (Ada-KV's safeguard). Heads end up with different lengths
+  (`RaggedLayerCache`); new entries go to each head's own end and eviction keeps the per-layer total.
+- think (ThinK, arXiv:2407.21018): prunes key channels. Per head, channel j scores
+  ||Q_obs[:, j] K[:, j]^T||_F = ||Q_obs[:, j]|| ||K[:, j]|| (Q_obs: the last `window` queries of the prompt, of
+  all query heads of the group); the top `key_ratio` fraction of the channels is kept for good (`ChannelCache`),
+  and decoding computes q.k over those channels only. Tokens: with a budget or ratio, SnapKV's selection; without
+  one, every token. Unlike ThinK, the recent window and the decoded tokens are pruned too (one key width per head).
+- duo (DuoAttention, arXiv:2410.10819): retrieval heads keep every entry, streaming heads their sinks and most
+  recent entries up to `budget` (default sink + window). Which heads retrieve is decided once per graph
+  (`duo.py`) and recorded in the spec (`retrieval_heads`); each group has its own cache (`HeadGroupCache`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from prunus.passes.kv.storage import ChannelCache, HeadGroupCache, LayerCache, RaggedLayerCache
+
 ALL_QUERIES = 2 ** 31 - 1  # prefill window meaning "every query" (H2O)
-
-
-@dataclass
-class LayerCache:
-    """One layer's kept entries: k [b, hk, n, d], v [b, hk, n, dv], their positions and scores [b, hk, n]."""
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
-    score: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.k.shape[2]
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    def append(self, k, v, pos, score=None) -> None:
-        self.k = torch.cat([self.k, k], dim=2)
-        self.v = torch.cat([self.v, v], dim=2)
-        self.pos = torch.cat([self.pos, pos], dim=2)
-        if self.score is not None and score is not None:
-            self.score = torch.cat([self.score, score], dim=2)
-
-    def keep(self, idx: torch.Tensor) -> None:
-        """Keep entries `idx` [b, hk, m] (any order; stored sorted by position)."""
-        idx = idx.sort(dim=-1).values
-        self.k, self.v = gather_rows(self.k, idx), gather_rows(self.v, idx)
-        self.pos = self.pos.gather(2, idx)
-        if self.score is not None:
-            self.score = self.score.gather(2, idx)
-
-    def shrink(self, ranked: torch.Tensor, budget: int) -> None:
-        """Keep the `budget` entries ranked highest (`ranked` [b, hk, n]: scores, inf where protected)."""
-        self.keep(ranked.topk(budget, dim=-1).indices)
-
-    def graph_inputs(self) -> tuple:
-        """The tensors the decode graph takes for this layer's cache."""
-        return self.k, self.v
-
-
-def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows `idx` [b, hk, m] of x [b, hk, n, c] along the sequence dim."""
-    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
 class Policy:
@@ -83,6 +54,10 @@ class Policy:
 
     prefill_window: int | None = None  # last queries whose attention the prefill graph must report
     decode_probs = False  # whether decoding needs each step's attention probabilities
+    query_window: int | None = None  # last queries whose per-channel norms the prefill graph must report
+    ragged = False  # heads hold different numbers of entries: the decode graph takes their lengths
+    grouped = False  # heads split into groups cached apart (`head_groups`): the decode graph attends per group
+    key_channels = False  # keys keep some channels only: the decode graph takes them and prunes q and k_new
 
     def __init__(self, *, budget: int = 0, ratio: float = 0.0, sink: int = 4, window: int = 32, pool: int = 7,
                  chunk: int = 10, reuse: int = 2, num_layers: int = 1):
@@ -99,6 +74,24 @@ class Policy:
         total = max(total, self.sink + self.window)
         return [total] * self.num_layers
 
+    def head_groups(self, num_kv_heads: list[int]) -> list[list[list[int]]] | None:
+        """Per layer, the KV heads of each separately cached group (None: one cache for all heads)."""
+        return None
+
+    def key_width(self, head_dim: int) -> int:
+        """Key channels kept per head."""
+        return head_dim
+
+    def layer_entries(self, context: int, num_kv_heads: list[int]) -> list[int]:
+        """Entries each layer holds over all its KV heads once a `context`-token prompt is compressed."""
+        return [hk * (context if b is None else min(b, context))
+                for hk, b in zip(num_kv_heads, self.layer_budgets(context))]
+
+    @classmethod
+    def quantizable(cls) -> bool:
+        """Whether `kv_quant`'s rectangular, full-width storage can hold this policy's cache."""
+        return not (cls.ragged or cls.key_channels or cls.grouped)
+
     # -- scores ---------------------------------------------------------------------------------
     def prefill_score(self, i: int, cache: LayerCache, scores: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -108,7 +101,9 @@ class Policy:
         raise NotImplementedError
 
     # -- driving --------------------------------------------------------------------------------
-    def after_prefill(self, caches: list[LayerCache], scores: list | None, context: int) -> None:
+    def after_prefill(self, caches: list[LayerCache], scores: list | None, context: int,
+                      query_norms: list | None = None) -> None:
+        """Score and evict each layer's prefill entries (a policy may replace a cache by another layout)."""
         self.budgets = self.layer_budgets(context)
         for i, cache in enumerate(caches):
             if self.budgets[i] is None:
@@ -248,5 +243,118 @@ class KNorm(Policy):
         return cache.score, -k_new.float().norm(dim=-1)
 
 
+class AdaKV(SnapKV):
+    ragged = True
+    FLOOR = 0.2  # each head keeps at least this fraction of the even per-head budget (Ada-KV's safeguard)
+
+    def after_prefill(self, caches, scores, context, query_norms=None):
+        for i, cache in enumerate(caches):
+            caches[i] = RaggedLayerCache(cache, torch.ones_like(cache.pos, dtype=torch.bool))
+        super().after_prefill(caches, scores, context)
+
+    def _evict(self, cache: RaggedLayerCache, budget: int, position: int) -> None:
+        """Keep the layer's `budget x kv_heads` best entries, shared by its heads (per sequence)."""
+        valid = cache.valid()
+        total = budget * cache.k.shape[1]
+        if int(cache.lengths.sum(-1).max()) <= total:
+            return
+        protected = valid & ((cache.pos < self.sink) | (cache.pos >= position - self.window))
+        ranked = cache.score.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+        floor = min(int(self.FLOOR * budget), cache.length)
+        if floor:
+            own = torch.zeros_like(valid).scatter(2, ranked.topk(floor, dim=-1).indices, True)
+            ranked = ranked.masked_fill(own & valid, float("inf"))
+        flat = ranked.flatten(1)
+        kept = torch.zeros_like(flat, dtype=torch.bool).scatter(1, flat.topk(total, dim=-1).indices, True)
+        cache.keep_mask(kept.view_as(valid) & valid)
+
+
+class ThinK(SnapKV):
+    key_channels = True
+
+    def __init__(self, *, key_ratio: float = 0.5, **kw):
+        super().__init__(**kw)
+        self.key_ratio = key_ratio
+
+    @property
+    def _evicts(self) -> bool:
+        return bool(self.budget or self.ratio)
+
+    @property
+    def prefill_window(self):
+        return self.window if self._evicts else None
+
+    @property
+    def decode_probs(self):
+        return self._evicts
+
+    @property
+    def query_window(self):
+        return self.window
+
+    def key_width(self, head_dim):
+        return max(1, math.ceil(self.key_ratio * head_dim))
+
+    def after_prefill(self, caches, scores, context, query_norms=None):
+        super().after_prefill(caches, scores, context)
+        for i, cache in enumerate(caches):
+            caches[i] = self.prune_channels(cache, query_norms[i])
+
+    def prune_channels(self, cache: LayerCache, query_norms: torch.Tensor) -> ChannelCache:
+        """Keep each head's top channels by ||Q_obs[:, j]|| ||K[:, j]|| (query_norms [b, h, d]: the per-channel
+        norms of the observation window's queries)."""
+        b, hk, _, d = cache.k.shape
+        q = query_norms.float().reshape(b, hk, -1, d).pow(2).sum(2).sqrt()  # all query heads of the group
+        score = q * cache.k.float().norm(dim=2)
+        channels = score.topk(self.key_width(d), dim=-1).indices.sort(dim=-1).values
+        keys = cache.k.gather(3, channels[:, :, None, :].expand(b, hk, cache.length, channels.shape[-1]))
+        return ChannelCache(keys, cache.v, cache.pos, cache.score, channels)
+
+
+class Duo(Streaming):
+    grouped = True
+
+    def __init__(self, *, retrieval: float = 0.5, retrieval_heads: list | None = None, **kw):
+        super().__init__(**kw)
+        self.retrieval, self.retrieval_heads = retrieval, retrieval_heads
+
+    def head_groups(self, num_kv_heads):
+        if self.retrieval_heads is None:
+            raise ValueError("duo needs its retrieval heads: resolve the spec with prunus.passes.kv.duo first")
+        return [[sorted(r), [h for h in range(hk) if h not in r]] for r, hk in zip(self.retrieval_heads, num_kv_heads)]
+
+    def layer_entries(self, context, num_kv_heads):
+        if self.retrieval_heads is None:  # not classified yet: the requested fraction of every layer's heads
+            retrieval = [round(self.retrieval * hk) for hk in num_kv_heads]
+        else:
+            retrieval = [len(r) for r in self.retrieval_heads]
+        return [r * context + (hk - r) * min(b, context)
+                for r, hk, b in zip(retrieval, num_kv_heads, self.layer_budgets(context))]
+
+    def after_prefill(self, caches, scores, context, query_norms=None):
+        self.budgets = self.layer_budgets(context)
+        groups = self.head_groups([c.k.shape[1] for c in caches])
+        for i, cache in enumerate(caches):
+            caches[i] = HeadGroupCache(cache, groups[i])
+            for group in self._streaming(i, caches[i]):
+                group.score = group.pos.float()
+                self._evict(group, self.budgets[i], context)
+
+    def after_step(self, caches, new, probs, position):
+        for i, (cache, (k, v)) in enumerate(zip(caches, new)):
+            b, _, t = k.shape[:3]
+            streaming = self._streaming(i, cache)
+            for heads, group, kg, vg in zip(cache.heads, cache.groups, cache.split(k), cache.split(v)):
+                pos = torch.arange(position - t, position, device=k.device).expand(b, len(heads), t)
+                group.append(kg, vg, pos, pos.float())
+                if any(group is s for s in streaming):
+                    self._evict(group, self.budgets[i], position)
+
+    def _streaming(self, i: int, cache: HeadGroupCache) -> list[LayerCache]:
+        retrieval = set(self.retrieval_heads[i])
+        return [g for heads, g in zip(cache.heads, cache.groups) if not set(heads) <= retrieval]
+
+
 POLICIES = {"full": Full, "streaming": Streaming, "h2o": H2O, "tova": TOVA, "snapkv": SnapKV,
-            "pyramidkv": PyramidKV, "chunkkv": ChunkKV, "vatp": VATP, "knorm": KNorm}
+            "pyramidkv": PyramidKV, "chunkkv": ChunkKV, "vatp": VATP, "knorm": KNorm, "adakv": AdaKV,
+            "think": ThinK, "duo": Duo}

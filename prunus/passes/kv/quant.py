@@ -21,6 +21,7 @@ from prunus.errors import PassError
 from prunus.kernels.kv_quant import BITS, value_group
 from prunus.passes.base import Pass, PassResult, param
 from prunus.passes.kv.cache import KVCache
+from prunus.passes.kv.policies import POLICIES
 from prunus.passes.kv.runtime import KVDecoder, kv_graphs
 from prunus.passes.registry import register
 
@@ -87,6 +88,10 @@ class KVQuant(Pass):
                 raise PassError(self.name, f"needs a causal KV cache, which kv_cache cannot build: {e.reason}",
                                 node=e.node) from None
             notes.append("no kv_cache policy before: quantizing the full cache")
+        if not POLICIES[graph.kv.get("policy", "full")].quantizable():
+            raise PassError(self.name, f"policy {graph.kv['policy']} keeps per-head lengths, pruned key channels or "
+                                       "per-group caches, which the rectangular quantized storage cannot hold; "
+                                       "quantize a uniform policy (snapkv, pyramidkv, ...)")
         quant = self.params.spec()
         _check_geometry(self.name, kv_graphs(graph)[0].layers, quant["bits"], quant["group_size"])
         spec = {**graph.kv, "quant": quant}

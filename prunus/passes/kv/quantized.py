@@ -31,7 +31,7 @@ from prunus.kernels.kv_quant import (
     quantize_values,
     value_group,
 )
-from prunus.passes.kv.policies import gather_rows
+from prunus.passes.kv.storage import gather_rows
 
 
 def meta_dtype(cache_dtype: torch.dtype) -> torch.dtype:
@@ -115,6 +115,12 @@ class QuantizedLayerCache:
     def nbytes(self) -> int:
         """Packed codes, scales and minimums, and the full-precision residual."""
         return sum(t.numel() * t.element_size() for t in self.graph_inputs())
+
+    def held_bytes(self) -> int:
+        return self.nbytes()
+
+    def head_lengths(self) -> torch.Tensor:
+        return torch.full(self.k_res.shape[:2], self.length, dtype=torch.long)
 
     def append(self, k, v, pos, score=None) -> None:
         self.k_res = torch.cat([self.k_res, k], dim=2)

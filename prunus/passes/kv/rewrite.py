@@ -11,6 +11,13 @@ its weights (the attributes are the same tensors):
   ..., [probs_0, ...])`: the same layers on the new tokens only; each attention becomes
   `torch.ops.prunus.decode_attention` over the cache plus the new entries, which the graph returns for the
   caller to append (the cache is a plain tensor list that a policy can gather, evict or quantize).
+- per-head variants, each a flag of `build_kv_graphs`: `ragged` adds `past_lengths_i` [b, kv_heads] after each
+  layer's past (heads holding different numbers of entries, Ada-KV); `key_channels` adds `k_channels_i`
+  [b, kv_heads, d_kept] (ThinK: the cache keeps those key channels; the graph gathers the same channels of the
+  queries and the new keys before the attention, and returns the pruned new keys); `head_groups` (per layer, the
+  KV heads of each group) gives every group its own past, `k_past_i_j, v_past_i_j`, and one attention per group
+  over its query heads, merged back in head order (DuoAttention); `query_window` makes the prefill graph also
+  return, per layer, the L2 norm of each query channel over the last `query_window` queries ([b, heads, d]).
 - quantized decode (`quant={"bits", "group_size", ...}`, for `kv_quant`): the same, but each layer's past is
   the KIVI-style cache of `prunus.kernels.kv_quant` as eight inputs `(k_q_i, k_scale_i, k_min_i, v_q_i,
   v_scale_i, v_min_i, k_res_i, v_res_i)` (packed codes, their scales and minimums, the full-precision
@@ -69,6 +76,9 @@ class KVGraphs:
     decode_probs: bool = False  # the decode graph appends each layer's attention probabilities
     ragged: bool = False  # the decode graph takes per-head valid lengths of the cache
     quant: dict | None = None  # the decode graph takes quantized caches (bits, group_size)
+    query_window: int | None = None  # the prefill graph appends per-channel query norms over this many queries
+    key_channels: bool = False  # the decode graph takes each layer's kept key channels
+    head_groups: list | None = None  # per layer, the KV heads of each separately cached group
     notes: list = field(default_factory=list)
 
 
@@ -193,11 +203,60 @@ def _finish(graph, g: torch.fx.Graph, outputs) -> torch.fx.GraphModule:
 _QUANTIZED_INPUTS = ("k_q", "k_scale", "k_min", "v_q", "v_scale", "v_min", "k_res", "v_res")
 
 
+def _gather_channels(g, x, channels, repeat: int):
+    """x [b, heads, t, d] -> [b, heads, t, d_kept]: the channels `channels` [b, kv_heads, d_kept] of each KV head,
+    shared by its `repeat` query heads."""
+    idx = g.call_function(aten.repeat_interleave.self_int, (channels, repeat, 1)) if repeat > 1 else channels
+    idx = g.call_function(aten.unsqueeze.default, (idx, 2))
+    t = g.call_function(aten.sym_size.int, (x, 2))
+    idx = g.call_function(aten.expand.default, (idx, [-1, -1, t, -1]))
+    return g.call_function(aten.gather.default, (x, 3, idx))
+
+
+def _runs(heads: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs [start, stop) of sorted head indices."""
+    runs: list[list[int]] = []
+    for h in heads:
+        if runs and runs[-1][1] == h:
+            runs[-1][1] = h + 1
+        else:
+            runs.append([h, h + 1])
+    return [tuple(r) for r in runs]
+
+
+def _cat_heads(g, parts):
+    return parts[0] if len(parts) == 1 else g.call_function(aten.cat.default, (parts, 1))
+
+
+def _select_heads(g, x, heads: list[int], per: int):
+    """The rows of KV heads `heads` (each `per` rows along dim 1) of x."""
+    return _cat_heads(g, [g.call_function(aten.slice.Tensor, (x, 1, a * per, b * per)) for a, b in _runs(heads)])
+
+
+def _merge_heads(g, outs: list, groups: list[list[int]], per: int):
+    """Per-group outputs (rows of their heads, in order) back into one tensor in KV-head order."""
+    owner = {h: (j, i) for j, heads in enumerate(groups) for i, h in enumerate(heads)}
+    parts, h = [], 0
+    while h < len(owner):
+        j, i = owner[h]
+        stop = h + 1
+        while stop < len(owner) and owner[stop] == (j, i + stop - h):
+            stop += 1
+        parts.append(g.call_function(aten.slice.Tensor, (outs[j], 1, i * per, (i + stop - h) * per)))
+        h = stop
+    return _cat_heads(g, parts)
+
+
 def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: bool = False,
-                    ragged: bool = False, quant: dict | None = None) -> KVGraphs:
+                    ragged: bool = False, quant: dict | None = None, query_window: int | None = None,
+                    key_channels: bool = False, head_groups: list | None = None) -> KVGraphs:
     """The prefill and decode graphs of `graph` (see the module docstring)."""
-    if quant is not None and ragged:
-        raise PassError(PASS, "a quantized cache is rectangular: it cannot be combined with per-head (ragged) lengths")
+    if quant is not None and (ragged or key_channels or head_groups):
+        raise PassError(PASS, "a quantized cache is rectangular and full width: it cannot hold per-head lengths, "
+                              "pruned key channels or per-group caches (adakv, think, duo); drop kv_quant or choose "
+                              "a uniform policy")
+    if head_groups is not None and (decode_probs or ragged):
+        raise PassError(PASS, "per-group caches return no attention probabilities and take no per-head lengths")
     sites = attention_layers(graph)
     ids_index, seq = _ids_input(graph)
     if len(graph.placeholders()) != 1:
@@ -224,46 +283,69 @@ def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: b
 
     # prefill
     g, env, out, positions = common()
-    extra, scores = [], []
+    extra, scores, norms = [], [], []
     for (sdpa, k, v), layer in zip(pre, layers):
         extra += [env[k], env[v]]
         if prefill_window is not None:
             with g.inserting_after(env[sdpa]):
                 scores.append(g.call_function(torch.ops.prunus.attention_scores.default,
                                               (env[sdpa.args[0]], env[k], prefill_window, layer.scale)))
-    prefill = _finish(graph, g, out + extra + scores)
+        if query_window is not None:
+            with g.inserting_after(env[sdpa]):
+                last = g.call_function(aten.slice.Tensor, (env[sdpa.args[0]], 2, -query_window, 2 ** 63 - 1))
+                with g.inserting_after(last):
+                    norms.append(g.call_function(aten.linalg_vector_norm.default, (last, 2, [2])))
+    prefill = _finish(graph, g, out + extra + scores + norms)
 
     # decode
     g, env, out, positions = common()
     after, extra, probs = positions, [], []
     for i, ((sdpa, k, v), layer) in enumerate(zip(pre, layers)):
-        new = env[sdpa]
-        if quant is None:
-            kp = after = _placeholder(g, after, f"k_past_{i}")
-            vp = after = _placeholder(g, after, f"v_past_{i}")
-            lengths = None
-            if ragged:
-                lengths = after = _placeholder(g, after, f"past_lengths_{i}")
-            args = (env[sdpa.args[0]], kp, vp, env[k], env[v], layer.scale, lengths)
-            ops = (torch.ops.prunus.decode_attention_scores.default, torch.ops.prunus.decode_attention.default)
-        else:
+        new, q, k_new, v_new = env[sdpa], env[sdpa.args[0]], env[k], env[v]
+        per = layer.num_heads // layer.num_kv_heads
+        groups = [h for h in head_groups[i] if h] if head_groups is not None else None
+        if quant is not None:
             past = []
             for name in _QUANTIZED_INPUTS:
                 past.append(after := _placeholder(g, after, f"{name}_{i}"))
-            args = (env[sdpa.args[0]], *past, env[k], env[v], layer.scale, quant["bits"], quant["group_size"])
+            calls = [(q, *past, k_new, v_new, layer.scale, quant["bits"], quant["group_size"])]
             ops = (torch.ops.prunus.decode_attention_quantized_scores.default,
                    torch.ops.prunus.decode_attention_quantized.default)
+        elif groups is not None and len(groups) > 1:
+            calls = []
+            for j, heads in enumerate(groups):
+                kp = after = _placeholder(g, after, f"k_past_{i}_{j}")
+                vp = after = _placeholder(g, after, f"v_past_{i}_{j}")
+                with g.inserting_before(new):
+                    calls.append((_select_heads(g, q, heads, per), kp, vp, _select_heads(g, k_new, heads, 1),
+                                  _select_heads(g, v_new, heads, 1), layer.scale, None))
+            ops = (None, torch.ops.prunus.decode_attention.default)
+        else:
+            kp = after = _placeholder(g, after, f"k_past_{i}" if groups is None else f"k_past_{i}_0")
+            vp = after = _placeholder(g, after, f"v_past_{i}" if groups is None else f"v_past_{i}_0")
+            lengths = None
+            if ragged:
+                lengths = after = _placeholder(g, after, f"past_lengths_{i}")
+            if key_channels:
+                channels = after = _placeholder(g, after, f"k_channels_{i}")
+                with g.inserting_before(new):
+                    q = _gather_channels(g, q, channels, per)
+                    k_new = _gather_channels(g, k_new, channels, 1)
+            calls = [(q, kp, vp, k_new, v_new, layer.scale, lengths)]
+            ops = (torch.ops.prunus.decode_attention_scores.default, torch.ops.prunus.decode_attention.default)
         with g.inserting_before(new):
             if decode_probs:
-                both = g.call_function(ops[0], args)
+                both = g.call_function(ops[0], calls[0])
                 att = g.call_function(operator.getitem, (both, 0))
                 probs.append(g.call_function(operator.getitem, (both, 1)))
             else:
-                att = g.call_function(ops[1], args)
+                outs = [g.call_function(ops[1], args) for args in calls]
+                att = outs[0] if len(outs) == 1 else _merge_heads(g, outs, groups, per)
         new.replace_all_uses_with(att)
         g.erase_node(new)
-        extra += [env[k], env[v]]
+        extra += [k_new, v_new]
     decode = _finish(graph, g, out + extra + probs)
-    return KVGraphs(prefill, decode, layers, len(out), prefill_window, decode_probs, ragged, quant)
+    return KVGraphs(prefill, decode, layers, len(out), prefill_window, decode_probs, ragged, quant, query_window,
+                    key_channels, head_groups)
 
 

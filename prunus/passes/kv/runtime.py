@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-from prunus.passes.kv.policies import POLICIES, LayerCache, Policy
+from prunus.passes.kv.policies import POLICIES, Policy
 from prunus.passes.kv.quantized import QuantizedLayerCache
-from prunus.passes.kv.rewrite import KVGraphs, build_kv_graphs
+from prunus.passes.kv.storage import LayerCache
+from prunus.passes.kv.rewrite import KVGraphs, attention_layers, build_kv_graphs
 
-POLICY_KEYS = ("budget", "ratio", "sink", "window", "pool", "chunk", "reuse")
+POLICY_KEYS = ("budget", "ratio", "sink", "window", "pool", "chunk", "reuse", "key_ratio", "retrieval",
+               "retrieval_heads")
 
 
 def make_policy(spec: dict, num_layers: int) -> Policy:
@@ -24,15 +26,33 @@ def make_policy(spec: dict, num_layers: int) -> Policy:
     return cls(num_layers=num_layers, **{k: spec[k] for k in POLICY_KEYS if k in spec})
 
 
+def duo_classification(graph, spec: dict) -> tuple[list[list[int]], list[list[float]]]:
+    """duo's retrieval heads per layer and every head's score (`duo.retrieval_heads`), once per graph version."""
+    from prunus.passes.kv.duo import retrieval_heads
+
+    key = ("duo_heads", spec.get("sink"), spec.get("window"), spec.get("retrieval"))
+    return graph.cached(key, lambda: retrieval_heads(graph, spec))
+
+
+def resolve_spec(graph, spec: dict) -> dict:
+    """`spec` completed with what is computed once per graph: duo's retrieval heads."""
+    if spec.get("policy") == "duo" and "retrieval_heads" not in spec:
+        spec = {**spec, "retrieval_heads": duo_classification(graph, spec)[0]}
+    return spec
+
+
 def kv_graphs(graph, spec: dict | None = None) -> tuple[KVGraphs, Policy]:
     """The prefill/decode graphs for `graph` under `spec` (default: the graph's own), built once per version."""
-    spec = spec if spec is not None else (graph.kv or {"policy": "full"})
-    probe, quant = make_policy(spec, 1), spec.get("quant")
-    key = ("kv_graphs", probe.prefill_window, probe.decode_probs,
-           quant and (quant["bits"], quant["group_size"]))
-    graphs = graph.cached(key, lambda: build_kv_graphs(graph, prefill_window=probe.prefill_window,
-                                                       decode_probs=probe.decode_probs, quant=quant))
-    return graphs, make_policy(spec, len(graphs.layers))
+    spec = resolve_spec(graph, spec if spec is not None else (graph.kv or {"policy": "full"}))
+    layers = attention_layers(graph)
+    probe, quant = make_policy(spec, len(layers)), spec.get("quant")
+    groups = probe.head_groups([s.num_kv_heads for s in layers]) if probe.grouped else None
+    flags = dict(prefill_window=probe.prefill_window, decode_probs=probe.decode_probs, ragged=probe.ragged,
+                 query_window=probe.query_window, key_channels=probe.key_channels, head_groups=groups)
+    key = ("kv_graphs", quant and (quant["bits"], quant["group_size"]),
+           *((k, repr(v)) for k, v in flags.items()))
+    graphs = graph.cached(key, lambda: build_kv_graphs(graph, quant=quant, **flags))
+    return graphs, probe
 
 
 def _device(graph) -> torch.device:
@@ -70,11 +90,13 @@ class KVDecoder:
         if self.caches is None:
             out = list(g.prefill(ids, positions))
             kv = out[n_out:n_out + 2 * n_layers]
-            scores = out[n_out + 2 * n_layers:] or None
+            rest = out[n_out + 2 * n_layers:]
+            scores = rest[:n_layers] if g.prefill_window is not None else None
+            norms = rest[-n_layers:] if g.query_window is not None else None
             b = ids.shape[0]
             self.caches = [self._layer_cache(k, v, positions.expand(b, k.shape[1], t))
                            for k, v in zip(kv[0::2], kv[1::2])]
-            self.policy.after_prefill(self.caches, scores, t)
+            self.policy.after_prefill(self.caches, scores, t, norms)
         else:
             flat = [x for c in self.caches for x in c.graph_inputs()]
             out = list(g.decode(ids, positions, *flat))
@@ -95,8 +117,17 @@ class KVDecoder:
 
     def cache_bytes(self) -> int:
         """Bytes of the keys and values the cache holds now (packed codes, scales and minimums under kv_quant;
-        positions and scores are bookkeeping, not counted)."""
+        a ragged cache counts its padding; positions and scores are bookkeeping, not counted)."""
         return sum(c.nbytes() for c in self.caches) if self.caches else 0
 
+    def held_bytes(self) -> int:
+        """Bytes of the entries the heads really hold: `cache_bytes` less a ragged cache's padding."""
+        return sum(c.held_bytes() for c in self.caches) if self.caches else 0
+
     def cache_lengths(self) -> list[int]:
+        """Per layer, the longest head's entries (the allocated length)."""
         return [c.length for c in self.caches] if self.caches else []
+
+    def head_lengths(self) -> list[torch.Tensor]:
+        """Per layer, the entries each (sequence, KV head) holds, [b, kv_heads]."""
+        return [c.head_lengths() for c in self.caches] if self.caches else []
