@@ -32,29 +32,31 @@ def _ids(b, s, seed):
     return torch.randint(0, 256, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
+def _dims(value):
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
 def test_artifact_holds_prefill_and_decode_graphs(kv_artifact):
     import onnx
 
     model, opt, path = kv_artifact
     assert {"model.onnx", "prefill.onnx", "decode.onnx", "pipeline.json"} <= set(os.listdir(path))
-    assert json.load(open(os.path.join(path, "pipeline.json")))["kv"] == opt.graph.kv
+    with open(os.path.join(path, "pipeline.json")) as f:
+        assert json.load(f)["kv"] == opt.graph.kv
     layers = model.config.num_hidden_layers
     prefill = onnx.load(os.path.join(path, "prefill.onnx"))
-    assert [i.name for i in prefill.graph.input] == ["input_ids", "positions"]
+    inputs = {i.name: _dims(i) for i in prefill.graph.input}
+    assert list(inputs) == ["input_ids", "positions"] and all(isinstance(d, str) for d in inputs["input_ids"])
+    assert [o.name for o in prefill.graph.output][-layers:] == [f"scores_{i}" for i in range(layers)]
     decode = onnx.load(os.path.join(path, "decode.onnx"))
-
-    def dims(value):
-        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-
-    inputs = {i.name: dims(i) for i in decode.graph.input}
+    inputs = {i.name: _dims(i) for i in decode.graph.input}
     assert list(inputs)[:4] == ["input_ids", "positions", "k_past_0", "v_past_0"] and len(inputs) == 2 + 2 * layers
     assert all(isinstance(d, str) for d in inputs["input_ids"])  # batch and new tokens are dynamic
-    assert isinstance(inputs["k_past_0"][2], str) and inputs["k_past_0"][1:4:2] == [2, 16]
+    assert isinstance(inputs["k_past_0"][2], str) and inputs["k_past_0"][1:4:2] == [2, 16]  # kv heads, head dim
     assert inputs["k_past_0"][2] != inputs["k_past_1"][2]  # every layer's past length is its own
     outputs = [o.name for o in decode.graph.output]
     assert outputs[-3 * layers:] == [f"{k}_{i}" for i in range(layers) for k in "kv"] + \
         [f"probs_{i}" for i in range(layers)]
-    assert [o.name for o in prefill.graph.output][-layers:] == [f"scores_{i}" for i in range(layers)]
 
 
 def test_ort_steps_match_pytorch_at_new_shapes(kv_artifact):
@@ -106,6 +108,10 @@ def test_kv_export_and_decoder_errors(kv_artifact, tmp_path):
     with pytest.raises(prunus.ExportError, match="decode_attention_quantized"):
         export_kv_onnx(opt.graph, str(tmp_path), {**opt.graph.kv, "quant": {"bits": 4, "group_size": 32}})
     with pytest.raises(prunus.ArtifactError, match="prefill.onnx"):
+        OrtKVDecoder(str(tmp_path))
+    for name in ("prefill.onnx", "decode.onnx"):
+        (tmp_path / name).write_bytes(b"not a model")
+    with pytest.raises(prunus.ArtifactError, match="not a KV graph"):
         OrtKVDecoder(str(tmp_path))
     with pytest.raises(prunus.SpecError, match="export it for this policy"):
         OrtKVDecoder(path, {"policy": "h2o", "budget": 12})  # scores every prompt query: not in prefill.onnx

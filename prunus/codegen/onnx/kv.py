@@ -124,17 +124,22 @@ def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bo
 
 
 class _Session:
-    """An onnxruntime session called like the fx graph it came from: torch tensors in, torch tensors out."""
+    """An onnxruntime session of `prefill.onnx` or `decode.onnx`, called like the fx graph it came from: torch
+    tensors in, torch tensors out; `meta` is the file's `prunus.kv` metadata."""
 
-    def __init__(self, path: str, input_names: list[str], providers=None, threads: int | None = None):
+    def __init__(self, path: str, which: str, providers=None, threads: int | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
-        self.input_names = input_names
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
+            self.meta = json.loads(self.session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
+            raise ArtifactError(f"{path} is not a KV graph written by prunus ({type(e).__name__}: {e})") from e
+        self.input_names = self.meta[f"{which}_inputs"]
         # an input the graph never reads (positions, in a model without position-dependent ops) is not in the file
         self.declared = {i.name for i in self.session.get_inputs()}
 
@@ -185,16 +190,8 @@ class OrtKVDecoder(KVDecoder):
         if missing:
             raise ArtifactError(f"{directory} lacks {', '.join(os.path.basename(p) for p in missing)}: save a "
                                 "kv_cache model with onnx=True (or run export_kv_onnx) to get the KV graphs")
-        import onnx
-
-        try:
-            proto = onnx.load(paths[0], load_external_data=False)
-            meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
-        except (KeyError, ValueError, OSError) as e:
-            raise ArtifactError(f"{paths[0]} has no readable '{METADATA_KEY}' metadata: not written by prunus "
-                                f"({type(e).__name__}: {e})") from e
-        return (meta, _Session(paths[0], meta["prefill_inputs"], providers, threads),
-                _Session(paths[1], meta["decode_inputs"], providers, threads))
+        prefill, decode = (_Session(p, which, providers, threads) for p, which in zip(paths, ("prefill", "decode")))
+        return prefill.meta, prefill, decode
 
     def _logits(self, outputs: list) -> torch.Tensor:
         return outputs[self.logits_index].float()
