@@ -33,6 +33,11 @@ Per-head budgets and key channels (their layouts are in `storage.py`):
   all query heads of the group); the top `key_ratio` fraction of the channels is kept for good (`ChannelCache`),
   and decoding computes q.k over those channels only. Tokens: with a budget or ratio, SnapKV's selection; without
   one, every token. Unlike ThinK, the recent window and the decoded tokens are pruned too (one key width per head).
+- kvzip (KVzip, arXiv:2505.23416): query-agnostic. After prefill the prompt is fed again after itself (positions
+  s .. 2s - 1) through the decode graph, as the model reconstructing its context; an entry scores the attention
+  the reconstruction pays it, summed over its queries and the group's query heads (KVzip takes the maximum; the
+  prompt has no "repeat the context" instruction, as a pass has no tokenizer). Costs a second pass over the prompt
+  whose attention spans 2s entries; the reconstruction's own entries are dropped. Decoding: SnapKV's running score.
 - duo (DuoAttention, arXiv:2410.10819): retrieval heads keep every entry, streaming heads their sinks and most
   recent entries up to `budget` (default sink + window). Which heads retrieve is decided once per graph
   (`duo.py`) and recorded in the spec (`retrieval_heads`); each group has its own cache (`HeadGroupCache`).
@@ -55,6 +60,7 @@ class Policy:
     prefill_window: int | None = None  # last queries whose attention the prefill graph must report
     decode_probs = False  # whether decoding needs each step's attention probabilities
     query_window: int | None = None  # last queries whose per-channel norms the prefill graph must report
+    reconstruct = False  # scores come from feeding the prompt again after itself (KVzip), through the decode graph
     ragged = False  # heads hold different numbers of entries: the decode graph takes their lengths
     grouped = False  # heads split into groups cached apart (`head_groups`): the decode graph attends per group
     key_channels = False  # keys keep some channels only: the decode graph takes them and prunes q and k_new
@@ -243,6 +249,14 @@ class KNorm(Policy):
         return cache.score, -k_new.float().norm(dim=-1)
 
 
+class KVzip(SnapKV):
+    prefill_window = None
+    reconstruct = True
+
+    def prefill_score(self, i, cache, scores):
+        return scores
+
+
 class AdaKV(SnapKV):
     ragged = True
     FLOOR = 0.2  # each head keeps at least this fraction of the even per-head budget (Ada-KV's safeguard)
@@ -357,4 +371,4 @@ class Duo(Streaming):
 
 POLICIES = {"full": Full, "streaming": Streaming, "h2o": H2O, "tova": TOVA, "snapkv": SnapKV,
             "pyramidkv": PyramidKV, "chunkkv": ChunkKV, "vatp": VATP, "knorm": KNorm, "adakv": AdaKV,
-            "think": ThinK, "duo": Duo}
+            "think": ThinK, "duo": Duo, "kvzip": KVzip}

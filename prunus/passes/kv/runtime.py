@@ -96,6 +96,8 @@ class KVDecoder:
             b = ids.shape[0]
             self.caches = [self._layer_cache(k, v, positions.expand(b, k.shape[1], t))
                            for k, v in zip(kv[0::2], kv[1::2])]
+            if self.policy.reconstruct:
+                scores = self._reconstruction_scores(ids, positions)
             self.policy.after_prefill(self.caches, scores, t, norms)
         else:
             flat = [x for c in self.caches for x in c.graph_inputs()]
@@ -108,6 +110,14 @@ class KVDecoder:
                 cache.flush()
         self.position += t
         return self._logits(out)
+
+    def _reconstruction_scores(self, ids, positions) -> list[torch.Tensor]:
+        """KVzip: per layer, the attention [b, kv_heads, s] each prompt entry receives while the prompt, fed again
+        right after itself, is decoded over the cache (the reconstruction's own entries are not kept)."""
+        g, t = self.graphs, ids.shape[1]
+        flat = [x for c in self.caches for x in c.graph_inputs()]
+        probs = list(g.decode(ids, positions + t, *flat))[g.num_outputs + 2 * len(g.layers):]
+        return [p[..., :t] for p in probs]
 
     def _layer_cache(self, k, v, pos):
         if self.quant:

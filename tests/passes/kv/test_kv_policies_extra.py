@@ -263,3 +263,21 @@ def test_quantized_storage_is_refused(llama_kv, with_spec, params):
     with_spec({"policy": "full", "quant": {"bits": 8, "group_size": 8, "residual": 4}})
     with pytest.raises(prunus.PassError, match="kv_cache.*rectangular"):
         KVCache(**params).run(opt.graph, ctx)
+
+
+def test_kvzip_scores_entries_by_the_prompts_reconstruction(llama_kv):
+    """kvzip keeps the entries the prompt, fed again after itself, attends to most: the reference is the
+    attention of the second copy's queries over the first copy in an eager forward of [ids, ids]."""
+    model, opt = llama_kv
+    ids = _ids(30)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = eager(torch.cat([ids, ids], 1), output_attentions=True).attentions
+    dec = _decoder(opt, policy="kvzip", budget=12, sink=2, window=4)
+    dec.feed(ids)
+    for cache, a in zip(dec.caches, att):
+        received = a[:, :, 30:, :30].sum(2).view(BATCH, HK, 2, 30).sum(2)  # over queries and the group's heads
+        pos = torch.arange(30)
+        ranked = received.masked_fill((pos < 2) | (pos >= 26), float("inf"))
+        assert torch.equal(cache.pos, ranked.topk(12, dim=-1).indices.sort(-1).values)
