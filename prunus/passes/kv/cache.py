@@ -5,7 +5,9 @@ input), builds the prefill and decode graphs (`rewrite.py`) and proves the rewri
 inputs: prefilling a prefix and then decoding the remaining tokens one at a time must reproduce the
 full-sequence logits. The main graph keeps computing the same thing (masks may be simplified); the
 policy is recorded on the graph (`graph.kv`) and applied whenever the model is decoded (`prunus.generate`,
-`prunus.eval`), where the cache really shrinks (`policies.py`, `runtime.py`).
+`prunus.eval`), where the cache really shrinks (`policies.py`, `runtime.py`; the per-head layouts of adakv,
+think and duo are in `storage.py`). For duo the pass also classifies the KV heads (`duo.py`, a profiling run on
+synthetic passkey data) and records the retrieval heads in the spec, so a saved model keeps them.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """KV-cache policies: which entries a layer keeps, as a scorer over shared selection machinery.
 
-Every policy keeps, per layer and per KV head, at most `budget` entries of the cache (a compacted
-[b, kv_heads, budget, d] tensor: the memory really shrinks). Entries are scored (higher is kept) at
+The uniform policies keep, per layer and per KV head, at most `budget` entries of the cache (a compacted
+[b, kv_heads, budget, d] tensor: the memory really shrinks; adakv and duo budget per head, see below). Entries are scored (higher is kept) at
 prefill end from what the prefill graph reports, and again at every decode step from the attention
 the new tokens paid; when a layer holds more than its budget, the lowest-scored entries go. The first
 `sink` positions and the last `window` positions are never evicted. Keys are cached after RoPE, so an
