@@ -88,6 +88,16 @@ def test_greedy_over_ort_equals_pytorch(kv_artifact):
     torch.testing.assert_close(OrtKVDecoder(path)(ids), model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_gpt2_full_cache_over_ort(tiny_models, tmp_path):
+    """GPT-2: fused qkv, learned positions, no GQA; policy full lowers plain decode_attention (no scores)."""
+    model, ex = tiny_models("gpt2")
+    opt = prunus.optimize(model, "kv_cache", example_inputs=ex)
+    export_kv_onnx(opt.graph, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["decode.onnx", "prefill.onnx"]
+    ids = _ids(2, 11, seed=2)
+    assert torch.equal(prunus.generate(OrtKVDecoder(str(tmp_path)), ids, 12), prunus.generate(model, ids, 12))
+
+
 def _bytes_tokenizer(text, **kwargs):
     """The tiny llama's 256-token vocabulary read as bytes: a tokenizer for prunus.eval without a download."""
     return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]))

@@ -71,7 +71,9 @@ def _examples(graphs: KVGraphs, vocab_ids: torch.Tensor):
     kv = out[graphs.num_outputs:graphs.num_outputs + 2 * n_layers]
     past = [x[:, :, :FIRST_PAST + i // 2] for i, x in enumerate(kv)]
     decode = (tokens[:, longest:total], torch.arange(longest, total), *past)
-    return prefill, decode
+    # contiguous: a sliced example would be captured with a symbolic stride of its own, and layouts derived
+    # from it (e.g. GPT-2's hidden states) would no longer admit the graph's views
+    return tuple(tuple(x.contiguous() for x in args) for args in (prefill, decode))
 
 
 def _dynamic(args) -> tuple:
