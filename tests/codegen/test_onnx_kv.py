@@ -90,10 +90,17 @@ def test_greedy_over_ort_equals_pytorch(kv_artifact):
 
 def test_gpt2_full_cache_over_ort(tiny_models, tmp_path):
     """GPT-2: fused qkv, learned positions, no GQA; policy full lowers plain decode_attention (no scores)."""
+    import onnx
+
     model, ex = tiny_models("gpt2")
     opt = prunus.optimize(model, "kv_cache", example_inputs=ex)
     export_kv_onnx(opt.graph, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["decode.onnx", "prefill.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["decode.onnx", "kv.onnx.data", "prefill.onnx"]
+    # the weights are stored once for both graphs: every large decode initializer points where prefill's does
+    offsets = [{dict((e.key, e.value) for e in t.external_data)["offset"]
+                for t in onnx.load(str(tmp_path / f), load_external_data=False).graph.initializer if t.external_data}
+               for f in ("prefill.onnx", "decode.onnx")]
+    assert len(offsets[1]) >= 8 and offsets[1] <= offsets[0]
     ids = _ids(2, 11, seed=2)
     assert torch.equal(prunus.generate(OrtKVDecoder(str(tmp_path)), ids, 12), prunus.generate(model, ids, 12))
 

@@ -27,6 +27,8 @@ from prunus.passes.kv.rewrite import KVGraphs, KVLayer
 from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy
 
 KV_FILES = ("prefill.onnx", "decode.onnx")
+SHARED_DATA = "kv.onnx.data"  # the weights both graphs read, stored once
+SHARE_MIN_BYTES = 1024  # smaller initializers stay inside each file
 METADATA_KEY = "prunus.kv"
 # Example sizes of the export: all distinct, so no two dynamic dimensions are taken for one symbol.
 EXAMPLE_BATCH, PREFILL_TOKENS, DECODE_TOKENS, FIRST_PAST = 2, 7, 3, 5
@@ -120,9 +122,42 @@ def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bo
                     want = list(gm(*args))
                 got = run_onnx(path, list(args), names[f"{which}_inputs"])
                 compare_outputs(names[f"{which}_outputs"], got, want, where=f"{file}: ")
+        _share_initializers(tmp, KV_FILES, SHARED_DATA)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(directory, name))
     return [os.path.join(directory, f) for f in KV_FILES]
+
+
+def _share_initializers(directory: str, files: tuple[str, ...], data: str, align: int = 4096) -> None:
+    """Move the initializers of the ONNX `files` in `directory` into one external data file `data`, each
+    distinct tensor stored once (the prefill and decode graphs hold the same weights); the external data
+    files the exporter wrote for large models (`<file>.data`) go."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    stored: dict = {}
+    with open(os.path.join(directory, data), "wb") as out:
+        for file in files:
+            path = os.path.join(directory, file)
+            model = onnx.load(path)  # with any external data the exporter wrote
+            for tensor in model.graph.initializer:
+                raw = tensor.raw_data
+                if len(raw) < SHARE_MIN_BYTES:
+                    continue
+                key = hashlib.sha256(raw).digest()
+                if key not in stored:
+                    out.write(b"\0" * (-out.tell() % align))
+                    stored[key] = out.tell()
+                    out.write(raw)
+                set_external_data(tensor, data, offset=stored[key], length=len(raw))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save(model, path)
+    for file in files:
+        if os.path.exists(os.path.join(directory, file + ".data")):
+            os.remove(os.path.join(directory, file + ".data"))
 
 
 class _Session:
