@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
 import torch
 from torch.utils import _pytree as pytree
@@ -75,7 +76,10 @@ class OptimizedModel:
             save_kernels(self.graph.gm, tmp)  # kernels/<key>.py for every fused call
             if onnx:
                 export_onnx(inline_fused(self.graph), os.path.join(tmp, "model.onnx"))
-                if self.graph.kv is not None:
+                if self.graph.kv is not None and self.graph.kv.get("quant"):
+                    warnings.warn("a kv_quant cache has no ONNX lowering yet: the artifact holds model.onnx but not "
+                                  "prefill.onnx/decode.onnx", stacklevel=2)
+                elif self.graph.kv is not None:
                     export_kv_onnx(self.graph, tmp)
             if self.snapshots:
                 os.makedirs(os.path.join(tmp, "ir"))

@@ -90,7 +90,7 @@ def test_optimize_argument_errors(tiny_models):
         prunus.optimize(model, "dce", example_inputs=x, calibration=[x, (torch.randn(2, 3),)])
 
 
-def test_kv_policy_survives_save_and_load(tiny_models, tmp_path):
+def test_kv_policy_survives_save_and_load(tiny_models, tmp_path, monkeypatch):
     from prunus.eval.decode import PrefixDecoder, decoder
     from prunus.passes.kv import KVDecoder
     from prunus.passes.kv.policies import SnapKV
@@ -116,3 +116,9 @@ def test_kv_policy_survives_save_and_load(tiny_models, tmp_path):
     old = prunus.load(art)
     assert old.graph.kv is None and isinstance(decoder(old), PrefixDecoder)
     torch.testing.assert_close(main_output(old(ids)), model(ids).logits, rtol=1e-4, atol=1e-4)
+    # a kv_quant cache has no ONNX lowering: saving with onnx=True keeps model.onnx and says what is missing
+    monkeypatch.setattr(prunus.api, "export_onnx", lambda graph, path: open(path, "wb").close())
+    opt.graph.kv = {**opt.graph.kv, "quant": {"bits": 4, "group_size": 32, "residual": 32}}
+    with pytest.warns(UserWarning, match="kv_quant"):
+        quant = opt.save(str(tmp_path / "quant"), onnx=True)
+    assert "model.onnx" in os.listdir(quant) and "prefill.onnx" not in os.listdir(quant)
