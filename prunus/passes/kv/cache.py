@@ -120,9 +120,10 @@ def kv_bytes_per_token(graph, context: int = REFERENCE_CONTEXT) -> int | None:
                     for s, n in zip(sites, kept))
         return round(total / context)
     # entries held over each layer's heads (adakv: exactly budget x heads, whatever the padding of its layout),
-    # each a key of the kept channels and a full value
+    # each a key (think: of the kept channels, outside the window) and a full value
     entries = policy.layer_entries(context, [s.num_kv_heads for s in sites])
-    total = sum(n * (policy.key_width(s.head_dim) + s.head_dim) * _cache_elem(s) for s, n in zip(sites, entries))
+    total = sum((policy.key_elements(n, s.num_kv_heads, s.head_dim) + n * s.head_dim) * _cache_elem(s)
+                for s, n in zip(sites, entries))
     return round(total / context)
 
 

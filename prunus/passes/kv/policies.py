@@ -30,9 +30,10 @@ Per-head budgets and key channels (their layouts are in `storage.py`):
   (`RaggedLayerCache`); new entries go to each head's own end and eviction keeps the per-layer total.
 - think (ThinK, arXiv:2407.21018): prunes key channels. Per head, channel j scores
   ||Q_obs[:, j] K[:, j]^T||_F = ||Q_obs[:, j]|| ||K[:, j]|| (Q_obs: the last `window` queries of the prompt, of
-  all query heads of the group); the top `key_ratio` fraction of the channels is kept for good (`ChannelCache`),
-  and decoding computes q.k over those channels only. Tokens: with a budget or ratio, SnapKV's selection; without
-  one, every token. Unlike ThinK, the recent window and the decoded tokens are pruned too (one key width per head).
+  all query heads of the group); the top `key_ratio` fraction of the channels is kept for good (`ChannelCache`).
+  As in ThinK, the last `window` entries keep every channel; an entry is pruned when it leaves the window, and
+  decoding computes q.k over the kept channels for pruned entries (`pruned_keys.py`). Tokens: with a budget or
+  ratio, SnapKV's selection; without one, every token.
 - kvzip (KVzip, arXiv:2505.23416): query-agnostic. After prefill the prompt is fed again after itself (positions
   s .. 2s - 1) through the decode graph, as the model reconstructing its context; an entry scores the attention
   the reconstruction pays it, summed over its queries and the group's query heads (KVzip takes the maximum; the
@@ -63,7 +64,7 @@ class Policy:
     reconstruct = False  # scores come from feeding the prompt again after itself (KVzip), through the decode graph
     ragged = False  # heads hold different numbers of entries: the decode graph takes their lengths
     grouped = False  # heads split into groups cached apart (`head_groups`): the decode graph attends per group
-    key_channels = False  # keys keep some channels only: the decode graph takes them and prunes q and k_new
+    key_channels = False  # older keys keep some channels only: the decode graph takes them (and the recent keys)
 
     def __init__(self, *, budget: int = 0, ratio: float = 0.0, sink: int = 4, window: int = 32, pool: int = 7,
                  chunk: int = 10, reuse: int = 2, num_layers: int = 1):
@@ -85,8 +86,12 @@ class Policy:
         return None
 
     def key_width(self, head_dim: int) -> int:
-        """Key channels kept per head."""
+        """Key channels kept per head (by the entries a policy prunes)."""
         return head_dim
+
+    def key_elements(self, entries: int, num_kv_heads: int, head_dim: int) -> int:
+        """Key elements a layer holds for `entries` entries over its heads."""
+        return entries * head_dim
 
     def layer_entries(self, context: int, num_kv_heads: list[int]) -> list[int]:
         """Entries each layer holds over all its KV heads once a `context`-token prompt is compressed."""
@@ -309,6 +314,10 @@ class ThinK(SnapKV):
     def key_width(self, head_dim):
         return max(1, math.ceil(self.key_ratio * head_dim))
 
+    def key_elements(self, entries, num_kv_heads, head_dim):
+        recent = num_kv_heads * min(self.window, entries // num_kv_heads)
+        return recent * head_dim + (entries - recent) * self.key_width(head_dim)
+
     def after_prefill(self, caches, scores, context, query_norms=None):
         super().after_prefill(caches, scores, context)
         for i, cache in enumerate(caches):
@@ -321,8 +330,7 @@ class ThinK(SnapKV):
         q = query_norms.float().reshape(b, hk, -1, d).pow(2).sum(2).sqrt()  # all query heads of the group
         score = q * cache.k.float().norm(dim=2)
         channels = score.topk(self.key_width(d), dim=-1).indices.sort(dim=-1).values
-        keys = cache.k.gather(3, channels[:, :, None, :].expand(b, hk, cache.length, channels.shape[-1]))
-        return ChannelCache(keys, cache.v, cache.pos, cache.score, channels)
+        return ChannelCache(cache, channels, self.window)
 
 
 class Duo(Streaming):

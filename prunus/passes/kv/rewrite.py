@@ -12,9 +12,10 @@ its weights (the attributes are the same tensors):
   `torch.ops.prunus.decode_attention` over the cache plus the new entries, which the graph returns for the
   caller to append (the cache is a plain tensor list that a policy can gather, evict or quantize).
 - per-head variants, each a flag of `build_kv_graphs`: `ragged` adds `past_lengths_i` [b, kv_heads] after each
-  layer's past (heads holding different numbers of entries, Ada-KV); `key_channels` adds `k_channels_i`
-  [b, kv_heads, d_kept] (ThinK: the cache keeps those key channels; the graph gathers the same channels of the
-  queries and the new keys before the attention, and returns the pruned new keys); `head_groups` (per layer, the
+  layer's past (heads holding different numbers of entries, Ada-KV); `key_channels` (ThinK) makes each layer's
+  past `k_past_i` [b, kv_heads, n_p, d_kept] (older keys, kept channels only), `k_recent_i` (the window's keys,
+  whole), `v_past_i` and `k_channels_i` [b, kv_heads, d_kept], read by
+  `torch.ops.prunus.decode_attention_pruned_keys` (`pruned_keys.py`); `head_groups` (per layer, the
   KV heads of each group) gives every group its own past, `k_past_i_j, v_past_i_j`, and one attention per group
   over its query heads, merged back in head order (DuoAttention); `query_window` makes the prefill graph also
   return, per layer, the L2 norm of each query channel over the last `query_window` queries ([b, heads, d]).
@@ -43,7 +44,7 @@ import torch.fx
 from prunus.errors import PassError
 from prunus.kernels import decode_attention, kv_quant  # noqa: F401  (registers torch.ops.prunus.decode_attention*)
 from prunus.passes.cleanup.dce import eliminate_dead_code
-from prunus.passes.kv import quantized  # noqa: F401  (registers torch.ops.prunus.decode_attention_quantized_scores)
+from prunus.passes.kv import pruned_keys, quantized  # noqa: F401  (register torch.ops.prunus.decode_attention_*)
 
 aten = torch.ops.aten
 PASS = "kv_cache"
@@ -203,16 +204,6 @@ def _finish(graph, g: torch.fx.Graph, outputs) -> torch.fx.GraphModule:
 _QUANTIZED_INPUTS = ("k_q", "k_scale", "k_min", "v_q", "v_scale", "v_min", "k_res", "v_res")
 
 
-def _gather_channels(g, x, channels, repeat: int):
-    """x [b, heads, t, d] -> [b, heads, t, d_kept]: the channels `channels` [b, kv_heads, d_kept] of each KV head,
-    shared by its `repeat` query heads."""
-    idx = g.call_function(aten.repeat_interleave.self_int, (channels, repeat, 1)) if repeat > 1 else channels
-    idx = g.call_function(aten.unsqueeze.default, (idx, 2))
-    t = g.call_function(aten.sym_size.int, (x, 2))
-    idx = g.call_function(aten.expand.default, (idx, [-1, -1, t, -1]))
-    return g.call_function(aten.gather.default, (x, 3, idx))
-
-
 def _runs(heads: list[int]) -> list[tuple[int, int]]:
     """Consecutive runs [start, stop) of sorted head indices."""
     runs: list[list[int]] = []
@@ -322,22 +313,26 @@ def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: b
             ops = (None, torch.ops.prunus.decode_attention.default)
         else:
             kp = after = _placeholder(g, after, f"k_past_{i}" if groups is None else f"k_past_{i}_0")
+            if key_channels:
+                recent = after = _placeholder(g, after, f"k_recent_{i}")
             vp = after = _placeholder(g, after, f"v_past_{i}" if groups is None else f"v_past_{i}_0")
             lengths = None
             if ragged:
                 lengths = after = _placeholder(g, after, f"past_lengths_{i}")
             if key_channels:
                 channels = after = _placeholder(g, after, f"k_channels_{i}")
-                with g.inserting_before(new):
-                    q = _gather_channels(g, q, channels, per)
-                    k_new = _gather_channels(g, k_new, channels, 1)
-            calls = [(q, kp, vp, k_new, v_new, layer.scale, lengths)]
-            ops = (torch.ops.prunus.decode_attention_scores.default, torch.ops.prunus.decode_attention.default)
+                calls = [(q, channels, kp, recent, vp, k_new, v_new, layer.scale)]
+                pruned = torch.ops.prunus.decode_attention_pruned_keys.default
+                ops = (pruned, None)
+            else:
+                calls = [(q, kp, vp, k_new, v_new, layer.scale, lengths)]
+                ops = (torch.ops.prunus.decode_attention_scores.default, torch.ops.prunus.decode_attention.default)
         with g.inserting_before(new):
-            if decode_probs:
+            if decode_probs or ops[1] is None:
                 both = g.call_function(ops[0], calls[0])
                 att = g.call_function(operator.getitem, (both, 0))
-                probs.append(g.call_function(operator.getitem, (both, 1)))
+                if decode_probs:
+                    probs.append(g.call_function(operator.getitem, (both, 1)))
             else:
                 outs = [g.call_function(ops[1], args) for args in calls]
                 att = outs[0] if len(outs) == 1 else _merge_heads(g, outs, groups, per)

@@ -1,7 +1,8 @@
 """How a layer's kept KV entries are stored between decode steps: the layouts the decode graphs read.
 
 - `LayerCache`: every KV head holds the same number of entries, k [b, hk, n, d], v [b, hk, n, dv] (the
-  uniform policies; `ChannelCache` adds ThinK's kept key channels, its keys being [b, hk, n, d_kept]).
+  uniform policies). `ChannelCache` (ThinK) stores the keys of entries older than the recent window with the
+  kept channels only, [b, hk, n_p, d_kept], and the window's keys whole.
 - `RaggedLayerCache`: heads hold different numbers of entries (Ada-KV). Head (b, g)'s entries sit in the first
   `lengths[b, g]` slots of a tensor padded to the longest head, in position order; the decode graph takes
   `lengths` as `past_lengths` and never reads the padding. Allocated memory is the longest head times the heads
@@ -76,14 +77,54 @@ class LayerCache:
         return self.k, self.v
 
 
-@dataclass
 class ChannelCache(LayerCache):
-    """A `LayerCache` whose keys keep only the channels `channels` [b, hk, d_kept] (ThinK): k [b, hk, n, d_kept].
-    The decode graph takes the channels and attends with the queries' matching channels."""
-    channels: torch.Tensor | None = None
+    """ThinK's layout: entries older than the last `window` positions keep only the key channels `channels`
+    [b, hk, d_kept] (k [b, hk, n_p, d_kept]); the recent ones keep every channel (k_recent [b, hk, n_r, d]);
+    v, pos and score cover the older then the recent entries. An entry is pruned when it leaves the window. The
+    recent entries are the same positions in every head (eviction protects them), so both parts stay rectangular."""
+
+    def __init__(self, cache: LayerCache, channels: torch.Tensor, window: int):
+        self.channels, self.window = channels, window
+        self.v, self.pos, self.score = cache.v, cache.pos, cache.score
+        self.k, self.k_recent = cache.k[:, :, :0].gather(3, self._index(0)), cache.k
+        self._prune()
+
+    def _index(self, n: int) -> torch.Tensor:
+        return self.channels[:, :, None, :].expand(*self.channels.shape[:2], n, self.channels.shape[-1])
+
+    def _prune(self) -> None:
+        """Move the recent entries that left the window to the pruned part."""
+        recent = self.pos[0, 0, self.k.shape[2]:]
+        old = int((recent < int(recent.max()) + 1 - self.window).sum()) if recent.numel() else 0
+        if old:
+            self.k = torch.cat([self.k, self.k_recent[:, :, :old].gather(3, self._index(old))], dim=2)
+            self.k_recent = self.k_recent[:, :, old:]
+
+    @property
+    def length(self) -> int:
+        return self.v.shape[2]
+
+    def nbytes(self) -> int:
+        return _bytes(self.k, self.k_recent, self.v)
 
     def graph_inputs(self) -> tuple:
-        return self.k, self.v, self.channels
+        return self.k, self.k_recent, self.v, self.channels
+
+    def append(self, k, v, pos, score=None) -> None:
+        self.k_recent = torch.cat([self.k_recent, k], dim=2)
+        self.v = torch.cat([self.v, v], dim=2)
+        self.pos = torch.cat([self.pos, pos], dim=2)
+        if self.score is not None and score is not None:
+            self.score = torch.cat([self.score, score], dim=2)
+        self._prune()
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep entries `idx` [b, hk, m], which include every recent entry (the policies protect the window)."""
+        idx = idx.sort(dim=-1).values
+        self.k = gather_rows(self.k, idx[..., :idx.shape[-1] - self.k_recent.shape[2]])
+        self.v, self.pos = gather_rows(self.v, idx), self.pos.gather(2, idx)
+        if self.score is not None:
+            self.score = self.score.gather(2, idx)
 
 
 class RaggedLayerCache:

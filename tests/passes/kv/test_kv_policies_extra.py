@@ -43,22 +43,34 @@ def _kept(cache, n: int) -> torch.Tensor:
     return torch.zeros(*pos.shape[:2], n + 1, dtype=torch.bool).scatter(2, pos, True)[..., :n]
 
 
-def _masked_attention(mask, channels):
-    """Attention over the full past restricted to `mask` [b, hk, n]; with `channels` [b, hk, d_kept], q.k over
-    those key channels only (the other channels of q zeroed)."""
+def _masked_attention(mask, channels=None, pruned=None):
+    """Attention over the full past restricted to `mask` [b, hk, n]; for the entries `pruned` [b, hk, n], q.k over
+    the key channels `channels` [b, hk, d_kept] only (the other channels of q zeroed)."""
     def attend(q, k_past, v_past, k_new, v_new, scale, past_lengths=None):
         b, h, t, d = q.shape
         n, group = k_past.shape[2], h // k_past.shape[1]
-        if channels is not None:
-            keep = torch.zeros(b, k_past.shape[1], d, dtype=torch.bool).scatter(2, channels, True)
-            q = q * keep.repeat_interleave(group, 1)[:, :, None, :]
         k = torch.cat([k_past, k_new], 2).repeat_interleave(group, 1)
         v = torch.cat([v_past, v_new], 2).repeat_interleave(group, 1)
+        logits = q @ k.transpose(-1, -2) * scale
+        if channels is not None:
+            keep = torch.zeros(b, k_past.shape[1], d, dtype=torch.bool).scatter(2, channels, True)
+            q_kept = q * keep.repeat_interleave(group, 1)[:, :, None, :]
+            narrow = torch.cat([pruned, torch.zeros(b, pruned.shape[1], t, dtype=torch.bool)], -1)
+            logits = torch.where(narrow.repeat_interleave(group, 1)[:, :, None, :],
+                                 q_kept @ k.transpose(-1, -2) * scale, logits)
         past = mask.repeat_interleave(group, 1)[:, :, None, :].expand(b, h, t, n)
         causal = torch.ones(t, t, dtype=torch.bool).tril().expand(b, h, t, t)
-        logits = (q @ k.transpose(-1, -2) * scale).masked_fill(~torch.cat([past, causal], -1), float("-inf"))
+        logits = logits.masked_fill(~torch.cat([past, causal], -1), float("-inf"))
         return torch.softmax(logits, -1) @ v
     return attend
+
+
+def _pruned(cache, n: int):
+    """[b, hk, n]: the entries a ChannelCache holds with pruned keys (None for other layouts)."""
+    if not hasattr(cache, "k_recent"):
+        return None
+    pos = cache.pos[..., :cache.k.shape[2]]
+    return torch.zeros(*pos.shape[:2], n, dtype=torch.bool).scatter(2, pos, True)
 
 
 class MaskedReference:
@@ -70,7 +82,7 @@ class MaskedReference:
 
     def step(self, ids, dec):
         n = self.full.position
-        fns = [_masked_attention(_kept(c, n), getattr(c, "channels", None)) for c in dec.caches]
+        fns = [_masked_attention(_kept(c, n), getattr(c, "channels", None), _pruned(c, n)) for c in dec.caches]
         g = copy.deepcopy(self.full.graphs.decode.graph)
         for node, fn in zip(g.find_nodes(op="call_function", target=ops.decode_attention.default), fns, strict=True):
             node.target = fn
@@ -142,15 +154,18 @@ def test_adakv_appends_at_each_heads_end():
 def test_think_prunes_key_channels(llama_kv, budget):
     model, opt = llama_kv
     dec = _decoder(opt, policy="think", key_ratio=0.25, budget=budget, sink=2, window=4)
-    assert any(n.name == "k_channels_1" for n in dec.graphs.decode.graph.nodes)
-    seen = _check_against_reference(opt, dec)  # q.k over the kept channels only == q's other channels zeroed
+    names = [n.name for n in dec.graphs.decode.graph.nodes if n.op == "placeholder"]
+    assert names[2:6] == ["k_past_0", "k_recent_0", "v_past_0", "k_channels_0"]
+    # q.k over the kept channels only (q's other channels zeroed) for entries older than the window
+    seen = _check_against_reference(opt, dec)
     n = 46 if budget is None else budget
     assert all(torch.equal(per_head, torch.full((BATCH, HK), n)) for per_head in seen[-1])
     for cache in dec.caches:
-        assert tuple(cache.k.shape) == (BATCH, HK, n, 4) and tuple(cache.v.shape) == (BATCH, HK, n, D)
-        assert tuple(cache.channels.shape) == (BATCH, HK, 4)
+        assert tuple(cache.k.shape) == (BATCH, HK, n - 4, 4) and tuple(cache.k_recent.shape) == (BATCH, HK, 4, D)
+        assert tuple(cache.v.shape) == (BATCH, HK, n, D) and tuple(cache.channels.shape) == (BATCH, HK, 4)
         assert all(len(set(row.tolist())) == 4 for row in cache.channels.flatten(0, 1))
-    assert dec.cache_bytes() == LAYERS * BATCH * HK * n * (4 + D) * 4
+        assert (cache.pos[..., n - 4:] == torch.arange(42, 46)).all()  # the window keeps every channel
+    assert dec.cache_bytes() == LAYERS * BATCH * HK * ((n - 4) * 4 + 4 * D + n * D) * 4
 
 
 def test_think_channels_score_window_queries_times_key_norms(llama_kv):
@@ -166,7 +181,23 @@ def test_think_channels_score_window_queries_times_key_norms(llama_kv):
         group_q = q.view(BATCH, HK, 2, D).pow(2).sum(2).sqrt()
         want = (group_q * k.norm(dim=2)).topk(8, dim=-1).indices.sort(-1).values
         assert torch.equal(cache.channels, want)
-        torch.testing.assert_close(cache.k, k.gather(3, want[:, :, None, :].expand(BATCH, HK, 30, 8)))
+        torch.testing.assert_close(cache.k, k[:, :, :25].gather(3, want[:, :, None, :].expand(BATCH, HK, 25, 8)))
+        torch.testing.assert_close(cache.k_recent, k[:, :, 25:])
+
+
+def test_pruned_keys_op_is_attention_with_zeroed_channels():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8,
+                                                                                                        generator=g)
+    k_new, v_new = torch.randn(2, 2, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
+    channels = torch.randn(2, 2, 8, generator=g).topk(3, dim=-1).indices.sort(-1).values
+    out, probs = ops.decode_attention_pruned_keys(q, channels, k[:, :, :6].gather(
+        3, channels[:, :, None, :].expand(2, 2, 6, 3)), k[:, :, 6:], v, k_new, v_new, 0.3)
+    keep = torch.zeros(2, 2, 8, dtype=torch.bool).scatter(2, channels, True)
+    k_ref = torch.cat([k[:, :, :6] * keep[:, :, None, :], k[:, :, 6:]], 2)  # zeroed key channels == zeroed q's
+    want, want_probs = ops.decode_attention_scores(q, k_ref, v, k_new, v_new, 0.3)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(probs, want_probs)
 
 
 def test_duo_classifies_heads_once_and_streams_the_others(tiny_models, tmp_path):
@@ -218,24 +249,24 @@ def with_spec(llama_kv):
     opt.graph.kv = kept
 
 
-@pytest.mark.parametrize("params,entries", [
-    (dict(policy="adakv", budget=12, sink=2, window=4), lambda n, retrieval: HK * 12),
-    (dict(policy="think", key_ratio=0.25), lambda n, retrieval: HK * n),
-    (dict(policy="duo", sink=2, window=4, retrieval=0.25), lambda n, retrieval: retrieval * n + (HK - retrieval) * 6),
+@pytest.mark.parametrize("params,layer_bytes", [
+    (dict(policy="adakv", budget=12, sink=2, window=4), lambda n, retrieval: HK * 12 * 2 * D),
+    (dict(policy="think", key_ratio=0.25), lambda n, retrieval: HK * ((n - 32) * 4 + 32 * D + n * D)),
+    (dict(policy="duo", sink=2, window=4, retrieval=0.25),
+     lambda n, retrieval: (retrieval * n + (HK - retrieval) * 6) * 2 * D),
 ])
-def test_generate_and_report_the_smaller_cache(llama_kv, with_spec, params, entries):
+def test_generate_and_report_the_smaller_cache(llama_kv, with_spec, params, layer_bytes):
     model, _ = llama_kv
     opt = with_spec(KVCacheParams(**params).spec())
     ids = _ids(40)
     out, stats = prunus.generate(opt, ids, 6, return_stats=True)
     _, full = prunus.generate(model, ids, 6, return_stats=True)
     assert out.shape == (BATCH, 46) and stats["kv_bytes"] < full["kv_bytes"] == LAYERS * BATCH * HK * 45 * 2 * D * 4
-    width = 4 if params["policy"] == "think" else D
     heads = resolve_spec(opt.graph, opt.graph.kv).get("retrieval_heads", [[]] * LAYERS)  # duo: classified on use
-    per_layer = [entries(4096, len(h)) * (width + D) * 4 for h in heads]
-    assert kv_bytes_per_token(opt.graph) == round(sum(per_layer) / 4096)  # the report's kv_bytes_after
+    per_token = sum(layer_bytes(4096, len(h)) * 4 for h in heads) / 4096
+    assert kv_bytes_per_token(opt.graph) == round(per_token)  # the report's kv_bytes_after
     if params["policy"] != "adakv":  # adakv's allocation depends on its longest head
-        assert stats["kv_bytes"] == BATCH * sum(entries(45, len(h)) * (width + D) * 4 for h in heads)
+        assert stats["kv_bytes"] == BATCH * sum(layer_bytes(45, len(h)) * 4 for h in heads)
 
 
 @pytest.mark.parametrize("spec,match", [
