@@ -1,6 +1,7 @@
 """KIVI-style quantized KV cache: packed formats, quantize/dequantize helpers, a reference, and the op
 `torch.ops.prunus.decode_attention_quantized` (KIVI, arXiv:2402.02750: keys per channel, values per token,
-asymmetric, the most recent tokens in full precision).
+asymmetric, the most recent tokens in full precision), and `decode_attention_quantized_scores`, which also returns
+the attention probabilities per entry (as `decode_attention_scores`) for the eviction policies (reference only).
 
 Attention of the new tokens over a cache of three parts, in sequence order: `n_q` quantized entries, `r`
 full-precision residual entries (the most recent ones, r < group_size in the KIVI scheme: the caller quantizes
@@ -164,6 +165,27 @@ def decode_attention_quantized(q: torch.Tensor, k_q: torch.Tensor, k_scale: torc
 @decode_attention_quantized.register_fake
 def _(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size):
     return q.new_empty(*q.shape[:3], v_res.shape[-1])
+
+
+@torch.library.custom_op("prunus::decode_attention_quantized_scores", mutates_args=())
+def decode_attention_quantized_scores(q: torch.Tensor, k_q: torch.Tensor, k_scale: torch.Tensor, k_min: torch.Tensor,
+                                      v_q: torch.Tensor, v_scale: torch.Tensor, v_min: torch.Tensor,
+                                      k_res: torch.Tensor, v_res: torch.Tensor, k_new: torch.Tensor,
+                                      v_new: torch.Tensor, scale: float, bits: int,
+                                      group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_attention_quantized`, plus the probabilities `decode_attention_scores` returns (for the policies
+    that score by attention); the reference dequantizes inside the op, on any device."""
+    _check(q, k_q, k_scale, v_q, v_scale, k_res, v_res, k_new, bits, group_size)
+    k = torch.cat([dequantize_keys(k_q, k_scale, k_min, bits, group_size), k_res.float()], dim=2)
+    v = torch.cat([dequantize_values(v_q, v_scale, v_min, bits, group_size), v_res.float()], dim=2)
+    return decode_attention_reference(q, k, v, k_new.float(), v_new.float(), scale, return_probs=True)
+
+
+@decode_attention_quantized_scores.register_fake
+def _(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size):
+    total = k_q.shape[2] + k_res.shape[2] + k_new.shape[2]
+    return (q.new_empty(*q.shape[:3], v_res.shape[-1]),
+            q.new_empty(k_q.shape[0], k_q.shape[1], total, dtype=torch.float32))
 
 
 @functools.cache

@@ -23,7 +23,6 @@ import math
 
 import torch
 
-from prunus.kernels.decode_attention import decode_attention_reference
 from prunus.kernels.kv_quant import (
     dequantize_keys,
     dequantize_values,
@@ -47,26 +46,6 @@ def quantized_bytes(n: int, num_kv_heads: int, head_dim: int, v_dim: int, cache_
     packed = n_q * (head_dim + v_dim) * bits // 8
     scales = 2 * meta * (n_q // g * head_dim + n_q * (v_dim // value_group(g, v_dim)))
     return num_kv_heads * (packed + scales + (n - n_q) * (head_dim + v_dim) * cache_elem)
-
-
-@torch.library.custom_op("prunus::decode_attention_quantized_scores", mutates_args=())
-def decode_attention_quantized_scores(q: torch.Tensor, k_q: torch.Tensor, k_scale: torch.Tensor, k_min: torch.Tensor,
-                                      v_q: torch.Tensor, v_scale: torch.Tensor, v_min: torch.Tensor,
-                                      k_res: torch.Tensor, v_res: torch.Tensor, k_new: torch.Tensor,
-                                      v_new: torch.Tensor, scale: float, bits: int,
-                                      group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decode_attention_quantized`, plus the probabilities `decode_attention_scores` returns (for the policies
-    that score by attention); the reference dequantizes inside the op, on any device."""
-    k = torch.cat([dequantize_keys(k_q, k_scale, k_min, bits, group_size), k_res.float()], dim=2)
-    v = torch.cat([dequantize_values(v_q, v_scale, v_min, bits, group_size), v_res.float()], dim=2)
-    return decode_attention_reference(q, k, v, k_new.float(), v_new.float(), scale, return_probs=True)
-
-
-@decode_attention_quantized_scores.register_fake
-def _(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size):
-    total = k_q.shape[2] + k_res.shape[2] + k_new.shape[2]
-    return (q.new_empty(*q.shape[:3], v_res.shape[-1]),
-            q.new_empty(k_q.shape[0], k_q.shape[1], total, dtype=torch.float32))
 
 
 class QuantizedLayerCache:

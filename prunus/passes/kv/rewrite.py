@@ -44,7 +44,7 @@ import torch.fx
 from prunus.errors import PassError
 from prunus.kernels import decode_attention, kv_quant  # noqa: F401  (registers torch.ops.prunus.decode_attention*)
 from prunus.passes.cleanup.dce import eliminate_dead_code
-from prunus.passes.kv import pruned_keys, quantized  # noqa: F401  (register torch.ops.prunus.decode_attention_*)
+from prunus.passes.kv import pruned_keys  # noqa: F401  (registers torch.ops.prunus.decode_attention_pruned_keys)
 
 aten = torch.ops.aten
 PASS = "kv_cache"
