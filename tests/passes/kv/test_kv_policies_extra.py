@@ -256,13 +256,15 @@ def with_spec(llama_kv):
      lambda n, retrieval: (retrieval * n + (HK - retrieval) * 6) * 2 * D),
 ])
 def test_generate_and_report_the_smaller_cache(llama_kv, with_spec, params, layer_bytes):
-    model, _ = llama_kv
-    opt = with_spec(KVCacheParams(**params).spec())
+    model, opt = llama_kv
+    with_spec(None)
+    result = KVCache(**params).run(opt.graph, prunus.passes.PassContext(example_inputs=list(opt.graph.example_inputs)))
+    assert opt.graph.kv == resolve_spec(opt.graph, KVCacheParams(**params).spec()) and result.notes
     ids = _ids(40)
     out, stats = prunus.generate(opt, ids, 6, return_stats=True)
     _, full = prunus.generate(model, ids, 6, return_stats=True)
     assert out.shape == (BATCH, 46) and stats["kv_bytes"] < full["kv_bytes"] == LAYERS * BATCH * HK * 45 * 2 * D * 4
-    heads = resolve_spec(opt.graph, opt.graph.kv).get("retrieval_heads", [[]] * LAYERS)  # duo: classified on use
+    heads = opt.graph.kv.get("retrieval_heads", [[]] * LAYERS)
     per_token = sum(layer_bytes(4096, len(h)) * 4 for h in heads) / 4096
     assert kv_bytes_per_token(opt.graph) == round(per_token)  # the report's kv_bytes_after
     if params["policy"] != "adakv":  # adakv's allocation depends on its longest head
