@@ -322,8 +322,7 @@ def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: b
             if key_channels:
                 channels = after = _placeholder(g, after, f"k_channels_{i}")
                 calls = [(q, channels, kp, recent, vp, k_new, v_new, layer.scale)]
-                pruned = torch.ops.prunus.decode_attention_pruned_keys.default
-                ops = (pruned, None)
+                ops = (torch.ops.prunus.decode_attention_pruned_keys.default, None)  # (out, probs) only
             else:
                 calls = [(q, kp, vp, k_new, v_new, layer.scale, lengths)]
                 ops = (torch.ops.prunus.decode_attention_scores.default, torch.ops.prunus.decode_attention.default)
