@@ -24,27 +24,36 @@ from torch.utils import _pytree as pytree
 from prunus.codegen.onnx.export import EXTERNAL_DATA_BYTES, compare_outputs, failed_op, lower_program, run_onnx
 from prunus.errors import ArtifactError, ExportError, SpecError
 from prunus.passes.kv.rewrite import KVGraphs, KVLayer
-from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy
+from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy, resolve_spec
 
 KV_FILES = ("prefill.onnx", "decode.onnx")
 SHARED_DATA = "kv.onnx.data"  # the weights both graphs read, stored once
 SHARE_MIN_BYTES = 1024  # smaller initializers stay inside each file
 METADATA_KEY = "prunus.kv"
-# Example sizes of the export: all distinct, so no two dynamic dimensions are taken for one symbol.
-EXAMPLE_BATCH, PREFILL_TOKENS, DECODE_TOKENS, FIRST_PAST = 2, 7, 3, 5
+# Example sizes of the export (each dynamic dimension gets its own symbol; sizes of 1 would be fixed).
+EXAMPLE_BATCH, PREFILL_TOKENS, DECODE_TOKENS = 2, 7, 3
+
+
+def _outputs(gm) -> int:
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return len(out) if isinstance(out, (tuple, list)) else 1
 
 
 def _names(graphs: KVGraphs, output_names: list[str]) -> dict:
+    """Input names (the graphs' placeholders) and output names: the model's outputs, `k_i`/`v_i`, then what
+    the policy reads (`scores_i`, `query_norms_i` after prefill; `probs_i` after decode)."""
     layers = range(len(graphs.layers))
     kv_out = [f"{kind}_{i}" for i in layers for kind in ("k", "v")]
-    placeholders = {name: [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-                    for name, gm in (("prefill", graphs.prefill), ("decode", graphs.decode))}
-    return {
-        "prefill_inputs": placeholders["prefill"],
-        "prefill_outputs": output_names + kv_out + ([f"scores_{i}" for i in layers] if graphs.prefill_window else []),
-        "decode_inputs": placeholders["decode"],
-        "decode_outputs": output_names + kv_out + ([f"probs_{i}" for i in layers] if graphs.decode_probs else []),
-    }
+    prefill = output_names + kv_out + [f"scores_{i}" for i in layers if graphs.prefill_window is not None] + \
+        [f"query_norms_{i}" for i in layers if getattr(graphs, "query_window", None) is not None]
+    decode = output_names + kv_out + [f"probs_{i}" for i in layers if graphs.decode_probs]
+    names = {}
+    for which, outputs in (("prefill", prefill), ("decode", decode)):
+        gm = getattr(graphs, which)
+        names[f"{which}_inputs"] = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        names[f"{which}_outputs"] = (outputs + [f"output_{j}" for j in range(len(outputs), _outputs(gm))])[
+            :_outputs(gm)]
+    return names
 
 
 def _logits_index(graph) -> int:
@@ -58,30 +67,28 @@ def _logits_index(graph) -> int:
     return next(i for i, m in enumerate(marks) if m is picked)
 
 
-def _examples(graphs: KVGraphs, vocab_ids: torch.Tensor):
-    """Example inputs of both graphs: a prefill of PREFILL_TOKENS, then DECODE_TOKENS new tokens over a cache
-    whose length differs per layer (FIRST_PAST + layer), taken from that prefill's real keys and values."""
-    ids = vocab_ids.reshape(-1)
-    n_layers = len(graphs.layers)
-    longest = FIRST_PAST + n_layers - 1
-    total = longest + DECODE_TOKENS
-    tokens = ids[torch.arange(EXAMPLE_BATCH * max(total, PREFILL_TOKENS)) % ids.numel()]
-    tokens = tokens.reshape(EXAMPLE_BATCH, -1)
+def _examples(source, spec: dict):
+    """Example inputs of both graphs: a prefill of PREFILL_TOKENS, then DECODE_TOKENS new tokens over the cache
+    that prefill left, in whatever layout the policy keeps it (what the decode graph takes at run time)."""
+    ids = source.example_inputs[0].reshape(-1)
+    total = PREFILL_TOKENS + DECODE_TOKENS
+    tokens = ids[torch.arange(EXAMPLE_BATCH * total) % ids.numel()].reshape(EXAMPLE_BATCH, total)
+    decoder = KVDecoder(source, spec)
+    decoder.feed(tokens[:, :PREFILL_TOKENS])
+    past = [x for cache in decoder.caches for x in cache.graph_inputs()]
     prefill = (tokens[:, :PREFILL_TOKENS], torch.arange(PREFILL_TOKENS))
-    with torch.no_grad():
-        out = graphs.prefill(tokens[:, :longest], torch.arange(longest))
-    kv = out[graphs.num_outputs:graphs.num_outputs + 2 * n_layers]
-    past = [x[:, :, :FIRST_PAST + i // 2] for i, x in enumerate(kv)]
-    decode = (tokens[:, longest:total], torch.arange(longest, total), *past)
+    decode = (tokens[:, PREFILL_TOKENS:], torch.arange(PREFILL_TOKENS, total), *past)
     # contiguous: a sliced example would be captured with a symbolic stride of its own, and layouts derived
     # from it (e.g. GPT-2's hidden states) would no longer admit the graph's views
     return tuple(tuple(x.contiguous() for x in args) for args in (prefill, decode))
 
 
 def _dynamic(args) -> tuple:
-    """Batch and sequence of the ids, the positions' length, batch and length of every cache tensor."""
+    """Batch and sequence of the ids, the positions' length; batch of every cache tensor, and the entries
+    (dim 2) of the [b, heads, n, d] ones; other sizes (heads, channels) are fixed by the model and policy."""
     ids, positions, *past = args
-    return ({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO}, *({0: Dim.AUTO, 2: Dim.AUTO} for _ in past))
+    return ({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO},
+            *({0: Dim.AUTO, 2: Dim.AUTO} if x.dim() == 4 else {0: Dim.AUTO} for x in past))
 
 
 def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bool = True) -> list[str]:
@@ -96,12 +103,14 @@ def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bo
         raise ExportError("ONNX lowering failed at prunus::decode_attention_quantized: a kv_quant cache has no ONNX "
                           "translation yet; export the model before kv_quant (the eviction policy exports)")
     source = inline_fused(graph)
+    spec = resolve_spec(source, spec)  # e.g. duo's retrieval heads, which the runtime cannot compute
     graphs, _ = kv_graphs(source, spec)
     names = _names(graphs, source.output_names())
-    meta = {"spec": spec, "layers": [dataclasses.asdict(layer) for layer in graphs.layers],
-            "num_outputs": graphs.num_outputs, "logits": _logits_index(source),
-            "prefill_window": graphs.prefill_window, "decode_probs": graphs.decode_probs, **names}
-    examples = dict(zip(("prefill", "decode"), _examples(graphs, source.example_inputs[0])))
+    flags = {f.name: getattr(graphs, f.name) for f in dataclasses.fields(KVGraphs)
+             if f.name not in ("prefill", "decode", "layers", "notes")}
+    meta = {"spec": spec, "layers": [dataclasses.asdict(layer) for layer in graphs.layers], "graphs": flags,
+            "logits": _logits_index(source), **names}
+    examples = dict(zip(("prefill", "decode"), _examples(source, spec)))
     large = sum(p.numel() * p.element_size() for p in source.gm.parameters()) > EXTERNAL_DATA_BYTES
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -186,6 +195,26 @@ class _Session:
         return [torch.from_numpy(x) for x in self.session.run(None, feed)]
 
 
+def _check_compatible(spec: dict, exported: dict, flags: dict, num_layers: int) -> None:
+    """A SpecError unless the exported graphs give policy `spec` what it reads and take the cache it keeps."""
+    probe, name = make_policy(spec, num_layers), spec.get("policy")
+    for key in ("prefill_window", "query_window"):
+        value = getattr(probe, key)
+        if value is not None and value != flags.get(key):
+            raise SpecError(f"policy {name} needs {key}={value} from {KV_FILES[0]}, which was exported with "
+                            f"{flags.get(key)}: export it for this policy")
+    if probe.decode_probs and not flags.get("decode_probs"):
+        raise SpecError(f"policy {name} reads each decode step's attention, which {KV_FILES[1]} does not report: "
+                        "export it for this policy")
+    layouts = {"ragged": probe.ragged, "key_channels": probe.key_channels, "quant": spec.get("quant")}
+    for key, value in layouts.items():
+        if bool(value) != bool(flags.get(key)):
+            raise SpecError(f"policy {name} keeps its cache in a layout ({key}) {KV_FILES[1]} was not exported "
+                            "for: export it for this policy")
+    if (probe.grouped or flags.get("head_groups")) and spec != exported:
+        raise SpecError(f"policy {name} caches head groups of its own: only the exported policy runs on them")
+
+
 class OrtKVDecoder(KVDecoder):
     """`KVDecoder` over onnxruntime sessions of `prefill.onnx` / `decode.onnx` in `directory` (an artifact
     saved with `onnx=True`, or a directory `export_kv_onnx` wrote). `spec` overrides the saved policy, where
@@ -201,19 +230,13 @@ class OrtKVDecoder(KVDecoder):
         self._shared = directory, _shared
         meta, prefill, decode = _shared
         spec = dict(spec if spec is not None else meta["spec"])
-        probe = make_policy(spec, 1)
-        if probe.prefill_window is not None and probe.prefill_window != meta["prefill_window"]:
-            raise SpecError(f"policy {spec.get('policy')} scores the prefill over the last {probe.prefill_window} "
-                            f"queries, but {KV_FILES[0]} reports {meta['prefill_window']}: export it for this policy")
-        if probe.decode_probs and not meta["decode_probs"]:
-            raise SpecError(f"policy {spec.get('policy')} reads each decode step's attention, which {KV_FILES[1]} "
-                            "does not report: export it for this policy")
+        flags = meta["graphs"]
+        _check_compatible(spec, meta["spec"], flags, len(meta["layers"]))
         layers = [KVLayer(**layer) for layer in meta["layers"]]
         self.spec = spec
         self.quant = spec.get("quant")
         self.graph = None
-        self.graphs = KVGraphs(prefill, decode, layers, meta["num_outputs"], meta["prefill_window"],
-                               meta["decode_probs"])
+        self.graphs = KVGraphs(prefill, decode, layers, **flags)
         self.policy = make_policy(spec, len(layers))
         self.device = torch.device("cpu")
         self.caches = None
