@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch._decomp.decompositions import matmul as _symbolic_matmul
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
@@ -219,11 +220,25 @@ class Graph:
         inputs = [n.meta["val"] for n in self.placeholders()]
         try:
             with self.fake_mode:
-                FakeTensorProp(self.gm, self.fake_mode).propagate_dont_convert_inputs(*inputs)
+                _SymbolicProp(self.gm, self.fake_mode).propagate_dont_convert_inputs(*inputs)
         except Exception as e:  # noqa: BLE001 - report the node where propagation broke
             node = getattr(e, "node", None)
             raise PassError(pass_name, f"shape propagation failed after the pass: {type(e).__name__}: {e}",
                             node=getattr(node, "name", None)) from e
+
+
+class _SymbolicProp(FakeTensorProp):
+    """Fake-tensor propagation that keeps symbolic sizes symbolic.
+
+    On CUDA (torch 2.11 at least) the native `aten.matmul` reads a fake operand's sizes as plain ints, which
+    pins the sequence length to the example's (Hugging Face RoPE multiplies `inv_freq [1, d/2, 1]` by
+    `positions [1, 1, seq]`). torch's own Python decomposition of matmul (expand, reshape, bmm) is symbolic
+    throughout, so propagation uses it; the graph keeps its `aten.matmul` nodes."""
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.aten.matmul.default:
+            return _symbolic_matmul(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
 
 
 def module_path(node: torch.fx.Node) -> str:
