@@ -132,6 +132,8 @@ def test_kv_export_and_decoder_errors(kv_artifact, tmp_path):
         OrtKVDecoder(str(tmp_path))
     with pytest.raises(prunus.SpecError, match="export it for this policy"):
         OrtKVDecoder(path, {"policy": "h2o", "budget": 12})  # scores every prompt query: not in prefill.onnx
+    with pytest.raises(prunus.SpecError, match="layout"):
+        OrtKVDecoder(path, {**opt.graph.kv, "policy": "adakv"})  # a ragged cache: decode.onnx takes no lengths
 
 
 class AttentionOps(torch.nn.Module):
