@@ -2,7 +2,10 @@
 prompt ids, the same greedy decoding; passkey accuracy, agreement of the two sides' outputs and kept entries,
 and the KV bytes each side really holds.
 
-    python benchmarks/kv_kvpress.py [--n 8] [--contexts 400,600] [--keeps 0.25,0.5] [--policies ...]
+    python benchmarks/kv_kvpress.py [--n 5] [--contexts 400,600] [--keeps 0.25,0.5] [--policies ...]
+
+The defaults took 50 min wall on the shared 2-core CPU machine at load average 5-9 (the two sides run
+concurrently, one thread each); lower --n for a quicker look.
 
 kvpress 0.5.5 needs transformers<5.3, so it runs in its own environment, `.venv-peers` (git-ignored), which
 this script creates on first use (once, a few minutes, about 1 GB):
