@@ -11,7 +11,7 @@ cache is a `quantized.QuantizedLayerCache`: the same ranking, but quantized entr
 Scorers (ALGORITHMS.md section 3):
 - streaming (StreamingLLM): score = position: sinks plus the most recent entries.
 - h2o (H2O): attention accumulated over all queries so far (prefill: all prompt queries).
-- tova (TOVA): the attention of the latest query only.
+- tova (TOVA): the attention of the latest query only, averaged over the layer's heads.
 - snapkv (SnapKV): at prefill end, attention of the last `window` queries, smoothed with a 1-D average
   pool of width `pool` so neighbours survive together.
 - pyramidkv (PyramidKV): SnapKV scores, budgets shrinking linearly with depth (mean = budget).
@@ -138,10 +138,15 @@ class Policy:
             cache.append(k, v, pos, fresh.float())
             self._evict(cache, self.budgets[i], position)
 
+    def protected(self, pos: torch.Tensor, position: int) -> torch.Tensor:
+        """Entries never evicted: the first `sink` positions and the last `window` (at least the newest one,
+        whose own attention has not been scored yet) before `position`."""
+        return (pos < self.sink) | (pos >= position - max(self.window, 1))
+
     def _evict(self, cache: LayerCache, budget: int, position: int) -> None:
         if cache.length <= budget:
             return
-        protected = (cache.pos < self.sink) | (cache.pos >= position - self.window)
+        protected = self.protected(cache.pos, position)
         cache.shrink(cache.score.masked_fill(protected, float("inf")), budget)
 
 
@@ -172,14 +177,21 @@ class H2O(Policy):
 
 
 class TOVA(Policy):
+    """The latest query's attention averaged over the layer's heads (TOVA's reference code): every head of a
+    layer keeps the same positions. Scoring each KV head on its own loses the passkey on SmolLM2 where the
+    averaged form finds it (benchmarks/kv_kvpress.py)."""
     prefill_window = 1
     decode_probs = True
 
+    @staticmethod
+    def _head_mean(x):
+        return x.mean(dim=1, keepdim=True).expand(x.shape)
+
     def prefill_score(self, i, cache, scores):
-        return scores
+        return self._head_mean(scores)
 
     def decode_score(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
-        return probs_old, probs_new
+        return self._head_mean(probs_old), self._head_mean(probs_new)
 
 
 class SnapKV(Policy):
@@ -277,7 +289,7 @@ class AdaKV(SnapKV):
         total = budget * cache.k.shape[1]
         if int(cache.lengths.sum(-1).max()) <= total:
             return
-        protected = valid & ((cache.pos < self.sink) | (cache.pos >= position - self.window))
+        protected = valid & self.protected(cache.pos, position)
         ranked = cache.score.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
         floor = min(int(self.FLOOR * budget), cache.length)
         if floor:
