@@ -115,6 +115,23 @@ def test_snapkv_keeps_what_the_window_attends(llama_kv):
         assert torch.equal(cache.pos, expected)
 
 
+def test_tova_keeps_what_the_last_query_attends_averaged_over_heads(llama_kv):
+    model, opt = llama_kv
+    ids = _ids(model, s=30)
+    dec = _decoder(opt, policy="tova", budget=10, sink=0, window=0)
+    g = dec.graphs
+    out = g.prefill(ids, torch.arange(30))
+    scores = out[g.num_outputs + 2 * len(g.layers):]
+    dec.feed(ids)
+    for cache, s in zip(dec.caches, scores):
+        mean = s[..., :29].mean(dim=1)  # [b, 29]: the last query's attention, mean over KV heads
+        top = mean.topk(9, dim=-1).indices.sort(-1).values
+        expected = torch.cat([top, torch.full_like(top[:, :1], 29)], dim=-1)  # the newest is protected
+        assert torch.equal(cache.pos, expected[:, None].expand_as(cache.pos))  # every head keeps the same
+    dec.feed(ids[:, :1])  # even with window 0 the newest entry is protected for its first step
+    assert all(int(c.pos[0, 0, -1]) == 30 for c in dec.caches)
+
+
 def test_chunkkv_keeps_whole_chunks_shared_by_heads(llama_kv):
     model, opt = llama_kv
     dec = _decoder(opt, policy="chunkkv", budget=24, sink=0, window=4, chunk=5, reuse=2)
