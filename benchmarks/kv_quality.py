@@ -25,7 +25,7 @@ BUDGETS = [128, 256, 512]
 BUDGET_MEANING = {
     "adakv": "adakv: budget x 3 KV heads entries per layer shared by the heads (SnapKV scores, 20% floor per head)",
     "think": "think: SnapKV's token selection at the budget, plus half of each head's key channels dropped "
-             "(key_ratio 0.5)",
+             "(key_ratio 0.5) from the entries older than the 32-entry window",
     "kvzip": "kvzip: entries per layer and KV head, scored by the attention of the prompt fed again after itself",
     "duo": "duo: the budget bounds the streaming heads only; the retrieval heads (half of the 90 KV heads, chosen "
            "by the kv_cache pass's synthetic passkey profiling) keep every entry",
