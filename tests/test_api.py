@@ -122,3 +122,7 @@ def test_kv_policy_survives_save_and_load(tiny_models, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="kv_quant"):
         quant = opt.save(str(tmp_path / "quant"), onnx=True)
     assert "model.onnx" in os.listdir(quant) and "prefill.onnx" not in os.listdir(quant)
+    opt.graph.kv = {"policy": "think", "key_ratio": 0.5, "window": 32, "sink": 4}  # pruned key channels: the same
+    with pytest.warns(UserWarning, match="decode_attention_pruned_keys"):
+        think = opt.save(str(tmp_path / "think"), onnx=True)
+    assert "model.onnx" in os.listdir(think) and "prefill.onnx" not in os.listdir(think)
