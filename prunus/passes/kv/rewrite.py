@@ -30,6 +30,13 @@ tables and learned position embeddings, `cumsum(ones)` in OPT). Those roots are 
 position-dependent has to be recomputed over the context. Causal and all-visible masks are removed
 by `simplify_masks` before the rewrite; any other mask (sliding windows, padding) makes the rewrite fail
 with a `PassError` naming it.
+
+Token dropping (`drop_tokens`, LazyLLM-style): the prefill graph keeps the score -> top-k -> gather points,
+so the layers after a point cache the kept tokens only, and it appends, per point, the positions of the tokens
+kept there ([b, k], in order) for the cache's bookkeeping (`KVGraphs.stages` names each layer's point). The
+decode graph bypasses every point (each gather reads its source again, each kept count is the length again):
+new tokens flow through all layers, at their true positions, over whatever the caches hold. A merge (tome)
+has no single position per token and is refused.
 """
 from __future__ import annotations
 
@@ -81,6 +88,10 @@ class KVGraphs:
     key_channels: bool = False  # the decode graph takes each layer's kept key channels
     head_groups: list | None = None  # per layer, the KV heads of each separately cached group
     notes: list = field(default_factory=list)
+    # token dropping: per layer, 0 (it caches the whole prompt) or j (the tokens kept at drop point j, whose
+    # positions [b, k_j] are the prefill graph's j-th of its `drop_points` last outputs)
+    stages: list[int] = field(default_factory=list)
+    drop_points: int = 0
 
 
 def _val(node):
@@ -122,9 +133,24 @@ def _scale(site) -> float:
     return float(scale) if scale is not None else 1.0 / math.sqrt(site.head_dim)
 
 
+def _outputs_read(graph) -> set:
+    """Nodes the outputs read other than through a drop point's selection (what the scores alone need is left out)."""
+    seen, stack = set(), [graph.output_node()]
+    while stack:
+        n = stack.pop()
+        if n not in seen and "prunus_token_keep" not in n.meta:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def attention_layers(graph) -> list:
     """The attention sites a KV cache applies to, in layer order, checked for what the rewrite supports."""
     sites = graph.analysis("attention_sites")
+    if any("prunus_token_keep" in n.meta for n in graph.graph.nodes):
+        # gemfilter's full-length copies of the first layers only score tokens: they have no cache
+        live = _outputs_read(graph)
+        sites = [s for s in sites if s.node in live]
     if not sites:
         raise PassError(PASS, "the graph has no attention: there is no KV cache to rewrite")
     for site in sites:
@@ -238,6 +264,92 @@ def _merge_heads(g, outs: list, groups: list[list[int]], per: int):
     return _cat_heads(g, parts)
 
 
+def _topk_count(idx: torch.fx.Node):
+    """The kept count (`k` of the top-k) behind a drop point's sorted indices, or None if they are not a top-k."""
+    sort = idx.args[0] if idx.target is operator.getitem else None
+    top = sort.args[0] if sort is not None and sort.target == aten.sort.default else None
+    topk = top.args[0] if top is not None and top.target is operator.getitem else None
+    return topk.args[1] if topk is not None and topk.target == aten.topk.default else None
+
+
+def token_drops(graph) -> list[tuple[torch.fx.Node, object]]:
+    """`drop_tokens`' points in graph order: (indices [b, k] kept within the stream there, the kept count)."""
+    drops = []
+    for node in graph.graph.nodes:
+        if "prunus_token_keep" not in node.meta:
+            continue
+        count = _topk_count(node)
+        if count is None:
+            raise PassError(PASS, "token merging (tome) cannot be decoded: a merged token stands for several "
+                                  "positions and has no single cache entry; use a dropping method", node=node.name)
+        if not isinstance(count, torch.fx.Node):
+            raise PassError(PASS, "token dropping over a fixed token count cannot be decoded: a decode step has "
+                                  "another length", node=node.name)
+        drops.append((node, count))
+    return drops
+
+
+def _layer_stages(pre, drops, seq) -> list[int]:
+    """Per layer, 0 if its keys span the whole sequence, else the (1-based) drop point whose tokens they hold."""
+    stages = []
+    for _, k, _ in pre:
+        n = _val(k).shape[2]
+        found = [j + 1 for j, (idx, _) in enumerate(drops) if _same_size(n, _val(idx).shape[1])]
+        if not _same_size(n, seq) and not found:
+            raise PassError(PASS, f"keys of shape {tuple(_val(k).shape)} span neither the sequence nor the tokens "
+                                  "of a drop point", node=k.name)
+        stages.append(0 if _same_size(n, seq) else found[-1])
+    return stages
+
+
+def _kept_positions(g, env, drops, ids, positions) -> list:
+    """Prefill: per drop point, the positions [b, k] of the tokens kept there (each point indexes the last)."""
+    b = g.call_function(aten.sym_size.int, (ids, 0))
+    pos = g.call_function(aten.expand.default, (g.call_function(aten.unsqueeze.default, (positions, 0)), [b, -1]))
+    kept = []
+    for idx, _ in drops:
+        pos = g.call_function(aten.gather.default, (pos, 1, env[idx]))
+        kept.append(pos)
+    return kept
+
+
+_INDEX_PATH = {aten.view.default, aten.expand.default, aten.unsqueeze.default, aten.reshape.default}
+
+
+def _bypass_drops(graph, g, env, drops) -> None:
+    """Decode: every gather indexed by a drop point reads its (un-expanded) source, every kept count is the
+    length it was taken from; the scoring and selection nodes are left dead."""
+    points = {idx for idx, _ in drops}
+
+    def dropped(node):
+        if node.op != "call_function" or node.target != aten.gather.default:
+            return False
+        index = node.args[2]
+        while index not in points and index.op == "call_function" and index.target in _INDEX_PATH:
+            index = index.args[0]
+        return index in points
+
+    gathers = [n for n in graph.graph.nodes if dropped(n)]
+    for node in gathers:
+        src = node
+        while src in gathers or (src.target == aten.expand.default and "prunus_tokens" in src.meta):
+            src = src.args[0]
+        env[node].replace_all_uses_with(env[src])
+    for idx, count in drops:
+        if count.target is operator.sub:  # kept_count: length - floor((1 - keep) * length)
+            env[count].replace_all_uses_with(env[count.args[0]])
+        elif count.target != aten.sym_size.int:  # keep 1: the count is the length itself
+            raise PassError(PASS, "cannot find the token count a drop point's kept count was taken from",
+                            node=count.name)
+
+
+def _check_bypassed(decode: torch.fx.GraphModule) -> None:
+    left = [n.name for n in decode.graph.nodes if "prunus_tokens" in n.meta and n.target != aten.sym_size.int]
+    if left:
+        raise PassError(PASS, f"the decode graph still runs token-dropping nodes ({', '.join(left[:4])}); this "
+                              "drop method cannot be decoded")
+
+
 def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: bool = False,
                     ragged: bool = False, quant: dict | None = None, query_window: int | None = None,
                     key_channels: bool = False, head_groups: list | None = None) -> KVGraphs:
@@ -262,6 +374,8 @@ def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: b
         layers.append(KVLayer(site.layer, site.num_heads, site.num_kv_heads, int(kval.shape[-1]),
                               int(vval.shape[-1]), _scale(site)))
         pre.append((sdpa, k, v))
+    drops = token_drops(graph)
+    stages = _layer_stages(pre, drops, seq)
 
     def common():
         g, env, out = _copy(graph.gm)
@@ -286,10 +400,12 @@ def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: b
                 last = g.call_function(aten.slice.Tensor, (env[sdpa.args[0]], 2, -query_window, 2 ** 63 - 1))
                 with g.inserting_after(last):
                     norms.append(g.call_function(aten.linalg_vector_norm.default, (last, 2, [2])))
-    prefill = _finish(graph, g, out + extra + scores + norms)
+    kept = _kept_positions(g, env, drops, env[graph.placeholders()[ids_index]], positions) if drops else []
+    prefill = _finish(graph, g, out + extra + scores + norms + kept)
 
     # decode
     g, env, out, positions = common()
+    _bypass_drops(graph, g, env, drops)
     after, extra, probs = positions, [], []
     for i, ((sdpa, k, v), layer) in enumerate(zip(pre, layers)):
         new, q, k_new, v_new = env[sdpa], env[sdpa.args[0]], env[k], env[v]
@@ -339,7 +455,8 @@ def build_kv_graphs(graph, *, prefill_window: int | None = None, decode_probs: b
         g.erase_node(new)
         extra += [k_new, v_new]
     decode = _finish(graph, g, out + extra + probs)
+    _check_bypassed(decode)
     return KVGraphs(prefill, decode, layers, len(out), prefill_window, decode_probs, ragged, quant, query_window,
-                    key_channels, head_groups)
+                    key_channels, head_groups, stages=stages, drop_points=len(drops))
 
 

@@ -3,9 +3,11 @@
 `KVDecoder(graph)` has the `feed(ids) -> logits` / `cache_bytes()` interface of `prunus.eval.decode`'s
 decoders, so `prunus.generate`, `long_ppl`, `passkey` and `speed` run a KV policy unchanged. The first feed
 runs the prefill graph and lets the policy compress what it returns; every later feed runs the decode graph
-on the new tokens only, appends their entries and lets the policy evict down to its budget. Under `kv_quant`
-(`spec["quant"]`) each layer's cache is a `QuantizedLayerCache`: prefill entries are evicted in full precision,
-then all but the most recent are quantized; the decode graph reads the packed cache.
+on the new tokens only, appends their entries and lets the policy evict down to its budget. After
+`drop_tokens` the deeper layers' prefill caches hold the kept tokens only, each entry at its true position,
+and new tokens continue from the prompt length. Under `kv_quant` (`spec["quant"]`) each layer's cache is a
+`QuantizedLayerCache`: prefill entries are evicted in full precision, then all but the most recent are
+quantized; the decode graph reads the packed cache.
 """
 from __future__ import annotations
 
@@ -90,12 +92,15 @@ class KVDecoder:
         if self.caches is None:
             out = list(g.prefill(ids, positions))
             kv = out[n_out:n_out + 2 * n_layers]
-            rest = out[n_out + 2 * n_layers:]
+            end = len(out) - g.drop_points
+            rest = out[n_out + 2 * n_layers:end]
             scores = rest[:n_layers] if g.prefill_window is not None else None
             norms = rest[-n_layers:] if g.query_window is not None else None
             b = ids.shape[0]
-            self.caches = [self._layer_cache(k, v, positions.expand(b, k.shape[1], t))
-                           for k, v in zip(kv[0::2], kv[1::2])]
+            # each layer's entries sit at the prompt positions, or (token dropping) at those kept before it
+            stage_pos = [positions.expand(b, t)] + out[end:]
+            self.caches = [self._layer_cache(k, v, stage_pos[s][:, None].expand(b, k.shape[1], -1))
+                           for k, v, s in zip(kv[0::2], kv[1::2], g.stages)]
             if self.policy.reconstruct:
                 scores = self._reconstruction_scores(ids, positions)
             self.policy.after_prefill(self.caches, scores, t, norms)
@@ -117,7 +122,7 @@ class KVDecoder:
         g, t = self.graphs, ids.shape[1]
         flat = [x for c in self.caches for x in c.graph_inputs()]
         probs = list(g.decode(ids, positions + t, *flat))[g.num_outputs + 2 * len(g.layers):]
-        return [p[..., :t] for p in probs]
+        return [p[..., :c.length] for p, c in zip(probs, self.caches)]
 
     def _layer_cache(self, k, v, pos):
         if self.quant:

@@ -24,6 +24,7 @@ import torch.fx
 from prunus.errors import PassError, SpecError
 from prunus.ir.analyses.sequence_flow import size_expr
 from prunus.passes.base import LossyParams, Pass, PassResult, param
+from prunus.passes.cleanup.simplify_masks import SimplifyMasks
 from prunus.passes.registry import register
 from prunus.passes.tokens import graph_edit as ge
 from prunus.passes.tokens import merge, scores
@@ -152,6 +153,11 @@ class DropTokens(Pass):
         if p.method == "tome" and causal:
             raise PassError(self.name, "tome merges tokens of bidirectional encoders; this model's attention is "
                                        "causal (use attention, cascade, gemfilter or ttv)", node=first_site.node.name)
+        if causal and SimplifyMasks().run(graph, ctx).modified:
+            # a size-only causal mask becomes SDPA's flag, which stays right over the kept tokens (they keep their
+            # order), instead of a mask gathered per point (the KV-cache rewrite needs the flag)
+            graph.invalidate()
+            graph.recompile(self.name)
         notes, carry, previous = [], None, 1.0
         for layer, keep in points:
             graph.invalidate()
