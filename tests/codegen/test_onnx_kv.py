@@ -105,6 +105,16 @@ def test_gpt2_full_cache_over_ort(tiny_models, tmp_path):
     assert torch.equal(prunus.generate(OrtKVDecoder(str(tmp_path)), ids, 12), prunus.generate(model, ids, 12))
 
 
+def test_dropped_prompt_tokens_export_and_decode_over_ort(tiny_models, tmp_path):
+    """drop_tokens then kv_cache (default sinks): the export example keeps more tokens than the stage must, so
+    top-k breaks no ties, and greedy decoding over onnxruntime equals PyTorch's."""
+    model, ex = tiny_models("llama")
+    opt = prunus.optimize(model, "drop_tokens(method=attention, keep=0.5, after_layer=1), kv_cache", example_inputs=ex)
+    export_kv_onnx(opt.graph, str(tmp_path))
+    ids = _ids(1, 30, seed=3)
+    assert torch.equal(prunus.generate(OrtKVDecoder(str(tmp_path)), ids, 8), prunus.generate(opt, ids, 8))
+
+
 def _bytes_tokenizer(text, **kwargs):
     """The tiny llama's 256-token vocabulary read as bytes: a tokenizer for prunus.eval without a download."""
     return SimpleNamespace(input_ids=torch.tensor([list(text.encode())]))
