@@ -102,6 +102,18 @@ def _size_only(mask) -> bool:
     return mask is not None and shape_only_ancestors(mask) is not None
 
 
+def _tokens_at(site, context: int) -> int:
+    """Prompt tokens a layer caches for a `context`-token prompt: its keys' sequence size (a SymInt of the
+    sequence, e.g. ceil(s / 2) after a drop_tokens point) evaluated at `context`."""
+    size = site.node.args[1].meta["val"].shape[2] if "val" in site.node.args[1].meta else context
+    if not isinstance(size, torch.SymInt):
+        return context
+    free = list(size.node.expr.free_symbols)
+    if len(free) != 1:
+        return context
+    return max(1, min(context, int(size.node.expr.subs(free[0], context))))
+
+
 def kv_bytes_per_token(graph, context: int = REFERENCE_CONTEXT) -> int | None:
     """Cache bytes per token of a `context`-token prompt under the graph's policy (and `kv_quant`'s storage, as
     the cache holds it after prefill); None without a causal cache."""
@@ -114,15 +126,17 @@ def kv_bytes_per_token(graph, context: int = REFERENCE_CONTEXT) -> int | None:
     sites = sorted(sites, key=lambda s: s.layer)
     spec = resolve_spec(graph, graph.kv or {"policy": "full"})
     policy: Policy = make_policy(spec, len(sites))
+    tokens = [_tokens_at(s, context) for s in sites]  # fewer after a drop_tokens point
     if spec.get("quant"):
         budgets = policy.layer_budgets(context)
-        kept = [context if b is None else min(b, context) for b in budgets]
+        kept = [n if b is None else min(b, n) for b, n in zip(budgets, tokens)]
         total = sum(quantized_bytes(n, s.num_kv_heads, s.head_dim, s.head_dim, _cache_elem(s), spec["quant"])
                     for s, n in zip(sites, kept))
         return round(total / context)
     # entries held over each layer's heads (adakv: exactly budget x heads, whatever the padding of its layout),
     # each a key (think: of the kept channels, outside the window) and a full value
-    entries = policy.layer_entries(context, [s.num_kv_heads for s in sites])
+    entries = [min(e, s.num_kv_heads * n)
+               for e, s, n in zip(policy.layer_entries(context, [s.num_kv_heads for s in sites]), sites, tokens)]
     total = sum((policy.key_elements(n, s.num_kv_heads, s.head_dim) + n * s.head_dim) * _cache_elem(s)
                 for s, n in zip(sites, entries))
     return round(total / context)

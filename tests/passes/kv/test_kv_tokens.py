@@ -99,6 +99,10 @@ def test_cache_bytes_shrink_by_the_dropped_entries(llama, dropped):
     assert full.cache_bytes() == 4 * s * per_entry
     assert drop.cache_bytes() == (s + 3 * (s - s // 2)) * per_entry
     assert full.cache_bytes() - drop.cache_bytes() == 3 * (s // 2) * per_entry
+    # the report's bytes per token of context: layers after the drop point hold half the prompt
+    per_token = 2 * hk * d * 4
+    assert plain.report[-1].kv_bytes_after == 4 * per_token
+    assert dropped.report[-1].kv_bytes_after == per_token + 3 * per_token // 2
 
 
 def test_greedy_generation(llama, dropped):
