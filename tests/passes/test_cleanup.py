@@ -119,3 +119,20 @@ def test_fold_constants_never_folds_parameters():
     opt = prunus.optimize(M(), "fold_constants", example_inputs=(torch.randn(2, 4),))
     assert "folded 0 constants" in opt.report[0].notes[0]
     assert opt.graph.num_parameters() == 16 and not any(n.startswith("_folded") for n, _ in opt.graph.gm.named_buffers())
+
+
+def test_shape_only_ancestors_follows_values_behind_sizes():
+    from prunus.passes.cleanup.simplify_masks import shape_only_ancestors
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    positions = g.call_function(aten.arange.default, (g.call_function(aten.sym_size.int, (x, 1)),))
+    assert shape_only_ancestors(positions) >= {x, positions}  # the input's size alone: size-only
+    # a value path to the same input, walked after its size was seen, still rejects the mask
+    mixed = g.call_function(aten.add.Tensor, (g.call_function(aten.sum.default, (x,)), positions))
+    assert shape_only_ancestors(mixed) is None
+    # the size of an intermediate tensor (tokens kept by a drop point) depends on its values
+    kept = g.call_function(aten.neg.default, (x,))
+    assert shape_only_ancestors(g.call_function(aten.arange.default,
+                                                (g.call_function(aten.sym_size.int, (kept, 1)),))) is None

@@ -23,7 +23,7 @@ _MAX_SIZE = 4500  # the mask is [s, s]: keep the largest probe in memory
 
 def shape_only_ancestors(mask: torch.fx.Node) -> set | None:
     """The nodes `mask` is computed from, or None if it reads an input's values (not only its sizes)."""
-    seen, stack = set(), [mask]
+    seen, sized, stack = set(), set(), [mask]
     while stack:
         n = stack.pop()
         if n in seen:
@@ -31,11 +31,13 @@ def shape_only_ancestors(mask: torch.fx.Node) -> set | None:
         seen.add(n)
         if n.op == "placeholder":
             return None
-        if n.op == "call_function" and n.target in _SIZE_OPS:
-            seen.add(n.args[0])
+        if n.op == "call_function" and n.target in _SIZE_OPS and n.args[0].op == "placeholder":
+            sized.add(n.args[0])  # only the input's size is read; a value path to it still rejects the mask
             continue
+        # the size of an intermediate tensor (e.g. tokens gathered by a drop_tokens point) depends on how it was
+        # computed: walk it like any other operand
         stack.extend(n.all_input_nodes)
-    return seen
+    return seen | sized
 
 
 def _classify(mask: torch.Tensor) -> str | None:
