@@ -33,6 +33,7 @@ Matching the semantics:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -211,7 +212,6 @@ def prunus_generate(opt, ids: torch.Tensor, max_new: int, eos: int | None) -> di
     semantics), and `bounded`, prunus as it ships (evicting back to the budget after every token). Also the
     cache bytes after prefill and the kept mask [layers, kv_heads, n]."""
     from prunus.eval.decode import decoder
-    from prunus.passes.kv.policies import LayerCache
 
     dec = decoder(opt)
     logits = dec.feed(ids)
@@ -219,10 +219,12 @@ def prunus_generate(opt, ids: torch.Tensor, max_new: int, eos: int | None) -> di
     caches, position, budgets = list(dec.caches), dec.position, list(dec.policy.budgets)
     mask = torch.zeros(len(caches), caches[0].pos.shape[1], ids.shape[1], dtype=torch.bool)
     for i, c in enumerate(caches):
-        mask[i].scatter_(1, c.pos[0], True)
+        # [kv_heads, n]; a ragged (adakv) cache pads each head with position -1: those land in a spare column
+        pos = c.pos[0].masked_fill(c.pos[0] < 0, ids.shape[1])
+        mask[i] = torch.zeros(pos.shape[0], ids.shape[1] + 1, dtype=torch.bool).scatter_(1, pos, True)[:, :-1]
     out = {"prefill_bytes": dec.cache_bytes(), "kept": mask}
     for variant, extra in (("prefill_only", max_new), ("bounded", 0)):
-        dec.caches = [LayerCache(c.k, c.v, c.pos, c.score) for c in caches]
+        dec.caches = [copy.copy(c) for c in caches]  # any layout; decoding replaces tensors, never writes into them
         dec.position = position
         dec.policy.budgets = [None if b is None else b + extra for b in budgets]
         out[variant] = _greedy(dec, logits, max_new, eos)
