@@ -46,6 +46,9 @@ class KVCacheParams:
                       range="[1, 129]")
     chunk: int = param(10, "chunkkv: tokens per chunk", range="[1, 4096]")
     reuse: int = param(2, "chunkkv: neighbouring layers sharing one selection", range="[1, 1024]")
+    slack: int = param(0, "entries a layer may hold past its budget while decoding before it evicts back to the "
+                          "budget: eviction (a gather of the cache) then runs once every slack + 1 tokens, and the "
+                          "cache peaks at budget + slack", range="[0, inf)")
     key_ratio: float | None = param(None, f"think: fraction of each head's key channels kept (default "
                                           f"{THINK_KEY_RATIO})", range="(0, 1]")
     retrieval: float | None = param(None, f"duo: fraction of the KV heads (over all layers) kept whole as retrieval "
@@ -59,6 +62,8 @@ class KVCacheParams:
         if self.retrieval is not None and self.policy != "duo":
             return f"retrieval chooses duo's retrieval heads; it does not apply to policy {self.policy}"
         if self.policy == "full":
+            if self.slack:
+                return "slack delays eviction; policy full evicts nothing: drop slack or choose an eviction policy"
             if self.budget is not None or self.ratio is not None:
                 return "policy full keeps every entry: drop budget/ratio or choose an eviction policy"
             return None
@@ -80,6 +85,8 @@ class KVCacheParams:
             out["budget"] = self.budget
         if self.ratio is not None:
             out["ratio"] = self.ratio
+        if self.slack:
+            out["slack"] = self.slack
         if self.policy == "think":
             out["key_ratio"] = THINK_KEY_RATIO if self.key_ratio is None else self.key_ratio
         if self.policy == "duo":

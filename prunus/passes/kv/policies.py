@@ -67,8 +67,9 @@ class Policy:
     key_channels = False  # older keys keep some channels only: the decode graph takes them (and the recent keys)
 
     def __init__(self, *, budget: int = 0, ratio: float = 0.0, sink: int = 4, window: int = 32, pool: int = 7,
-                 chunk: int = 10, reuse: int = 2, num_layers: int = 1):
+                 chunk: int = 10, reuse: int = 2, slack: int = 0, num_layers: int = 1):
         self.budget, self.ratio, self.sink, self.window = budget, ratio, sink, window
+        self.slack = slack  # decoding lets a layer grow this far past its budget before evicting back to it
         self.pool, self.chunk, self.reuse, self.num_layers = pool, chunk, reuse, num_layers
         self.budgets: list[int | None] = [None] * num_layers
 
@@ -136,15 +137,16 @@ class Policy:
                                            None if p is None else p[..., n:], pos)
             cache.score = old.float()
             cache.append(k, v, pos, fresh.float())
-            self._evict(cache, self.budgets[i], position)
+            self._evict(cache, self.budgets[i], position, self.slack)
 
     def protected(self, pos: torch.Tensor, position: int) -> torch.Tensor:
         """Entries never evicted: the first `sink` positions and the last `window` (at least the newest one,
         whose own attention has not been scored yet) before `position`."""
         return (pos < self.sink) | (pos >= position - max(self.window, 1))
 
-    def _evict(self, cache: LayerCache, budget: int, position: int) -> None:
-        if cache.length <= budget:
+    def _evict(self, cache: LayerCache, budget: int, position: int, slack: int = 0) -> None:
+        """Back to `budget` entries once the cache holds more than `budget + slack`."""
+        if cache.length <= budget + slack:
             return
         protected = self.protected(cache.pos, position)
         cache.shrink(cache.score.masked_fill(protected, float("inf")), budget)
@@ -283,11 +285,11 @@ class AdaKV(SnapKV):
             caches[i] = RaggedLayerCache(cache, torch.ones_like(cache.pos, dtype=torch.bool))
         super().after_prefill(caches, scores, context)
 
-    def _evict(self, cache: RaggedLayerCache, budget: int, position: int) -> None:
+    def _evict(self, cache: RaggedLayerCache, budget: int, position: int, slack: int = 0) -> None:
         """Keep the layer's `budget x kv_heads` best entries, shared by its heads (per sequence)."""
         valid = cache.valid()
         total = budget * cache.k.shape[1]
-        if int(cache.lengths.sum(-1).max()) <= total:
+        if int(cache.lengths.sum(-1).max()) <= total + slack * cache.k.shape[1]:
             return
         protected = valid & self.protected(cache.pos, position)
         ranked = cache.score.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
@@ -382,7 +384,7 @@ class Duo(Streaming):
                 pos = torch.arange(position - t, position, device=k.device).expand(b, len(heads), t)
                 group.append(kg, vg, pos, pos.float())
                 if any(group is s for s in streaming):
-                    self._evict(group, self.budgets[i], position)
+                    self._evict(group, self.budgets[i], position, self.slack)
 
     def _streaming(self, i: int, cache: HeadGroupCache) -> list[LayerCache]:
         retrieval = set(self.retrieval_heads[i])

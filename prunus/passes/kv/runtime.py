@@ -19,8 +19,8 @@ from prunus.passes.kv.quantized import QuantizedLayerCache
 from prunus.passes.kv.storage import LayerCache
 from prunus.passes.kv.rewrite import KVGraphs, attention_layers, build_kv_graphs
 
-POLICY_KEYS = ("budget", "ratio", "sink", "window", "pool", "chunk", "reuse", "key_ratio", "retrieval",
-               "retrieval_heads")
+POLICY_KEYS = ("budget", "ratio", "sink", "window", "pool", "chunk", "reuse", "slack", "key_ratio",
+               "retrieval", "retrieval_heads")
 
 
 def make_policy(spec: dict, num_layers: int) -> Policy:

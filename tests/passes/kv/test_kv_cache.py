@@ -132,6 +132,22 @@ def test_tova_keeps_what_the_last_query_attends_averaged_over_heads(llama_kv):
     assert all(int(c.pos[0, 0, -1]) == 30 for c in dec.caches)
 
 
+def test_slack_evicts_every_slack_plus_one_tokens(llama_kv):
+    model, opt = llama_kv
+    ids = _ids(model, s=50)
+    dec, lengths = _run(_decoder(opt, policy="snapkv", budget=40, slack=3), ids, new=12)
+    assert all(len(set(x)) == 1 for x in lengths)  # every layer alike
+    assert [x[0] for x in lengths] == [40] + [41, 42, 43, 40] * 3  # prefill to the budget, then every 4th token
+    ada = _decoder(opt, policy="adakv", budget=40, slack=3)  # per-head budgets: the layer total grows by hk a step
+    ada.feed(ids)
+    hk = ada.caches[0].k.shape[1]
+    held = []
+    for i in range(8):
+        ada.feed(ids[:, i:i + 1])
+        held.append(int(ada.caches[0].head_lengths().sum(-1).max()))
+    assert held == [hk * n for n in (41, 42, 43, 40)] * 2
+
+
 def test_chunkkv_keeps_whole_chunks_shared_by_heads(llama_kv):
     model, opt = llama_kv
     dec = _decoder(opt, policy="chunkkv", budget=24, sink=0, window=4, chunk=5, reuse=2)
@@ -177,6 +193,8 @@ def test_report_states_kv_bytes(tiny_models):
     ("kv_cache(policy=h2o, budget=10, sink=4, window=8)", "below sink \\+ window"),
     ("kv_cache(policy=snapkv)", "needs a budget"),
     ("kv_cache(policy=full, budget=64)", "keeps every entry"),
+    ("kv_cache(policy=full, slack=8)", "evicts nothing"),
+    ("kv_cache(policy=snapkv, budget=64, slack=-1)", "slack"),
     ("kv_cache(policy=h2o, budget=64, ratio=0.5)", "at most one"),
     ("kv_cache(policy=nope)", "accepted"),
 ])
