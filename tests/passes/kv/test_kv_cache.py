@@ -3,9 +3,9 @@ import torch
 
 import prunus
 from prunus.passes.kv import KVDecoder
-from prunus.passes.kv.cache import KVCacheParams
 from prunus.passes.kv.policies import POLICIES
 from prunus.passes.kv.rewrite import build_kv_graphs
+from tests.passes.kv.conftest import kv_decoder
 
 DECODERS = ["llama", "mistral", "qwen2", "gpt2", "opt"]
 
@@ -51,18 +51,6 @@ def test_graph_interfaces(tiny_models):
     assert tuple(probs[0].shape) == (2, kv, 8)
 
 
-@pytest.fixture(scope="module")
-def llama_kv(tiny_models):
-    """tiny llama through kv_cache once; policies are tried on its graph with `_decoder`."""
-    model, ex = tiny_models("llama")
-    return model, prunus.optimize(model, passes="kv_cache", example_inputs=ex)
-
-
-def _decoder(opt, **params):
-    """A KV decoder for the graph under the policy `kv_cache(**params)` would record."""
-    return KVDecoder(opt.graph, KVCacheParams(**params).spec())
-
-
 def _run(dec, ids, new=16):
     dec.feed(ids)
     lengths = [dec.cache_lengths()]
@@ -80,7 +68,7 @@ UNIFORM = sorted(p for p, cls in POLICIES.items() if p != "full" and not (cls.ra
 def test_policies_bound_the_cache(llama_kv, policy):
     model, opt = llama_kv
     ids = _ids(model, s=40)
-    dec, lengths = _run(_decoder(opt, policy=policy, budget=20, sink=2, window=6), ids)
+    dec, lengths = _run(kv_decoder(opt, policy=policy, budget=20, sink=2, window=6), ids)
     budgets = dec.policy.budgets
     assert all(n <= b for step in lengths for n, b in zip(step, budgets))
     assert lengths[0] == budgets  # the 40-token prompt was compressed to the budget at prefill end
@@ -95,7 +83,7 @@ def test_policies_bound_the_cache(llama_kv, policy):
 
 def test_streaming_keeps_sinks_and_recent(llama_kv):
     model, opt = llama_kv
-    dec, _ = _run(_decoder(opt, policy="streaming", sink=3, window=9), _ids(model, s=30), new=5)
+    dec, _ = _run(kv_decoder(opt, policy="streaming", sink=3, window=9), _ids(model, s=30), new=5)
     assert dec.policy.budget == 12
     expected = list(range(3)) + list(range(35 - 9, 35))
     assert all(c.pos[b, h].tolist() == expected for c in dec.caches for b in range(2) for h in range(c.pos.shape[1]))
@@ -104,7 +92,7 @@ def test_streaming_keeps_sinks_and_recent(llama_kv):
 def test_snapkv_keeps_what_the_window_attends(llama_kv):
     model, opt = llama_kv
     ids = _ids(model, s=30)
-    dec = _decoder(opt, policy="snapkv", budget=12, sink=0, window=4, pool=1)
+    dec = kv_decoder(opt, policy="snapkv", budget=12, sink=0, window=4, pool=1)
     g = dec.graphs
     out = g.prefill(ids, torch.arange(30))
     scores = out[g.num_outputs + 2 * len(g.layers):]
@@ -118,7 +106,7 @@ def test_snapkv_keeps_what_the_window_attends(llama_kv):
 def test_tova_keeps_what_the_last_query_attends_averaged_over_heads(llama_kv):
     model, opt = llama_kv
     ids = _ids(model, s=30)
-    dec = _decoder(opt, policy="tova", budget=10, sink=0, window=0)
+    dec = kv_decoder(opt, policy="tova", budget=10, sink=0, window=0)
     g = dec.graphs
     out = g.prefill(ids, torch.arange(30))
     scores = out[g.num_outputs + 2 * len(g.layers):]
@@ -135,10 +123,10 @@ def test_tova_keeps_what_the_last_query_attends_averaged_over_heads(llama_kv):
 def test_slack_evicts_every_slack_plus_one_tokens(llama_kv):
     model, opt = llama_kv
     ids = _ids(model, s=50)
-    dec, lengths = _run(_decoder(opt, policy="snapkv", budget=40, slack=3), ids, new=12)
+    dec, lengths = _run(kv_decoder(opt, policy="snapkv", budget=40, slack=3), ids, new=12)
     assert all(len(set(x)) == 1 for x in lengths)  # every layer alike
     assert [x[0] for x in lengths] == [40] + [41, 42, 43, 40] * 3  # prefill to the budget, then every 4th token
-    ada = _decoder(opt, policy="adakv", budget=40, slack=3)  # per-head budgets: the layer total grows by hk a step
+    ada = kv_decoder(opt, policy="adakv", budget=40, slack=3)  # per-head budgets: the layer total grows by hk a step
     ada.feed(ids)
     hk = ada.caches[0].k.shape[1]
     held = []
@@ -150,7 +138,7 @@ def test_slack_evicts_every_slack_plus_one_tokens(llama_kv):
 
 def test_chunkkv_keeps_whole_chunks_shared_by_heads(llama_kv):
     model, opt = llama_kv
-    dec = _decoder(opt, policy="chunkkv", budget=24, sink=0, window=4, chunk=5, reuse=2)
+    dec = kv_decoder(opt, policy="chunkkv", budget=24, sink=0, window=4, chunk=5, reuse=2)
     dec.feed(_ids(model, s=44))
     for cache in dec.caches:
         pos = cache.pos[0, 0].tolist()
@@ -162,7 +150,7 @@ def test_chunkkv_keeps_whole_chunks_shared_by_heads(llama_kv):
 
 def test_pyramid_budgets_shrink_with_depth(llama_kv):
     model, opt = llama_kv
-    dec = _decoder(opt, policy="pyramidkv", budget=40, sink=2, window=4)
+    dec = kv_decoder(opt, policy="pyramidkv", budget=40, sink=2, window=4)
     dec.feed(_ids(model, s=60))
     budgets = dec.policy.budgets
     assert budgets[0] > budgets[-1] and sum(budgets) == pytest.approx(40 * len(budgets), abs=len(budgets))

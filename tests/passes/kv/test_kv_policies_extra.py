@@ -13,6 +13,7 @@ from prunus.passes.kv.cache import KVCacheParams, kv_bytes_per_token
 from prunus.passes.kv.duo import ANSWER_TOKENS, retrieval_heads, synthetic_passkey
 from prunus.passes.kv.runtime import resolve_spec
 from prunus.passes.kv.storage import HeadGroupCache, RaggedLayerCache
+from tests.passes.kv.conftest import kv_decoder
 
 ops = torch.ops.prunus
 LAYERS, HK, D, BATCH = 2, 2, 16, 2
@@ -20,16 +21,6 @@ LAYERS, HK, D, BATCH = 2, 2, 16, 2
 
 def _ids(s, seed=0):
     return torch.randint(0, 256, (BATCH, s), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def llama_kv(tiny_models):
-    model, ex = tiny_models("llama")
-    return model, prunus.optimize(model, passes="kv_cache", example_inputs=ex)
-
-
-def _decoder(opt, **params):
-    return KVDecoder(opt.graph, KVCacheParams(**params).spec())
 
 
 def _kept(cache, n: int) -> torch.Tensor:
@@ -113,7 +104,7 @@ def _check_against_reference(opt, dec, prompt=40, steps=(1, 1, 2, 1, 1)):
 
 def test_adakv_shares_the_layer_budget_across_heads(llama_kv):
     model, opt = llama_kv
-    dec = _decoder(opt, policy="adakv", budget=12, sink=2, window=4)
+    dec = kv_decoder(opt, policy="adakv", budget=12, sink=2, window=4)
     assert any(n.name == "past_lengths_0" for n in dec.graphs.decode.graph.nodes)
     seen = _check_against_reference(opt, dec)  # the ragged layout is exact: attention masked to the kept entries
     for lengths in seen:
@@ -153,7 +144,7 @@ def test_adakv_appends_at_each_heads_end():
 @pytest.mark.parametrize("budget", [None, 16])
 def test_think_prunes_key_channels(llama_kv, budget):
     model, opt = llama_kv
-    dec = _decoder(opt, policy="think", key_ratio=0.25, budget=budget, sink=2, window=4)
+    dec = kv_decoder(opt, policy="think", key_ratio=0.25, budget=budget, sink=2, window=4)
     names = [n.name for n in dec.graphs.decode.graph.nodes if n.op == "placeholder"]
     assert names[2:6] == ["k_past_0", "k_recent_0", "v_past_0", "k_channels_0"]
     # q.k over the kept channels only (q's other channels zeroed) for entries older than the window
@@ -170,7 +161,7 @@ def test_think_prunes_key_channels(llama_kv, budget):
 
 def test_think_channels_score_window_queries_times_key_norms(llama_kv):
     _, opt = llama_kv
-    dec = _decoder(opt, policy="think", sink=0, window=5)
+    dec = kv_decoder(opt, policy="think", sink=0, window=5)
     ids = _ids(30)
     g = dec.graphs
     out = g.prefill(ids, torch.arange(30))
@@ -307,7 +298,7 @@ def test_kvzip_scores_entries_by_the_prompts_reconstruction(llama_kv):
     eager.set_attn_implementation("eager")
     with torch.no_grad():
         att = eager(torch.cat([ids, ids], 1), output_attentions=True).attentions
-    dec = _decoder(opt, policy="kvzip", budget=12, sink=2, window=4)
+    dec = kv_decoder(opt, policy="kvzip", budget=12, sink=2, window=4)
     dec.feed(ids)
     for cache, a in zip(dec.caches, att):
         received = a[:, :, 30:, :30].sum(2).view(BATCH, HK, 2, 30).sum(2)  # over queries and the group's heads
