@@ -233,12 +233,30 @@ class _SymbolicProp(FakeTensorProp):
     On CUDA (torch 2.11 at least) the native `aten.matmul` reads a fake operand's sizes as plain ints, which
     pins the sequence length to the example's (Hugging Face RoPE multiplies `inv_freq [1, d/2, 1]` by
     `positions [1, 1, seq]`). torch's own Python decomposition of matmul (expand, reshape, bmm) is symbolic
-    throughout, so propagation uses it; the graph keeps its `aten.matmul` nodes."""
+    throughout, so propagation uses it; the graph keeps its `aten.matmul` nodes. The composite
+    `aten.scaled_dot_product_attention` picks its CUDA backend from int sizes too, so its output is built
+    directly: the query's shape with the value's last dim, in the memory order export recorded."""
+
+    def run_node(self, n):
+        self._node = n
+        return super().run_node(n)
 
     def call_function(self, target, args, kwargs):
         if target is torch.ops.aten.matmul.default:
             return _symbolic_matmul(*args, **kwargs)
+        if target is torch.ops.aten.scaled_dot_product_attention.default:
+            return _sdpa_output(self._node.meta.get("val"), args[0], args[2])
         return super().call_function(target, args, kwargs)
+
+
+def _sdpa_output(recorded, query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like scaled_dot_product_attention's output, strided in `recorded`'s order."""
+    shape = [*query.shape[:-1], value.shape[-1]]
+    order = list(range(len(shape)))
+    if isinstance(recorded, torch.Tensor) and recorded.dim() == len(shape):
+        order.sort(key=lambda d: -recorded.stride(d))  # outermost first; ties keep the logical order
+    out = query.new_empty([shape[d] for d in order])
+    return out.permute([order.index(d) for d in range(len(shape))])
 
 
 def module_path(node: torch.fx.Node) -> str:
