@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-from torch._decomp.decompositions import matmul as _symbolic_matmul
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
@@ -219,44 +219,14 @@ class Graph:
             return
         inputs = [n.meta["val"] for n in self.placeholders()]
         try:
-            with self.fake_mode:
-                _SymbolicProp(self.gm, self.fake_mode).propagate_dont_convert_inputs(*inputs)
+            # The Python dispatcher, as export itself uses: without it, composite ops on CUDA (linear, matmul,
+            # scaled_dot_product_attention) read fake sizes as ints and pin the sequence length to the example's.
+            with self.fake_mode, enable_python_dispatcher():
+                FakeTensorProp(self.gm, self.fake_mode).propagate_dont_convert_inputs(*inputs)
         except Exception as e:  # noqa: BLE001 - report the node where propagation broke
             node = getattr(e, "node", None)
             raise PassError(pass_name, f"shape propagation failed after the pass: {type(e).__name__}: {e}",
                             node=getattr(node, "name", None)) from e
-
-
-class _SymbolicProp(FakeTensorProp):
-    """Fake-tensor propagation that keeps symbolic sizes symbolic.
-
-    On CUDA (torch 2.11 at least) the native `aten.matmul` reads a fake operand's sizes as plain ints, which
-    pins the sequence length to the example's (Hugging Face RoPE multiplies `inv_freq [1, d/2, 1]` by
-    `positions [1, 1, seq]`). torch's own Python decomposition of matmul (expand, reshape, bmm) is symbolic
-    throughout, so propagation uses it; the graph keeps its `aten.matmul` nodes. The composite
-    `aten.scaled_dot_product_attention` picks its CUDA backend from int sizes too, so its output is built
-    directly: the query's shape with the value's last dim, in the memory order export recorded."""
-
-    def run_node(self, n):
-        self._node = n
-        return super().run_node(n)
-
-    def call_function(self, target, args, kwargs):
-        if target is torch.ops.aten.matmul.default:
-            return _symbolic_matmul(*args, **kwargs)
-        if target is torch.ops.aten.scaled_dot_product_attention.default:
-            return _sdpa_output(self._node.meta.get("val"), args[0], args[2])
-        return super().call_function(target, args, kwargs)
-
-
-def _sdpa_output(recorded, query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """An empty tensor shaped like scaled_dot_product_attention's output, strided in `recorded`'s order."""
-    shape = [*query.shape[:-1], value.shape[-1]]
-    order = list(range(len(shape)))
-    if isinstance(recorded, torch.Tensor) and recorded.dim() == len(shape):
-        order.sort(key=lambda d: -recorded.stride(d))  # outermost first; ties keep the logical order
-    out = query.new_empty([shape[d] for d in order])
-    return out.permute([order.index(d) for d in range(len(shape))])
 
 
 def module_path(node: torch.fx.Node) -> str:
