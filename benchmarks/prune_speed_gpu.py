@@ -1,6 +1,6 @@
 """Speed of a structurally pruned model on the GPU: llama-3-8b shape, 25% of heads and 25% of MLP neurons removed.
 
-    python benchmarks/prune_speed_gpu.py [--heads 0.25] [--mlp 0.25] [--prefill 2048] [--context 1024]
+    python benchmarks/prune_speed_gpu.py [--heads 0.25] [--mlp 0.25] [--prefill 2048] [--context 1024] [--compile]
                                          [--equivalent] [--report PATH] [--smoke]
 
 The model (random bf16 weights, all 32 layers) is captured at a [1, prefill] example twice: dense, with the
@@ -68,8 +68,9 @@ def prefill_stats(opt, ids, on_gpu: bool) -> dict:
                 notes=[f"{r.name}: {'; '.join(r.notes)}" for r in opt.report if r.name.startswith("prune")])
 
 
-def decode_stats(graph, ids, context: int, on_gpu: bool) -> dict:
-    """One decode step at batch 1 over a `context`-entry cache, and the bytes it must read."""
+def decode_stats(graph, ids, context: int, on_gpu: bool, compiled: bool = False) -> dict:
+    """One decode step at batch 1 over a `context`-entry cache (also under torch.compile if `compiled`), and the
+    bytes it must read."""
     graphs, _ = kv_graphs(graph, {"policy": "full"})
     dev, dtype = ids.device, next(graph.gm.parameters()).dtype
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -80,8 +81,12 @@ def decode_stats(graph, ids, context: int, on_gpu: bool) -> dict:
     positions = torch.tensor([context], device=dev)
     with torch.no_grad():
         decode = time_us(lambda: graphs.decode(token, positions, *caches), [()], reps=20, graphs=on_gpu)
+        if compiled:  # Inductor fuses the norms, RoPE and SwiGLU: what is left is mostly the weights' reads
+            step = torch.compile(graphs.decode)
+            compiled = time_us(lambda: step(token, positions, *caches), [()], reps=20, graphs=on_gpu)
     weights = weight_bytes_read(graphs.decode)
-    return dict(decode=decode, weights=weights,
+    ops = sum(1 for n in graphs.decode.graph.nodes if n.op == "call_function") / len(graphs.layers)
+    return dict(decode=decode, decode_compiled=compiled, weights=weights, ops_per_layer=ops,
                 decode_bytes=weights + cache_bytes(graphs.layers, 1, context + 1, dtype.itemsize))
 
 
@@ -143,6 +148,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024, help="cache entries for the decode step (batch 1)")
     ap.add_argument("--equivalent", action="store_true",
                     help="time the pruned decode step on a model built with the pruned shapes (pruned_decode_graph)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both decode graphs under torch.compile (fewer, fused small kernels)")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     ap.add_argument("--smoke", action="store_true", help="a 2-layer small model on the CPU (eager): checks the script")
     args = ap.parse_args()
@@ -163,7 +170,7 @@ def main() -> None:
     t0 = time.time()
     dense, _ = capture_kv(model, (ids,), dev)  # capture + kv_cache (which simplifies the masks first)
     seconds["dense"] = time.time() - t0
-    d = {**prefill_stats(dense, ids, on_gpu), **decode_stats(dense.graph, ids, args.context, on_gpu)}
+    d = {**prefill_stats(dense, ids, on_gpu), **decode_stats(dense.graph, ids, args.context, on_gpu, args.compile)}
     print(f"dense: { {k: v for k, v in d.items() if k not in ('dims', 'shapes')} }", flush=True)
     del dense
     t0 = time.time()
@@ -173,15 +180,17 @@ def main() -> None:
     seconds["pruned"] = time.time() - t0
     p = prefill_stats(pruned, ids, on_gpu)
     decode_graph, decode_source = pruned_decode_graph(pruned, p, ids, dev, dtype, overrides, args.equivalent)
-    p.update(decode_stats(decode_graph, ids, args.context, on_gpu))
+    p.update(decode_stats(decode_graph, ids, args.context, on_gpu, args.compile))
     print(f"pruned: { {k: v for k, v in p.items() if k not in ('dims', 'shapes')} }; decode on {decode_source}",
           flush=True)
     rows = []
-    for what, key, ideal, unit in (
-            (f"prefill, batch 1, {args.prefill} tokens", "prefill", d["flops"] / p["flops"],
-             f"{d['flops'] / 1e12:.2f} -> {p['flops'] / 1e12:.2f} TFLOP"),
-            (f"decode, batch 1, {args.context} context", "decode", d["decode_bytes"] / p["decode_bytes"],
-             f"{d['decode_bytes'] / 1e9:.2f} -> {p['decode_bytes'] / 1e9:.2f} GB read")):
+    read = (d["decode_bytes"] / p["decode_bytes"], f"{d['decode_bytes'] / 1e9:.2f} -> {p['decode_bytes'] / 1e9:.2f} GB read")
+    phases = [(f"prefill, batch 1, {args.prefill} tokens", "prefill", d["flops"] / p["flops"],
+               f"{d['flops'] / 1e12:.2f} -> {p['flops'] / 1e12:.2f} TFLOP"),
+              (f"decode, batch 1, {args.context} context", "decode", *read)]
+    if args.compile:
+        phases.append((f"decode, batch 1, {args.context} context, torch.compile of both", "decode_compiled", *read))
+    for what, key, ideal, unit in phases:
         speedup = d[key] / p[key]
         rows.append([what, f"{d[key] / 1e3:.2f}", f"{p[key] / 1e3:.2f}", f"{speedup:.3f}x", unit, f"{ideal:.3f}x",
                      f"{speedup / ideal:.0%}"])
@@ -196,7 +205,11 @@ def main() -> None:
              f"MLP {sorted(d['widths'])} -> {sorted(p['widths'])}; weight dims after pruning "
              f"{', '.join(map(str, p['dims']))}: all multiples of 64 with head dim {hd} (Tensor-Core tiles): "
              f"{'yes' if friendly else 'NO'}. Pruned decode step timed on {decode_source}. Decode bytes: weights but "
-             f"the embedding table ({d['weights'] / 1e9:.2f} -> {p['weights'] / 1e9:.2f} GB) + the K/V cache. "
+             f"the embedding table ({d['weights'] / 1e9:.2f} -> {p['weights'] / 1e9:.2f} GB) + the K/V cache; at "
+             f"{d['decode_bytes'] / d['decode'] / 1e3:.2f} TB/s dense"
+             + (f", {d['decode_bytes'] / d['decode_compiled'] / 1e3:.2f} TB/s compiled" if args.compile else "")
+             + f". Uncompiled, a step runs {d['ops_per_layer']:.0f} ATen ops a layer (norms, RoPE, SwiGLU, residuals "
+             "unfused; views included), whose fixed cost pruning does not shrink. "
              f"Capture + passes {seconds['dense']:.0f} s dense, {seconds['pruned']:.0f} s pruned; whole run "
              f"{time.time() - t_start:.0f} s.")
     md = markdown_table(columns, rows) + "\n\n" + notes
