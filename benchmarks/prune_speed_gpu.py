@@ -206,8 +206,8 @@ def main() -> None:
              f"{', '.join(map(str, p['dims']))}: all multiples of 64 with head dim {hd} (Tensor-Core tiles): "
              f"{'yes' if friendly else 'NO'}. Pruned decode step timed on {decode_source}. Decode bytes: weights but "
              f"the embedding table ({d['weights'] / 1e9:.2f} -> {p['weights'] / 1e9:.2f} GB) + the K/V cache; at "
-             f"{d['decode_bytes'] / d['decode'] / 1e3:.2f} TB/s dense"
-             + (f", {d['decode_bytes'] / d['decode_compiled'] / 1e3:.2f} TB/s compiled" if args.compile else "")
+             f"{d['decode_bytes'] / d['decode'] / 1e6:.2f} TB/s dense"
+             + (f", {d['decode_bytes'] / d['decode_compiled'] / 1e6:.2f} TB/s compiled" if args.compile else "")
              + f". Uncompiled, a step runs {d['ops_per_layer']:.0f} ATen ops a layer (norms, RoPE, SwiGLU, residuals "
              "unfused; views included), whose fixed cost pruning does not shrink. "
              f"Capture + passes {seconds['dense']:.0f} s dense, {seconds['pruned']:.0f} s pruned; whole run "
