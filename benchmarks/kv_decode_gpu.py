@@ -1,7 +1,7 @@
 """Decode speed with an evicting KV cache on the GPU: a llama-3-8b-shaped model, compacted cache vs the full one.
 
     python benchmarks/kv_decode_gpu.py [--batches 1 8] [--contexts 8192 32768] [--budgets 1024 2048]
-                                       [--policies streaming snapkv] [--report PATH] [--smoke]
+                                       [--policies streaming snapkv] [--compile] [--report PATH] [--smoke]
 
 The model (random bf16 weights, all 32 layers) is captured by `prunus.optimize(model, "kv_cache")`, and
 `kv_graphs` gives its decode graph: one new token per sequence, attention through
@@ -58,6 +58,11 @@ from prunus.passes.kv.runtime import kv_graphs  # noqa: E402
 aten = torch.ops.aten
 SINK, WINDOW = 4, 32
 VOCAB = [128256]  # token ids are drawn below this (the smoke model's vocabulary is smaller)
+COMPILE = [False]  # --compile: every decode graph (and the SDPA baseline) runs under torch.compile
+
+
+def compiled(gm):
+    return torch.compile(gm) if COMPILE[0] else gm
 SMOKE_SHAPE = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                    num_key_value_heads=4, vocab_size=1000)
 
@@ -171,7 +176,8 @@ def time_compacted(opt, b, budget, position, policy, dev, dtype, gen, on_gpu) ->
     ids = torch.randint(0, VOCAB[0], (b, 1), device=dev, generator=gen)
     positions = torch.tensor([position], device=dev)
     flat = [x for c in caches for x in (c.k, c.v)]
-    step = step_us(lambda: graphs.decode(ids, positions, *flat), on_gpu)
+    decode = compiled(graphs.decode)
+    step = step_us(lambda: decode(ids, positions, *flat), on_gpu)
     n_out, n_layers = graphs.num_outputs, len(graphs.layers)
     with torch.no_grad():
         out = list(graphs.decode(ids, positions, *flat))
@@ -203,8 +209,9 @@ def time_full(opt, b, n, dev, dtype, gen, on_gpu) -> dict:
         ref = graphs.decode(ids, positions, *past)[0].float()
         got = sdpa(ids, positions, *past)[0].float()
     err = ((got - ref).norm() / ref.norm()).item()
+    sdpa, decode = compiled(sdpa), compiled(graphs.decode)
     result = dict(sdpa=step_us(lambda: sdpa(ids, positions, *past), on_gpu),
-                  prunus=step_us(lambda: graphs.decode(ids, positions, *past), on_gpu), err=err)
+                  prunus=step_us(lambda: decode(ids, positions, *past), on_gpu), err=err)
     del sdpa, buffers, past
     return result
 
@@ -241,9 +248,13 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--policies", nargs="+", default=["streaming", "snapkv"])
+    ap.add_argument("--compile", action="store_true",
+                    help="run every decode graph and the SDPA baseline under torch.compile (Inductor fuses the "
+                         "small per-layer ops; the attention ops stay as they are)")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     ap.add_argument("--smoke", action="store_true", help="a 2-layer small model on the CPU (eager): checks the script")
     args = ap.parse_args()
+    COMPILE[0] = args.compile
     t_start = time.time()
     on_gpu = not args.smoke
     if on_gpu and not torch.cuda.is_available():
@@ -323,7 +334,9 @@ def main() -> None:
     L0 = layers[0]
     shape = f"{len(layers)} layers, {L0.num_heads} q / {L0.num_kv_heads} KV heads of {L0.head_dim}"
     notes = (f"Llama-3-8B shape ({shape}, random {str(dtype).removeprefix('torch.')} weights), one token per "
-             f"sequence per step, CUDA-graph replays (median of 20) for every row. Baseline: the same decode graph "
+             f"sequence per step, CUDA-graph replays (median of 20) for every row"
+             f"{', every decode graph and the baseline under torch.compile (default mode)' if args.compile else ''}. "
+             f"Baseline: the same decode graph "
              f"with each attention as a Hugging Face static cache + SDPA (enable_gqa) over n + 1 entries. "
              f"Compacted rows: the policy's decode graph over `budget` entries per layer and KV head (snapkv's graph "
              f"also returns the attention probabilities it scores with); 'step' excludes eviction, 'eviction' is "
