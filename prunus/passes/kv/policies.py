@@ -136,6 +136,11 @@ class Policy:
             old, fresh = self.decode_score(i, cache, None if p is None else p[..., :n], k, v,
                                            None if p is None else p[..., n:], pos)
             cache.score = old.float()
+            if t == 1 and not self.slack and n == self.budgets[i] and type(cache) is LayerCache:
+                # at the budget, one entry in and one out: overwrite the evicted slot instead of cat + gather
+                ranked = cache.score.masked_fill(self.protected(cache.pos, position), float("inf"))
+                cache.replace(ranked, k, v, pos, fresh.float())
+                continue
             cache.append(k, v, pos, fresh.float())
             self._evict(cache, self.budgets[i], position, self.slack)
 

@@ -61,7 +61,7 @@ class LayerCache:
             self.score = torch.cat([self.score, score], dim=2)
 
     def keep(self, idx: torch.Tensor) -> None:
-        """Keep entries `idx` [b, hk, m] (any order; stored sorted by position)."""
+        """Keep entries `idx` [b, hk, m] (any order; stored in the cache's order)."""
         idx = idx.sort(dim=-1).values
         self.k, self.v = gather_rows(self.k, idx), gather_rows(self.v, idx)
         self.pos = self.pos.gather(2, idx)
@@ -71,6 +71,20 @@ class LayerCache:
     def shrink(self, ranked: torch.Tensor, budget: int) -> None:
         """Keep the `budget` entries ranked highest (`ranked` [b, hk, n]: scores, inf where protected)."""
         self.keep(ranked.topk(budget, dim=-1).indices)
+
+    def replace(self, ranked: torch.Tensor, k, v, pos, score) -> None:
+        """Write one new entry (k [b, hk, 1, d], v, pos, score) over each head's lowest-ranked one (`ranked`
+        [b, hk, n] over the cached entries), in place: the entries `append` then `shrink` back to n keep, at
+        O(b hk d) instead of copying the cache twice. The entries stop being in position order; attention does
+        not depend on their order, and nothing reads it (positions travel in `pos`)."""
+        slot = ranked.argmin(dim=-1, keepdim=True)  # [b, hk, 1]
+        for name, new in (("k", k), ("v", v), ("pos", pos), ("score", score)):
+            old = getattr(self, name)
+            if old.stride(2) == 0 or not old.is_contiguous():  # broadcast bookkeeping from the prefill
+                old = old.contiguous()
+                setattr(self, name, old)
+            index = slot if old.dim() == 3 else slot[..., None].expand(*slot.shape, old.shape[-1])
+            old.scatter_(2, index, new.to(old.dtype))
 
     def graph_inputs(self) -> tuple:
         """The tensors the decode graph takes for this layer's cache."""

@@ -151,7 +151,7 @@ def test_composes_with_snapkv_budget(llama):
     for i in range(s, 24):
         assert torch.isfinite(dec.feed(ids[:, i:i + 1])).all()
     assert dec.cache_lengths() == [8] * 4
-    assert bool((dec.caches[2].pos[:, :, -1] == 23).all())  # the newest entry is at its true position
+    assert bool((dec.caches[2].pos == 23).any(-1).all())  # the newest entry is at its true position
     assert prunus.generate(opt, ids[:, :12], 4).shape == (2, 16)
     assert KVDecoder(opt.graph, KVCacheParams(policy="snapkv", budget=8, sink=2, window=2).spec()).graphs.stages \
         == [0, 1, 1, 1]
