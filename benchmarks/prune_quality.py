@@ -2,6 +2,10 @@
 Torch-Pruning's magnitude pruning of the same model at the same ratios; MiniLM embedding cosine at 25%.
 
     nice -n 10 python benchmarks/prune_quality.py [--grid reduced|full] [--tokens 4096] [--calib 16]
+    nice -n 10 python benchmarks/prune_quality.py --combined [--grid reduced|full] [--tokens 4096] [--calib 16]
+
+`--combined` removes heads and MLP neurons together, 10%, 20% and 30% of the non-embedding parameters, for
+every criterion and allocation, next to Torch-Pruning removing as many parameters (see `combined`).
 
 The SmolLM2 model is captured once; every configuration prunes a fresh graph built from that capture (the
 passes replace parameters, never write them, so the captured weights stay the original ones).
@@ -44,6 +48,15 @@ GRIDS = {
 }
 
 
+# --combined: (importance, allocation) pairs at each ratio. `reduced` (about 30 minutes on a 2-core CPU): every
+# criterion x allocation at 20%, flap (the best rule) with uniform and adaptive allocation at 10% and 30%.
+COMBINED = {
+    "full": lambda r: [(i, a) for i in IMPORTANCE for a in ("uniform", "global", "adaptive")],
+    "reduced": lambda r: ([(i, a) for i in IMPORTANCE for a in ("uniform", "global", "adaptive")] if r == 0.2
+                          else [("flap", "uniform"), ("flap", "adaptive")]),
+}
+
+
 def _fresh_graph(base):
     """A new Graph over the captured program: what `prunus.optimize` would capture, without re-exporting."""
     return graph_from_exported(base["ep"], in_spec=base["g"].in_spec, leaf_is_tensor=base["g"].leaf_is_tensor,
@@ -72,12 +85,65 @@ def _tp_mlp(model, example, ratio: float):
     return m
 
 
+def combined(args, model, tok, example, calib, base, ppl) -> None:
+    """Heads and MLP neurons pruned together at the same ratio, which removes that share of the non-embedding
+    parameters (attention and MLP weights are all of them but the norms), for each criterion and allocation;
+    Torch-Pruning's magnitude pruning removes as many parameters from the MLP (its GQA head pruning does not
+    build on this model: see the notes)."""
+    embedding = model.get_input_embeddings().weight.numel()
+    n_dense = sum(p.numel() for p in model.parameters())
+    body = n_dense - embedding
+    mlp = sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())
+    dense = ppl(model)
+    share = lambda n: f"{(n_dense - n) / body:.1%}"  # noqa: E731
+    rows = [["dense", "-", "-", "-", f"{dense:.3f}", f"{body / 1e6:.2f}", "-"]]
+    best: dict[float, float] = {}
+    for r in RATIOS:
+        for importance, alloc in COMBINED[args.grid](r):
+            heads_alloc = "global" if alloc == "uniform" else alloc  # 3 KV groups a layer: no uniform 10-30%
+            spec = (f"prune_heads(ratio={r}, importance={importance}, allocation={heads_alloc}), "
+                    f"prune_mlp(ratio={r}, importance={importance}, allocation={alloc})")
+            t0 = time.perf_counter()
+            opt, n = _prunus(base, spec, calib)
+            value = ppl(opt)
+            best[r] = min(best.get(r, float("inf")), value)
+            rows.append([r, f"prunus {importance}", alloc, share(n), f"{value:.3f}", f"{(n - embedding) / 1e6:.2f}",
+                         f"{time.perf_counter() - t0:.0f}"])
+            print(rows[-1], flush=True)
+        t0 = time.perf_counter()
+        m = _tp_mlp(model, example[0], min(r * body / mlp, 0.95))
+        n = sum(p.numel() for p in m.parameters())
+        value = ppl(m)
+        rows.append([r, "Torch-Pruning magnitude", "uniform (per layer), MLP only", share(n), f"{value:.3f}",
+                     f"{(n - embedding) / 1e6:.2f}", f"{time.perf_counter() - t0:.0f}"])
+        print(rows[-1], f"prunus best {best[r]:.3f}", flush=True)
+    notes = (f"SmolLM2-135M, {body / 1e6:.2f} M non-embedding parameters ({mlp / 1e6:.2f} M in the MLPs); the tied "
+             f"{embedding / 1e6:.2f} M embedding is never pruned. prunus rows: `prune_heads(ratio=r)` then "
+             f"`prune_mlp(ratio=r)` with the row's importance and allocation (heads go in whole KV groups, 3 a layer, "
+             "so `uniform` means uniform MLP widths with global head ranking). Torch-Pruning 1.6.1: MetaPruner, "
+             "GroupMagnitudeImportance(p=2), per-layer ratio r x non-embedding / MLP parameters over the MLP neurons "
+             "only, round_to=8: the same number of parameters. Its GQA head pruning (q/k/v as roots, num_heads set) "
+             "was still building dependency groups after 150 s on this model, so Torch-Pruning prunes MLP only. "
+             f"Perplexity: first {args.tokens} tokens of `pydoc_data.topics` in 512-token windows. Calibration "
+             f"(wanda, flap, taylor): {args.calib} seeded windows of {args.calib_len} tokens of the same corpus. "
+             f"Grid `{args.grid}`" + (": every criterion x allocation at 20%, flap with uniform and adaptive "
+             "allocation at 10% and 30% (`--grid full`: every pair at every ratio)" if args.grid == "reduced" else "")
+             + ". prunus's best at each ratio vs Torch-Pruning: "
+             + "; ".join(f"{r:.0%}: {best[r]:.3f} vs {float(row[4]):.3f}" for r in RATIOS
+                         for row in rows if row[0] == r and row[1].startswith("Torch")) + ".")
+    print(append("Structured pruning quality: SmolLM2-135M, heads and MLP together, by share of non-embedding "
+                 "parameters removed", ["ratio", "importance", "allocation", "non-embedding removed", "perplexity",
+                                        "non-embedding params M", "s"], rows, notes, path=args.report))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reduced")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--calib", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--combined", action="store_true", help="heads and MLP together by non-embedding share")
+    ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     args = ap.parse_args()
     t_start = time.perf_counter()
 
@@ -87,6 +153,8 @@ def main() -> None:
     g = capture(model, example)
     base = {"g": g, "ep": g.exported()}
     ppl = lambda m: prunus.eval.perplexity(m, tok, max_tokens=args.tokens)  # noqa: E731
+    if args.combined:
+        return combined(args, model, tok, example, calib, base, ppl)
     dense = ppl(model)
     n_dense = sum(p.numel() for p in model.parameters())
     print(f"dense {dense:.3f} {n_dense}", flush=True)
@@ -135,7 +203,8 @@ def main() -> None:
              f"mean embedding cosine to the original: {'; '.join(mini_rows)}. "
              f"Total run {time.perf_counter() - t_start:.0f} s.")
     print(append("Structured pruning quality: SmolLM2-135M perplexity by criterion and allocation",
-                 ["pass", "importance", "allocation", "ratio", "perplexity", "params M", "s"], rows, notes))
+                 ["pass", "importance", "allocation", "ratio", "perplexity", "params M", "s"], rows, notes,
+                 path=args.report))
 
 
 if __name__ == "__main__":

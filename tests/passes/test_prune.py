@@ -271,7 +271,7 @@ def test_prune_layers_removes_the_lowest_block_influence_layer():
         h.remove()
     bi = [1 - c / t for c, t in zip(cos, tokens)]
     worst = min(range(3), key=bi.__getitem__)
-    assert f"removed layers [{worst}]" in opt.report[0].notes[0]
+    assert opt.report[0].notes[0].startswith(f"removed layer {worst}; block influence")
     ref = copy.deepcopy(model)
     ref.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(ref.model.layers) if i != worst)
     xs = example_inputs(model, batch=2, seq=9, seed=4)
@@ -287,3 +287,78 @@ def test_prune_layers_refuses_post_norm(tiny_models):
     bert, x = tiny_models("bert")
     with pytest.raises(prunus.PassError, match="needs a pre-norm stack"):
         prunus.optimize(bert, "prune_layers(n=1)", example_inputs=x, calibration=[x])
+
+
+def _removed(note: str) -> list[str]:
+    return note.split(";")[0].removeprefix("removed ").split(", ")
+
+
+def test_prune_layers_removes_adjacent_layers():
+    """Three of four layers go, so at least two are adjacent: each must pass on what it received."""
+    model = tiny("llama", num_hidden_layers=4)
+    x = example_inputs(model)
+    calib = [example_inputs(model, batch=1, seq=16, seed=s) for s in range(2)]
+    opt = prunus.optimize(model, "prune_layers(n=3)", example_inputs=x, calibration=calib)
+    gone = [int(name.split()[1]) for name in _removed(opt.report[0].notes[0])]
+    assert len(gone) == 3
+    ref = copy.deepcopy(model)
+    ref.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(ref.model.layers) if i not in gone)
+    xs = example_inputs(model, batch=2, seq=9, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*xs).logits, ref(*xs, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    rec = opt.report[0]
+    assert rec.params_before - rec.params_after == sum(p.numel() for i in gone for p in model.model.layers[i].parameters())
+
+
+def _skip_blocks(model, blocks):
+    """A copy of a Llama with the given (layer, kind) blocks computing zero (o_proj / down_proj zeroed)."""
+    ref = copy.deepcopy(model)
+    for i, kind in blocks:
+        layer = ref.model.layers[i]
+        out = layer.self_attn.o_proj if kind == "attention" else layer.mlp.down_proj
+        torch.nn.init.zeros_(out.weight)
+    return ref
+
+
+def test_prune_layers_ppl_criterion_removes_attention_and_mlp_blocks():
+    model = tiny("llama", num_hidden_layers=3)
+    x = example_inputs(model)
+    calib = [example_inputs(model, batch=1, seq=16, seed=s) for s in range(2)]
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.cross_entropy(m(ids).logits[:, :-1].flatten(0, 1),
+                                                               ids[:, 1:].flatten())) for (ids,) in calib) / 2
+
+    candidates = [(i, kind) for i in range(3) for kind in ("attention", "mlp")]
+    increase = {c: loss(_skip_blocks(model, [c])) - loss(model) for c in candidates}
+    expected = sorted(candidates, key=lambda c: (increase[c], candidates.index(c)))[:2]
+    opt = prunus.optimize(model, "prune_layers(n=2, criterion=ppl, part=any)", example_inputs=x, calibration=calib)
+    note = opt.report[0].notes[0]
+    assert sorted(_removed(note)) == sorted(f"layer {i} {kind}" for i, kind in expected)
+    assert "loss increase" in note
+    xs = example_inputs(model, batch=2, seq=9, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*xs).logits, _skip_blocks(model, expected)(*xs, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    layers = model.model.layers
+    block_params = {"attention": lambda L: [*L.self_attn.parameters(), L.input_layernorm.weight],
+                    "mlp": lambda L: [*L.mlp.parameters(), L.post_attention_layernorm.weight]}
+    rec = opt.report[0]
+    assert rec.params_before - rec.params_after == sum(p.numel() for i, kind in expected
+                                                       for p in block_params[kind](layers[i]))
+    # part=mlp with block influence removes MLP blocks only
+    mlp = prunus.optimize(model, "prune_layers(ratio=0.34, part=mlp)", example_inputs=x, calibration=calib)
+    assert [name.split()[2] for name in _removed(mlp.report[0].notes[0])] == ["mlp"]
+
+
+def test_prune_layers_params_errors(tiny_models):
+    model = tiny("llama", num_hidden_layers=2)
+    x = example_inputs(model)
+    with pytest.raises(prunus.SpecError, match="disagree"):
+        prunus.optimize(model, "prune_layers(n=1, criterion=block_influence, importance=ppl)", example_inputs=x)
+    with pytest.raises(prunus.SpecError):
+        prunus.optimize(model, "prune_layers(n=1, part=heads)", example_inputs=x)
+    vit, vx = tiny_models("vit")
+    with pytest.raises(prunus.PassError, match="criterion=ppl needs a language model"):
+        prunus.optimize(vit, "prune_layers(n=1, criterion=ppl, part=mlp)", example_inputs=vx, calibration=[vx])

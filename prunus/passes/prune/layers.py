@@ -1,16 +1,23 @@
-"""`prune_layers`: remove whole decoder layers with the lowest block influence (ShortGPT).
+"""`prune_layers`: remove whole decoder layers, or their attention or MLP halves, that matter least.
 
-ShortGPT (Men et al., "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect", 2024)
-scores layer i by BI_i = 1 - mean over calibration tokens of cos(x_in, x_out), the hidden state entering and
-leaving the layer; layers that barely turn the residual stream are removed. A layer spans the residual
-blocks (`blocks` analysis) of one layer index; removing it routes its exit's users to its entry, and dead
-code elimination drops its ops and weights. Only pre-norm stacks qualify: there a layer's exit is the next
-layer's entry, so skipping it is exactly "the layer computes the identity".
+Criteria:
+- `block_influence` (ShortGPT: Men et al., "ShortGPT: Layers in Large Language Models are More Redundant Than
+  You Expect", 2024): BI = 1 - mean over calibration tokens of cos(x_in, x_out), the residual stream entering
+  and leaving the unit; units that barely turn the stream go first.
+- `ppl`: the calibration next-token loss with the unit skipped, minus the loss of the whole model (the
+  perplexity criterion of Kim et al., "Shortened LLaMA", 2024); one forward per unit over the calibration set.
+
+`part` says what a unit is: `layer` (both blocks of a layer), `attention` or `mlp` (one residual block of each
+layer, the `blocks` analysis), or `any` (attention and MLP blocks ranked together, so a layer may lose one half
+only: "What Matters in Transformers? Not All Attention Is Needed", He et al. 2024, removes attention blocks
+this way). Removing a unit routes its exit's users to its entry (the unit computes the identity) and dead code
+elimination drops its ops and weights. Whole layers need a pre-norm stack, where a layer's exit is the next
+layer's entry; a single block is skipped in any layout (post-norm keeps the norm after the skipped add).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -18,9 +25,12 @@ import torch.fx
 from prunus.errors import PassError
 from prunus.passes.base import LossyParams, Pass, PassResult, param
 from prunus.passes.cleanup.dce import METADATA_ASSERTS, eliminate_dead_code
+from prunus.passes.prune.taylor import next_token_loss
 from prunus.passes.registry import register
 
 aten = torch.ops.aten
+CRITERIA = ("block_influence", "ppl")
+PARTS = ("layer", "attention", "mlp", "any")
 _CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.alias.default, aten.contiguous.default}
 
 
@@ -28,12 +38,22 @@ _CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.alias
 class PruneLayersParams(LossyParams):
     ratio: float | None = param(None, "fraction of the layers to remove", range="(0, 1)")
     n: int | None = param(None, "number of layers to remove, instead of ratio", range="[1, inf)")
-    importance: str = param("block_influence", "how layers are scored", choices=("block_influence",))
+    importance: str = param("block_influence", "how units are scored", choices=CRITERIA)
+    criterion: str | None = param(None, "the same as importance (the name ShortGPT-style papers use)",
+                                  choices=CRITERIA)
+    part: str = param("layer", "what a removed unit is: whole layers, attention blocks, MLP blocks, or either "
+                               "block ranked together", choices=PARTS)
 
     def check(self) -> str | None:
         if (self.ratio is None) == (self.n is None):
             return "give exactly one of ratio and n"
+        if self.criterion is not None and self.importance not in ("block_influence", self.criterion):
+            return f"criterion={self.criterion} and importance={self.importance} disagree: give one of them"
         return None
+
+    @property
+    def score_by(self) -> str:
+        return self.criterion or self.importance
 
 
 def _through_casts(node: torch.fx.Node) -> torch.fx.Node:
@@ -60,12 +80,35 @@ def decoder_layers(graph, pass_name: str) -> list[tuple[int, torch.fx.Node, torc
     return layers
 
 
-class _Recorder(torch.fx.Interpreter):
-    """Accumulates, per layer exit, the sum over tokens of cos(entry, exit) and the token count."""
+@dataclass
+class Unit:
+    """What one removal takes out: the residual stream at `entry` flows on from `exit`, skipping `nodes`."""
+    name: str  # "layer 3", "layer 3 attention"
+    entry: torch.fx.Node
+    exit: torch.fx.Node
+    nodes: set = field(default_factory=set, repr=False)
 
-    def __init__(self, gm, layers):
+
+def units(graph, part: str, pass_name: str) -> list[Unit]:
+    """The removable units of `graph` for `part`, in graph order."""
+    blocks = graph.analysis("blocks")
+    if part == "layer":
+        found = []
+        for i, entry, exit_ in decoder_layers(graph, pass_name):
+            nodes = {n for blk in blocks if blk.layer == i for n in blk.body | {blk.exit, blk.entry}} - {entry}
+            found.append(Unit(f"layer {i}", entry, exit_, nodes))
+        return found
+    kinds = ("attention", "mlp") if part == "any" else (part,)
+    return [Unit(f"layer {blk.layer} {blk.kind}", blk.entry, blk.exit, (blk.body | {blk.exit}) - {blk.entry})
+            for blk in blocks if blk.kind in kinds]
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Accumulates, per unit exit, the sum over tokens of cos(entry, exit) and the token count."""
+
+    def __init__(self, gm, found: list[Unit]):
         super().__init__(gm)
-        self.pairs = {exit_: entry for _, entry, exit_ in layers}
+        self.pairs = {u.exit: u.entry for u in found}
         self.cos = dict.fromkeys(self.pairs, 0.0)
         self.tokens = dict.fromkeys(self.pairs, 0)
         self.entries = set(self.pairs.values())
@@ -76,20 +119,44 @@ class _Recorder(torch.fx.Interpreter):
         if n in self.entries:
             self.held[n] = out
         if n in self.pairs:
-            x_in, x_out = (t.double().flatten(0, -2) for t in (self.held.pop(self.pairs[n]), out))
+            x_in, x_out = (t.double().flatten(0, -2) for t in (self.held[self.pairs[n]], out))
             cos = torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)
             self.cos[n] += float(cos.sum())
             self.tokens[n] += cos.numel()
         return out
 
 
-def block_influence(graph, layers, samples: list) -> list[float]:
-    """BI of each layer: 1 - mean cos(x_in, x_out) over every calibration token."""
-    recorder = _Recorder(graph.gm, layers)
+def block_influence(graph, found: list[Unit], samples: list) -> list[float]:
+    """BI of each unit: 1 - mean cos(x_in, x_out) over every calibration token."""
+    recorder = _Recorder(graph.gm, found)
     with torch.no_grad():
         for sample in samples:
+            recorder.held.clear()
             recorder.run(*sample)
-    return [1.0 - recorder.cos[exit_] / recorder.tokens[exit_] for _, _, exit_ in layers]
+    return [1.0 - recorder.cos[u.exit] / recorder.tokens[u.exit] for u in found]
+
+
+class _Skip(torch.fx.Interpreter):
+    """Runs the graph with one unit skipped: its exit takes its entry's value."""
+
+    def __init__(self, gm, unit: Unit | None):
+        super().__init__(gm)
+        self.unit = unit
+
+    def run_node(self, n):
+        if self.unit is not None and n is self.unit.exit:
+            return self.env[self.unit.entry]
+        return super().run_node(n)
+
+
+def loss_increase(graph, found: list[Unit], samples: list, pass_name: str) -> list[float]:
+    """Calibration next-token loss with each unit skipped, minus the whole model's."""
+    def loss(unit):
+        with torch.no_grad():
+            return sum(float(next_token_loss(_Skip(graph.gm, unit).run(*s), s, pass_name, "criterion=ppl",
+                                             "use block_influence")) for s in samples) / len(samples)
+    base = loss(None)
+    return [loss(u) - base for u in found]
 
 
 def _erase(graph, doomed: set) -> None:
@@ -104,7 +171,7 @@ def _erase(graph, doomed: set) -> None:
 
 @register
 class PruneLayers(Pass):
-    """Remove whole decoder layers with the lowest block influence (ShortGPT), by rewiring the residual."""
+    """Remove the decoder layers (or attention / MLP blocks) that matter least, by rewiring the residual."""
 
     name = "prune_layers"
     kind = "lossy"
@@ -114,24 +181,31 @@ class PruneLayers(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         p = self.params
-        layers = decoder_layers(graph, self.name)
-        if not layers:
-            raise PassError(self.name, "no residual layers found")
-        remove = p.n if p.n is not None else math.floor(len(layers) * p.ratio + 0.5)
-        if remove >= len(layers):
-            raise PassError(self.name, f"cannot remove {remove} of {len(layers)} layers: at least one must stay")
+        found = units(graph, p.part, self.name)
+        what = "layers" if p.part == "layer" else "blocks"
+        if not found:
+            raise PassError(self.name, "no residual layers found" if p.part == "layer" else
+                            f"no {'attention or MLP' if p.part == 'any' else p.part} blocks found")
+        remove = p.n if p.n is not None else math.floor(len(found) * p.ratio + 0.5)
+        if remove >= len(found):
+            raise PassError(self.name, f"cannot remove {remove} of {len(found)} {what}: at least one must stay")
         if remove == 0:
-            return PassResult(modified=False, notes=["no layer removed (ratio too small)"])
-        scores = block_influence(graph, layers, ctx.calibration)
-        order = sorted(range(len(layers)), key=lambda i: (scores[i], i))[:remove]
+            return PassResult(modified=False, notes=[f"no {what[:-1]} removed (ratio too small)"])
+        if p.score_by == "ppl":
+            scores = loss_increase(graph, found, ctx.calibration, self.name)
+        else:
+            scores = block_influence(graph, found, ctx.calibration)
+        chosen = sorted(range(len(found)), key=lambda i: (scores[i], i))[:remove]
         doomed = set()
-        for i in order:
-            _, entry, exit_ = layers[i]
-            exit_.replace_all_uses_with(entry)
-            doomed |= {n for blk in graph.analysis("blocks") if blk.layer == layers[i][0]
-                       for n in blk.body | {blk.exit, blk.entry}} - {entry}
-        _erase(graph, doomed)
+        # last first: a removed unit's entry may be the exit of an earlier removed one, which must then pass
+        # on to its own entry what it received
+        for i in sorted(chosen, reverse=True):
+            u = found[i]
+            u.exit.replace_all_uses_with(u.entry)
+            doomed |= u.nodes
+        _erase(graph, doomed)  # only what no longer has users: kept entries stay
         eliminate_dead_code(graph)
-        removed = sorted(layers[i][0] for i in order)
-        bi = ", ".join(f"{layers[i][0]}: {scores[i]:.3g}" for i in range(len(layers)))
-        return PassResult(modified=True, notes=[f"removed layers {removed}; block influence {bi}"])
+        label = "block influence" if p.score_by == "block_influence" else "loss increase"
+        scored = ", ".join(f"{u.name.removeprefix('layer ')}: {s:.3g}" for u, s in zip(found, scores))
+        removed = ", ".join(found[i].name for i in sorted(chosen))
+        return PassResult(modified=True, notes=[f"removed {removed}; {label} {scored}"])

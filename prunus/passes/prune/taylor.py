@@ -13,6 +13,18 @@ from prunus.errors import PassError
 from prunus.passes.prune.units import Evidence, unit_view, weights
 
 
+def next_token_loss(out, sample, pass_name: str, what: str, instead: str) -> torch.Tensor:
+    """Mean next-token cross-entropy of a graph's output `out` on `sample` (token ids first); a PassError
+    naming `what` and suggesting `instead` when the graph is not a language model."""
+    ids = sample[0]
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    if ids.dtype.is_floating_point or ids.dim() != 2 or logits.dim() != 3 or \
+            logits.shape[:2] != ids.shape or int(ids.max()) >= logits.shape[-1]:
+        raise PassError(pass_name, f"{what} needs a language model (token ids in, logits [batch, seq, vocab] "
+                                   f"out); {instead}")
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
 def gradients(graph, samples: list, targets: set, pass_name: str) -> dict:
     """Sum over `samples` of d(next-token cross-entropy)/d(param) for each get_attr target in `targets`.
 
@@ -30,15 +42,8 @@ def gradients(graph, samples: list, targets: set, pass_name: str) -> dict:
     try:
         with torch.enable_grad():
             for sample in samples:
-                ids = sample[0]
-                out = gm(*sample)
-                logits = out[0] if isinstance(out, (tuple, list)) else out
-                if ids.dtype.is_floating_point or ids.dim() != 2 or logits.dim() != 3 or \
-                        logits.shape[:2] != ids.shape or int(ids.max()) >= logits.shape[-1]:
-                    raise PassError(pass_name, "importance=taylor needs a language model (token ids in, "
-                                               "logits [batch, seq, vocab] out); use magnitude, wanda or flap")
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                         ids[:, 1:].flatten())
+                loss = next_token_loss(gm(*sample), sample, pass_name, "importance=taylor",
+                                       "use magnitude, wanda or flap")
                 for acc, g in zip(total, torch.autograd.grad(loss, leaves)):
                     acc += g
         return dict(zip(swapped, total))
