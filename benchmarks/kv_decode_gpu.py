@@ -17,7 +17,8 @@ CUDA graph of one whole step (no Python or launch overhead, the same way for eve
 - compacted cache of `budget` entries, prunus: the policy's decode graph over [b, 8, budget, 128] caches
   (snapkv's graph also returns each layer's attention probabilities, which it scores with), reported
   without eviction ("step") and, separately, the eviction that follows every step: the policy's
-  `after_step` (append the new entry, score, keep the top `budget`), captured and replayed the same way.
+  `after_step` (score; at the budget, each head's lowest-ranked slot takes the new entry in place),
+  captured and replayed the same way.
   A compacted step reads `budget` entries whatever the context was, so it is measured once per batch and
   budget (at position = the longest context) and compared with every context.
 
@@ -340,7 +341,8 @@ def main() -> None:
              f"with each attention as a Hugging Face static cache + SDPA (enable_gqa) over n + 1 entries. "
              f"Compacted rows: the policy's decode graph over `budget` entries per layer and KV head (snapkv's graph "
              f"also returns the attention probabilities it scores with); 'step' excludes eviction, 'eviction' is "
-             f"the policy's after_step (torch.cat of the new entry, score, top-k, gather back to the budget; sink "
+             f"the policy's after_step (at the budget: score, then overwrite each head's lowest-ranked "
+             f"unprotected slot with the new entry in place; sink "
              f"{SINK}, window {WINDOW}) replayed on its own; the compacted step is measured once per batch and "
              f"budget (it reads `budget` entries whatever the context). Ideal ratio = bytes read per step, full / "
              f"compacted: {weights / 1e9:.2f} GB of weights (all but the embedding table) + the K/V cache. Logits "
