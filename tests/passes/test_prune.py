@@ -123,6 +123,44 @@ def test_three_query_heads_per_kv_group_as_in_smollm2():
         PassManager(build_pipeline("prune_heads(n=2)")).run(opt.graph)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_query_heads_within_kv_groups(attn):
+    """within_kv_groups keeps K/V whole and removes as many query heads from every KV group: the same as
+    zeroing their output-projection columns; the GQA repeat's literals (expand n_rep, reshape heads) follow."""
+    model = tiny("llama", hidden_size=144, num_attention_heads=9, num_key_value_heads=3, intermediate_size=96,
+                 attn_implementation=attn)
+    x = example_inputs(model)
+    opt = prunus.optimize(model, "prune_heads(ratio=0.34, within_kv_groups=true)", example_inputs=x)
+    assert opt.report[0].notes[0].startswith("heads 18 -> 12")
+    assert [(s.num_heads, s.num_kv_heads) for s in opt.graph.analysis("attention_sites")] == [(6, 3), (6, 3)]
+    found = capture(model, x).analysis("channel_groups")
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for g in found.query_heads:
+            per_group = magnitude.score(capture(model, x), g, None).view(3, 3)
+            removed = torch.stack([3 * i + s.argmin() for i, s in enumerate(per_group)])  # one per KV group
+            for m in g.consumers:
+                params[m.weight.target].index_fill_(m.dim, m.index[removed].flatten(), 0.0)
+        torch.testing.assert_close(opt(*x).logits, ref(*x).logits, rtol=1e-5, atol=1e-5)
+    layer = model.model.layers[0].self_attn
+    per_layer = 3 * 16 * 144 * 2  # q rows and o columns of three heads; k and v untouched
+    assert opt.report[0].params_before - opt.report[0].params_after == 2 * per_layer
+    assert {tuple(p.shape) for n, p in opt.graph.gm.named_parameters() if "k_proj" in n} == \
+        {tuple(layer.k_proj.weight.shape)}
+    with pytest.raises(prunus.PassError, match="as many query heads from each of the 3 KV groups"):
+        prunus.optimize(model, "prune_heads(n=2, within_kv_groups=true)", example_inputs=x)
+
+
+def test_query_heads_within_kv_groups_then_kv_cache():
+    model = tiny("llama", hidden_size=144, num_attention_heads=9, num_key_value_heads=3, intermediate_size=96)
+    x = example_inputs(model)
+    opt = prunus.optimize(model, "prune_heads(ratio=0.34, within_kv_groups=true), kv_cache", example_inputs=x)
+    ids = example_inputs(model, batch=2, seq=12, seed=3)[0]
+    pruned = prunus.optimize(model, "prune_heads(ratio=0.34, within_kv_groups=true)", example_inputs=x)
+    assert torch.equal(prunus.generate(opt, ids, 6), prunus.generate(pruned, ids, 6))
+
+
 class ExplicitMHA(torch.nn.Module):
     """matmul -> softmax -> matmul attention with separate q, k, v projections and literal head counts."""
 

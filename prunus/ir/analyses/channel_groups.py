@@ -48,14 +48,14 @@ class Member:
 
 @dataclass(eq=False)
 class ChannelGroup:
-    kind: str  # "mlp" or "heads"
+    kind: str  # "mlp", "heads", "query_heads" or "hidden"
     layer: int
     module: str
     units: int  # neurons, or heads (KV groups under GQA)
     producers: list[Member]
     consumers: list[Member]
     literals: list = field(default_factory=list, repr=False)  # (node, arg position, list position or None)
-    heads_per_unit: int = 1  # query heads one unit stands for (n_rep under GQA)
+    heads_per_unit: int = 1  # query heads one allocated unit stands for (heads: n_rep; query_heads: the KV groups)
     site: object = field(default=None, repr=False)  # the AttentionSite of a heads group
     elementwise: list = field(default_factory=list)  # hidden: norm weights/biases, units along `dim`
     reductions: list = field(default_factory=list, repr=False)  # hidden: mean nodes over the unit axis
@@ -180,6 +180,10 @@ class _Walk:
             if src in self.segmented:
                 raise Untrackable(node, "a fused projection's output is consumed before its split")
             self.consumers.append(node)
+            return None
+        if t == aten._assert_tensor_metadata.default:  # a dtype check (eager attention's casts): no tensor out
+            if node.kwargs.get("size") is not None or (len(node.args) > 1 and node.args[1] is not None):
+                raise Untrackable(node, "a metadata assert fixes the pruned axis's size")
             return None
         segmented = src in self.segmented
         if t in _CASTS or (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags):
@@ -522,10 +526,68 @@ def _heads_group(graph, site) -> ChannelGroup:
                         heads_per_unit=n_rep, site=site)
 
 
+_PASS_BACK = _CASTS | {aten.slice.Tensor, aten.clone.default, aten.alias.default}
+
+
+def _repeat_literals(node: torch.fx.Node, n_kv: int, n_rep: int) -> list:
+    """The literals of a GQA repeat feeding `node` (Hugging Face's repeat_kv: [b, kv, s, d] -> unsqueeze ->
+    expand [b, kv, n_rep, s, d] -> reshape [b, kv * n_rep, s, d]): the expand's n_rep and the reshape's head
+    count, both of which scale with the query heads each KV group keeps. [] when no repeat feeds `node`."""
+    found, views = [], []
+    while node.op == "call_function":
+        t = node.target
+        if t in _VIEWS:
+            views.append(node)
+        elif t == aten.expand.default:
+            before, sizes = _shape(node.args[0]), node.args[1]
+            pos = [i for i, v in enumerate(sizes) if isinstance(v, int) and v == n_rep and i < len(before)
+                   and before[i] == 1 and i > 0 and isinstance(sizes[i - 1], int) and sizes[i - 1] == n_kv]
+            if len(pos) != 1:
+                return []
+            found.append((node, 1, pos[0]))
+            for view in views:
+                heads = [i for i, v in enumerate(view.args[1]) if isinstance(v, int) and v == n_kv * n_rep]
+                if len(heads) != 1:
+                    raise Untrackable(view, "cannot tell the head axis of a GQA repeat's reshape")
+                found.append((view, 1, heads[0]))
+            return found
+        elif t not in _PASS_BACK and t not in (aten.transpose.int, aten.permute.default):
+            return []
+        node = node.args[0]
+    return []
+
+
+def _query_heads_group(graph, site) -> ChannelGroup | None:
+    """Query heads inside KV groups (GQA): q rows and o columns per query head; every KV group keeps as many,
+    K and V stay whole. None where every KV group has a single query head (then `heads` is the same thing)."""
+    hd, n_kv, heads = site.head_dim, site.num_kv_heads, site.num_heads
+    if heads % n_kv or heads == n_kv:
+        return None
+    if site.fused_qkv:
+        raise Untrackable(site.q_proj, "fused qkv projection with grouped-query attention")
+    walk = _Walk(graph, heads)
+    walk.run({site.q_proj: len(_val(site.q_proj).shape) - 1})
+    if walk.consumers != [site.o_proj]:
+        raise Untrackable(site.node, "the query heads reach a consumer other than the output projection")
+    literals = list(walk.literals)
+    for node, ax in walk.axis.items():
+        if node.op == "call_function" and (node.target in ATTENTION or node.target in _BATCHED_MATMUL):
+            for a in node.all_input_nodes:
+                if a not in walk.axis:
+                    literals += _repeat_literals(a, n_kv, heads // n_kv)
+    index = torch.arange(heads * hd).view(heads, hd)
+    w, out_dim, _, bias = _weight_dims(graph, site.q_proj)
+    producers = [Member(site.q_proj, w, out_dim, index, bias)]
+    w, _, in_dim, bias = _weight_dims(graph, site.o_proj)
+    consumers = [Member(site.o_proj, w, in_dim, index, bias)]
+    return ChannelGroup("query_heads", site.layer, site.module, heads, producers, consumers, literals,
+                        heads_per_unit=n_kv, site=site, per_kv_group=n_kv)
+
+
 def channel_groups(graph) -> ChannelGroups:
     unsupported: list = []
     mlp = _mlp_groups(graph, unsupported)
-    heads = []
+    heads, query_heads = [], []
     for site in graph.analysis("attention_sites"):
         if None in (site.q_proj, site.k_proj, site.v_proj, site.o_proj):
             unsupported.append(("heads", site.node.name, "projections not found"))
@@ -534,9 +596,16 @@ def channel_groups(graph) -> ChannelGroups:
             heads.append(_heads_group(graph, site))
         except Untrackable as e:
             unsupported.append(("heads", e.node.name, e.reason))
+        try:
+            group = _query_heads_group(graph, site)
+            if group is not None:
+                query_heads.append(group)
+        except Untrackable as e:
+            unsupported.append(("query_heads", e.node.name, e.reason))
     hidden, hidden_unsupported = [], []
     try:
         hidden.append(_hidden_group(graph))
     except Untrackable as e:
         hidden_unsupported.append(("hidden", e.node.name, e.reason))
-    return ChannelGroups(mlp, heads, unsupported, hidden, hidden_unsupported=hidden_unsupported)
+    return ChannelGroups(mlp, heads, unsupported, hidden, hidden_unsupported=hidden_unsupported,
+                         query_heads=query_heads)

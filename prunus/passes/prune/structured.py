@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from prunus.errors import PassError
 from prunus.ir.analyses.channel_groups import activation_arg
 from prunus.passes.base import LossyParams, Pass, PassResult, param
@@ -67,7 +69,7 @@ class _StructuredPrune(Pass):
     def run(self, graph, ctx) -> PassResult:
         p = self.params
         found = graph.analysis("channel_groups")
-        groups = getattr(found, self.group_kind)
+        groups = self._groups(found)
         if not groups:
             why = "; ".join(f"{node}: {reason}" for kind, node, reason in found.unsupported + found.hidden_unsupported
                             if kind == self.group_kind)
@@ -81,13 +83,14 @@ class _StructuredPrune(Pass):
             evidence.grads = taylor.gradients(graph, ctx.calibration, taylor.targets(groups), self.name)
         scores = [CRITERIA[p.importance](graph, g, evidence) for g in groups]
         names = [g.module or f"layer {g.layer}" for g in groups]
-        keeps = allocation.keep_counts(scores, ratio=p.ratio, remove=self._remove(groups),
+        ranked = [self._allocated(g, s) for g, s in zip(groups, scores)]
+        keeps = allocation.keep_counts(ranked, ratio=p.ratio, remove=self._remove(groups),
                                        allocation=p.allocation, round_to=self._round_to(), pass_name=self.name,
                                        names=names, unit=self.unit, per_unit=self._heads_per_unit(groups[0]))
         means = {n: s.mean for n, s in evidence.stats.items()} if compensate else None
-        before = sum(g.units for g in groups)
+        before = sum(len(r) for r in ranked)
         for g, s, k in zip(groups, scores, keeps):
-            prune_group(graph, g, allocation.kept_units(s, k), self.name, means)
+            prune_group(graph, g, self._kept(g, s, k), self.name, means)
         after = sum(keeps)
         if after == before:
             return PassResult(modified=False, notes=[f"no {self.unit} removed (ratio too small for the widths)"])
@@ -101,6 +104,17 @@ class _StructuredPrune(Pass):
 
     def _count(self, groups, units: int) -> int:
         return units
+
+    def _groups(self, found) -> list:
+        return getattr(found, self.group_kind)
+
+    def _allocated(self, group, scores):
+        """The scores allocation ranks: one per unit it counts."""
+        return scores
+
+    def _kept(self, group, scores, keep: int):
+        """The units of `group` that stay when allocation gave it `keep`."""
+        return allocation.kept_units(scores, keep)
 
 
 @register
@@ -116,14 +130,30 @@ class PruneMLP(_StructuredPrune):
         return self.params.round_to
 
 
+@dataclass(kw_only=True)
+class PruneHeadsParams(PruneParams):
+    within_kv_groups: bool = param(False, "under grouped-query attention, remove query heads inside each KV group "
+                                          "(the same number from every group; K and V stay whole) instead of "
+                                          "whole KV groups")
+
+
 @register
 class PruneHeads(_StructuredPrune):
-    """Remove attention heads (whole KV groups under GQA) from the q/k/v and output projections."""
+    """Remove attention heads from the q/k/v and output projections: whole KV groups under GQA, or with
+    `within_kv_groups` query heads inside them (q rows and o columns only; the GQA repeat's literals scale)."""
 
     name = "prune_heads"
-    Params = PruneParams
+    Params = PruneHeadsParams
     unit = "head"
-    group_kind = "heads"
+
+    @property
+    def group_kind(self) -> str:
+        return "query_heads" if self.params.within_kv_groups else "heads"
+
+    def _groups(self, found) -> list:
+        if self.params.within_kv_groups and not found.query_heads:
+            return [g for g in found.heads if g.heads_per_unit == 1]  # no GQA: a KV group is one query head
+        return getattr(found, self.group_kind)
 
     def _heads_per_unit(self, group) -> int:
         return group.heads_per_unit
@@ -132,9 +162,24 @@ class PruneHeads(_StructuredPrune):
         n = self.params.n
         rep = groups[0].heads_per_unit
         if n is not None and (n % rep or any(g.heads_per_unit != rep for g in groups)):
-            raise PassError(self.name, f"n={n} heads: under grouped-query attention heads go in whole KV groups "
-                                       f"of {rep}; give a multiple of {rep}")
+            how = (f"within_kv_groups removes as many query heads from each of the {rep} KV groups"
+                   if self.params.within_kv_groups else
+                   f"under grouped-query attention heads go in whole KV groups of {rep}")
+            raise PassError(self.name, f"n={n} heads: {how}; give a multiple of {rep}")
         return None if n is None else n // rep
+
+    def _allocated(self, group, scores):
+        if group.kind != "query_heads":
+            return scores
+        # slot r = the r-th best query head of every KV group: keeping k slots keeps each group's best k
+        return scores.view(group.per_kv_group, -1).sort(dim=1, descending=True).values.sum(dim=0)
+
+    def _kept(self, group, scores, keep: int):
+        if group.kind != "query_heads":
+            return allocation.kept_units(scores, keep)
+        per_group = scores.view(group.per_kv_group, -1)
+        rep = per_group.shape[1]
+        return torch.cat([g * rep + allocation.kept_units(s, keep) for g, s in enumerate(per_group)])
 
     def _count(self, groups, units: int) -> int:
         return units * groups[0].heads_per_unit

@@ -139,9 +139,11 @@ def _rescale_mean(graph, node: torch.fx.Node, factor: float) -> None:
 
 
 def _scaled(value: int, n: int, k: int, node, pass_name: str) -> int:
-    if value % n:
-        raise PassError(pass_name, f"shape literal {value} is not a multiple of the {n} units pruned", node=node.name)
-    return value // n * k
+    """`value` x k / n: a size along the pruned axis (a multiple of the units), or a GQA repeat count (the query
+    heads per KV group: n_rep x k / n is the count each group keeps)."""
+    if value * k % n:
+        raise PassError(pass_name, f"shape literal {value} does not scale from {n} to {k} units", node=node.name)
+    return value * k // n
 
 
 def _rewrite_literal(node: torch.fx.Node, arg: int, pos, n: int, k: int, pass_name: str) -> None:
