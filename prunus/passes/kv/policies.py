@@ -136,13 +136,17 @@ class Policy:
             old, fresh = self.decode_score(i, cache, None if p is None else p[..., :n], k, v,
                                            None if p is None else p[..., n:], pos)
             cache.score = old.float()
-            if t == 1 and not self.slack and n == self.budgets[i] and type(cache) is LayerCache:
-                # at the budget, one entry in and one out: overwrite the evicted slot instead of cat + gather
-                ranked = cache.score.masked_fill(self.protected(cache.pos, position), float("inf"))
-                cache.replace(ranked, k, v, pos, fresh.float())
-                continue
-            cache.append(k, v, pos, fresh.float())
-            self._evict(cache, self.budgets[i], position, self.slack)
+            self._add(cache, k, v, pos, fresh.float(), self.budgets[i], position)
+
+    def _add(self, cache: LayerCache, k, v, pos, score, budget: int, position: int) -> None:
+        """Append new entries and evict back to `budget`; at the budget, one entry in and one out, the new one
+        overwrites the evicted slot in place (`LayerCache.replace`) instead of a cat and a gather of the cache."""
+        if k.shape[2] == 1 and not self.slack and cache.length == budget and type(cache) is LayerCache:
+            cache.replace(cache.score.masked_fill(self.protected(cache.pos, position), float("inf")), k, v, pos,
+                          score)
+            return
+        cache.append(k, v, pos, score)
+        self._evict(cache, budget, position, self.slack)
 
     def protected(self, pos: torch.Tensor, position: int) -> torch.Tensor:
         """Entries never evicted: the first `sink` positions and the last `window` (at least the newest one,
@@ -387,9 +391,10 @@ class Duo(Streaming):
             streaming = self._streaming(i, cache)
             for heads, group, kg, vg in zip(cache.heads, cache.groups, cache.split(k), cache.split(v)):
                 pos = torch.arange(position - t, position, device=k.device).expand(b, len(heads), t)
-                group.append(kg, vg, pos, pos.float())
                 if any(group is s for s in streaming):
-                    self._evict(group, self.budgets[i], position, self.slack)
+                    self._add(group, kg, vg, pos, pos.float(), self.budgets[i], position)
+                else:
+                    group.append(kg, vg, pos, pos.float())
 
     def _streaming(self, i: int, cache: HeadGroupCache) -> list[LayerCache]:
         retrieval = set(self.retrieval_heads[i])
