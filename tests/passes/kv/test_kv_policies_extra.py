@@ -208,7 +208,7 @@ def test_duo_classifies_heads_once_and_streams_the_others(tiny_models, tmp_path)
     for layer, cache in enumerate(dec.caches):
         for group_heads, group in zip(cache.heads, cache.groups):
             want = list(range(46)) if group_heads == heads[layer] else [0, 1, 42, 43, 44, 45]
-            assert group.pos[0, 0].tolist() == want
+            assert sorted(group.pos[0, 0].tolist()) == want  # in-place eviction: any order
     retrieval = sum(map(len, heads))
     assert dec.cache_bytes() == BATCH * (retrieval * 46 + (LAYERS * HK - retrieval) * 6) * 2 * D * 4
     opt.save(str(tmp_path / "art"))
