@@ -1,7 +1,7 @@
 """Decode speed with an evicting KV cache on the GPU: a llama-3-8b-shaped model, compacted cache vs the full one.
 
     python benchmarks/kv_decode_gpu.py [--batches 1 8] [--contexts 8192 32768] [--budgets 1024 2048]
-                                       [--policies streaming snapkv] [--compile] [--report PATH] [--smoke]
+                                       [--policies streaming snapkv] [--fuse | --compile] [--report PATH] [--smoke]
 
 The model (random bf16 weights, all 32 layers) is captured by `prunus.optimize(model, "kv_cache")`, and
 `kv_graphs` gives its decode graph: one new token per sequence, attention through
@@ -134,6 +134,16 @@ def sdpa_decode(decode: torch.fx.GraphModule, buffers: list) -> torch.fx.GraphMo
     return gm
 
 
+def optimize_kv(model, example, dev, fuse: bool):
+    """`kv_cache` (and with `fuse`, the generated Triton kernels, which the KV graphs built from the fused graph
+    carry into prefill and decode) through the pass manager; without `fuse`, `capture_kv`."""
+    if not fuse:
+        return capture_kv(model, example, dev)
+    with torch.device(dev):
+        opt = prunus.optimize(model, "kv_cache, fuse", example_inputs=example, verify=False)
+    return opt, [n for r in opt.report for n in r.notes]
+
+
 def capture_kv(model, example, dev):
     """Capture `model` and run the kv_cache pass on the fresh graph, outside the pass manager.
 
@@ -249,6 +259,9 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--policies", nargs="+", default=["streaming", "snapkv"])
+    ap.add_argument("--fuse", action="store_true",
+                    help="run prunus' fuse pass after kv_cache: every decode graph (and the baseline built from it) "
+                         "runs the generated Triton kernels for norms, RoPE, SwiGLU and residual adds")
     ap.add_argument("--compile", action="store_true",
                     help="run every decode graph and the SDPA baseline under torch.compile (Inductor fuses the "
                          "small per-layer ops; the attention ops stay as they are)")
@@ -273,7 +286,7 @@ def main() -> None:
     model = prunus.models.shape("llama-3-8b", device=dev, dtype=dtype, **(SMOKE_SHAPE if args.smoke else {}))
     example = (torch.randint(0, model.config.vocab_size, (2, 8), device=dev, generator=gen),)
     t0 = time.time()
-    opt, kv_notes = capture_kv(model, example, dev)
+    opt, kv_notes = optimize_kv(model, example, dev, args.fuse)
     capture_s = time.time() - t0
     graphs, _ = kv_graphs(opt.graph, {"policy": "full"})
     layers, elem = graphs.layers, dtype.itemsize
@@ -336,7 +349,8 @@ def main() -> None:
     shape = f"{len(layers)} layers, {L0.num_heads} q / {L0.num_kv_heads} KV heads of {L0.head_dim}"
     notes = (f"Llama-3-8B shape ({shape}, random {str(dtype).removeprefix('torch.')} weights), one token per "
              f"sequence per step, CUDA-graph replays (median of 20) for every row"
-             f"{', every decode graph and the baseline under torch.compile (default mode)' if args.compile else ''}. "
+             f"{', every decode graph and the baseline under torch.compile (default mode)' if args.compile else ''}"
+             f"{', fuse pass after kv_cache (generated Triton kernels in every decode graph and the baseline)' if args.fuse else ''}. "
              f"Baseline: the same decode graph "
              f"with each attention as a Hugging Face static cache + SDPA (enable_gqa) over n + 1 entries. "
              f"Compacted rows: the policy's decode graph over `budget` entries per layer and KV head (snapkv's graph "

@@ -1,6 +1,6 @@
 """Speed of a structurally pruned model on the GPU: llama-3-8b shape, 25% of heads and 25% of MLP neurons removed.
 
-    python benchmarks/prune_speed_gpu.py [--heads 0.25] [--mlp 0.25] [--prefill 2048] [--context 1024] [--compile]
+    python benchmarks/prune_speed_gpu.py [--heads 0.25] [--mlp 0.25] [--prefill 2048] [--context 1024] [--fuse] [--compile]
                                          [--equivalent] [--report PATH] [--smoke]
 
 The model (random bf16 weights, all 32 layers) is captured at a [1, prefill] example twice: dense, with the
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prunus  # noqa: E402
 from benchmarks._report import append, markdown_table  # noqa: E402
 from benchmarks.fuse_gpu import time_us  # noqa: E402
-from benchmarks.kv_decode_gpu import SMOKE_SHAPE, cache_bytes, capture_kv, weight_bytes_read  # noqa: E402
+from benchmarks.kv_decode_gpu import SMOKE_SHAPE, cache_bytes, capture_kv, optimize_kv, weight_bytes_read  # noqa: E402
 from prunus.errors import PassError  # noqa: E402
 from prunus.ir.flops import node_flops  # noqa: E402
 from prunus.passes.kv.runtime import kv_graphs  # noqa: E402
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024, help="cache entries for the decode step (batch 1)")
     ap.add_argument("--equivalent", action="store_true",
                     help="time the pruned decode step on a model built with the pruned shapes (pruned_decode_graph)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="both models through prunus' fuse pass (generated Triton kernels in prefill and decode)")
     ap.add_argument("--compile", action="store_true",
                     help="also time both decode graphs under torch.compile (fewer, fused small kernels)")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
@@ -168,14 +170,15 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=dev, generator=gen)
     seconds = {}
     t0 = time.time()
-    dense, _ = capture_kv(model, (ids,), dev)  # capture + kv_cache (which simplifies the masks first)
+    dense, _ = optimize_kv(model, (ids,), dev, args.fuse)  # kv_cache (which simplifies the masks first)
     seconds["dense"] = time.time() - t0
     d = {**prefill_stats(dense, ids, on_gpu), **decode_stats(dense.graph, ids, args.context, on_gpu, args.compile)}
     print(f"dense: { {k: v for k, v in d.items() if k not in ('dims', 'shapes')} }", flush=True)
     del dense
     t0 = time.time()
     with torch.device(dev):  # the pruning passes make their index and score tensors on the default device
-        spec = f"simplify_masks, prune_heads(ratio={args.heads}), prune_mlp(ratio={args.mlp})"
+        spec = f"simplify_masks, prune_heads(ratio={args.heads}), prune_mlp(ratio={args.mlp})" + (
+            ", fuse" if args.fuse else "")
         pruned = prunus.optimize(model, spec, example_inputs=(ids,), verify=False)
     seconds["pruned"] = time.time() - t0
     p = prefill_stats(pruned, ids, on_gpu)
@@ -199,7 +202,9 @@ def main() -> None:
     friendly = all(x % 64 == 0 for x in p["dims"]) and len(p["heads"]) == 1 and hd % 16 == 0
     fmt_heads = lambda heads: " / ".join(f"{a} q, {b} KV of {c}" for a, b, c in sorted(heads))  # noqa: E731
     notes = (f"Llama-3-8B shape (random {str(dtype).removeprefix('torch.')} weights, {len(model.model.layers)} "
-             f"layers), CUDA-graph replays (median of 20) of the captured graphs. Pruned with magnitude importance, "
+             f"layers), CUDA-graph replays (median of 20) of the captured graphs"
+             f"{' after the fuse pass (generated Triton kernels) on both' if args.fuse else ''}. Pruned with "
+             f"magnitude importance, "
              f"uniform allocation: {'; '.join(p['notes'])}. Parameters {d['params'] / 1e9:.2f} B -> "
              f"{p['params'] / 1e9:.2f} B; attention per layer {fmt_heads(d['heads'])} -> {fmt_heads(p['heads'])}; "
              f"MLP {sorted(d['widths'])} -> {sorted(p['widths'])}; weight dims after pruning "
@@ -208,8 +213,9 @@ def main() -> None:
              f"the embedding table ({d['weights'] / 1e9:.2f} -> {p['weights'] / 1e9:.2f} GB) + the K/V cache; at "
              f"{d['decode_bytes'] / d['decode'] / 1e6:.2f} TB/s dense"
              + (f", {d['decode_bytes'] / d['decode_compiled'] / 1e6:.2f} TB/s compiled" if args.compile else "")
-             + f". Uncompiled, a step runs {d['ops_per_layer']:.0f} ATen ops a layer (norms, RoPE, SwiGLU, residuals "
-             "unfused; views included), whose fixed cost pruning does not shrink. "
+             + f". Uncompiled, a step runs {d['ops_per_layer']:.0f} graph ops a layer (views included"
+             + ("; fused kernels count one each" if args.fuse else "; norms, RoPE, SwiGLU, residuals unfused")
+             + "), whose fixed cost pruning does not shrink. "
              f"Capture + passes {seconds['dense']:.0f} s dense, {seconds['pruned']:.0f} s pruned; whole run "
              f"{time.time() - t_start:.0f} s.")
     md = markdown_table(columns, rows) + "\n\n" + notes
