@@ -255,3 +255,19 @@ def test_bf16_rounding_is_bit_exact(pattern):
     got = opt(*inputs)
     for a, b in zip(ref if isinstance(ref, tuple) else (ref,), got if isinstance(got, tuple) else (got,)):
         assert torch.equal(a, b)
+
+
+def test_kv_cache_then_fuse_decodes_through_generated_kernels(tiny_models):
+    """`kv_cache, fuse`: the KV graphs, built from the fused graph, run the generated kernels in prefill and
+    decode, and greedy decoding is still the original model's."""
+    from prunus.passes.kv.runtime import kv_graphs
+
+    model, x = tiny_models("llama")
+    opt = prunus.optimize(model, "kv_cache, fuse", example_inputs=x)
+    graphs, _ = kv_graphs(opt.graph, opt.graph.kv)
+    fused = torch.ops.prunus.fused.default
+    for gm in (graphs.prefill, graphs.decode):
+        assert sum(n.target == fused for n in gm.graph.nodes) == len(fused_nodes(opt.graph.gm))
+    assert any(n.target == torch.ops.prunus.decode_attention.default for n in graphs.decode.graph.nodes)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(prunus.generate(opt, ids, 5), prunus.generate(model, ids, 5))
