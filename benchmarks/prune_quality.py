@@ -130,7 +130,8 @@ def combined(args, model, tok, example, calib, base, ppl) -> None:
              "allocation at 10% and 30% (`--grid full`: every pair at every ratio)" if args.grid == "reduced" else "")
              + ". prunus's best at each ratio vs Torch-Pruning: "
              + "; ".join(f"{r:.0%}: {best[r]:.3f} vs {float(row[4]):.3f}" for r in RATIOS
-                         for row in rows if row[0] == r and row[1].startswith("Torch")) + ".")
+                         for row in rows if row[0] == r and row[1].startswith("Torch"))
+             + ". `s`: seconds to prune and evaluate one row.")
     print(append("Structured pruning quality: SmolLM2-135M, heads and MLP together, by share of non-embedding "
                  "parameters removed", ["ratio", "importance", "allocation", "non-embedding removed", "perplexity",
                                         "non-embedding params M", "s"], rows, notes, path=args.report))
