@@ -98,7 +98,7 @@ def combined(args, model, tok, example, calib, base, ppl) -> None:
     share = lambda n: f"{(n_dense - n) / body:.1%}"  # noqa: E731
     rows = [["dense", "-", "-", "-", f"{dense:.3f}", f"{body / 1e6:.2f}", "-"]]
     best: dict[float, float] = {}
-    for r in RATIOS:
+    for r in args.ratios:
         for importance, alloc in COMBINED[args.grid](r):
             heads_alloc = "global" if alloc == "uniform" else alloc  # 3 KV groups a layer: no uniform 10-30%
             spec = (f"prune_heads(ratio={r}, importance={importance}, allocation={heads_alloc}), "
@@ -129,7 +129,7 @@ def combined(args, model, tok, example, calib, base, ppl) -> None:
              f"Grid `{args.grid}`" + (": every criterion x allocation at 20%, flap with uniform and adaptive "
              "allocation at 10% and 30% (`--grid full`: every pair at every ratio)" if args.grid == "reduced" else "")
              + ". prunus's best at each ratio vs Torch-Pruning: "
-             + "; ".join(f"{r:.0%}: {best[r]:.3f} vs {float(row[4]):.3f}" for r in RATIOS
+             + "; ".join(f"{r:.0%}: {best[r]:.3f} vs {float(row[4]):.3f}" for r in args.ratios
                          for row in rows if row[0] == r and row[1].startswith("Torch"))
              + ". `s`: seconds to prune and evaluate one row.")
     print(append("Structured pruning quality: SmolLM2-135M, heads and MLP together, by share of non-embedding "
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--combined", action="store_true", help="heads and MLP together by non-embedding share")
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="--combined: the shares to run")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     args = ap.parse_args()
     t_start = time.perf_counter()
