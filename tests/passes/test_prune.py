@@ -133,12 +133,12 @@ def test_query_heads_within_kv_groups(attn):
     opt = prunus.optimize(model, "prune_heads(ratio=0.34, within_kv_groups=true)", example_inputs=x)
     assert opt.report[0].notes[0].startswith("heads 18 -> 12")
     assert [(s.num_heads, s.num_kv_heads) for s in opt.graph.analysis("attention_sites")] == [(6, 3), (6, 3)]
-    found = capture(model, x).analysis("channel_groups")
+    graph = capture(model, x)
     ref = copy.deepcopy(model)
     params = dict(ref.named_parameters())
     with torch.no_grad():
-        for g in found.query_heads:
-            per_group = magnitude.score(capture(model, x), g, None).view(3, 3)
+        for g in graph.analysis("channel_groups").query_heads:
+            per_group = magnitude.score(graph, g, None).view(3, 3)
             removed = torch.stack([3 * i + s.argmin() for i, s in enumerate(per_group)])  # one per KV group
             for m in g.consumers:
                 params[m.weight.target].index_fill_(m.dim, m.index[removed].flatten(), 0.0)

@@ -88,8 +88,11 @@ def test_in_place_eviction_keeps_what_append_and_shrink_keep(llama_kv, policy, m
     (append the new entry, keep the top `budget`) must keep the same entries with the same values."""
     model, opt = llama_kv
     ids = _ids(model, s=40)
+    calls, in_place = [], LayerCache.replace
+    monkeypatch.setattr(LayerCache, "replace", lambda self, *a: calls.append(1) or in_place(self, *a))
     fast, lengths = _run(kv_decoder(opt, policy=policy, budget=20, sink=2, window=6), ids)
-    assert all(n == 20 for step in lengths for n in step)  # every decode step went through replace
+    assert all(n == 20 for step in lengths for n in step)
+    assert len(calls) == 16 * len(fast.caches)  # every decode step of every layer went through replace
 
     def copying(self, ranked, k, v, pos, score):
         n = self.length
