@@ -13,7 +13,9 @@ the share of kernels that match eager (atol = rtol = 1e-2) and are faster than t
 
 End to end: a llama-3-8b-shaped model with `--layers` layers (random bf16 weights), one decode step at batch
 1 = a forward of one token without a KV cache, as a CUDA graph: the captured graph unfused, torch.compile of
-that same graph, and the graph after `fuse`.
+that same graph, and the graph after `fuse`. Then the real decode step (`--kv-context` > 0, default 1024): the
+whole 32-layer model's kv_cache decode graph over a cache of that many entries, unfused, under
+torch.compile, and built from `kv_cache, fuse` (prunus' kernels: fused norms, RoPE, SwiGLU, decode attention).
 """
 from __future__ import annotations
 
@@ -231,6 +233,50 @@ def bench_end_to_end(dev, dtype, layers: int, smoke: bool):
                 capture_s=capture_s, fuse_s=fuse_s, compile_s=compile_s)
 
 
+def bench_kv_decode(dev, dtype, context: int, smoke: bool):
+    """One kv_cache decode step at batch 1 over `context` cache entries: unfused, torch.compile, fused."""
+    from benchmarks.kv_decode_gpu import SMOKE_SHAPE, cache_bytes, optimize_kv, weight_bytes_read
+    from prunus.passes.kv import cache as kv_cache_pass
+    from prunus.passes.kv.runtime import kv_graphs
+
+    kv_cache_pass.EXACT_RTOL = 0.1  # bf16 random weights through 32 layers (see prune_speed_gpu.py)
+    model = prunus.models.shape("llama-3-8b", device=dev, dtype=dtype, **(SMOKE_SHAPE if smoke else {}))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), device=dev, generator=gen)
+    t0 = time.perf_counter()
+    base, _ = optimize_kv(model, (ids,), dev, fuse=False)
+    base_graphs, _ = kv_graphs(base.graph, {"policy": "full"})
+    capture_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fused, notes = optimize_kv(model, (ids,), dev, fuse=True)
+    fused_graphs, _ = kv_graphs(fused.graph, {"policy": "full"})
+    fuse_s = time.perf_counter() - t0
+    caches = [x for L in base_graphs.layers for x in (
+        torch.randn(1, L.num_kv_heads, context, L.head_dim, device=dev, dtype=dtype, generator=gen),
+        torch.randn(1, L.num_kv_heads, context, L.v_dim, device=dev, dtype=dtype, generator=gen))]
+    token, positions = ids[:, :1], torch.tensor([context], device=dev)
+    on_gpu = dev.type == "cuda"
+    times, comp, compile_s = {}, None, None
+    with torch.no_grad():
+        ref = base_graphs.decode(token, positions, *caches)[0]
+        got = fused_graphs.decode(token, positions, *caches)[0]
+        for name, step in (("eager", base_graphs.decode), ("ours", fused_graphs.decode)):
+            times[name] = time_us(lambda step=step: step(token, positions, *caches), [()], graphs=on_gpu)
+        if on_gpu:
+            t0 = time.perf_counter()
+            compiled = torch.compile(base_graphs.decode)
+            compiled(token, positions, *caches)
+            compile_s = time.perf_counter() - t0
+            comp = time_us(lambda: compiled(token, positions, *caches), [()])
+    read = weight_bytes_read(base_graphs.decode) + cache_bytes(base_graphs.layers, 1, context + 1, dtype.itemsize)
+    err = float((ref.float() - got.float()).abs().max() / ref.float().abs().max())
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    fused_notes = [n for n in notes if "regions fused" in n]
+    return dict(layers=len(base_graphs.layers), context=context, eager=times["eager"], compile=comp,
+                ours=times["ours"], ceiling=read / COPY_CEILING * 1e6, read=read, err=err, top1=top1,
+                notes=fused_notes, capture_s=capture_s, fuse_s=fuse_s, compile_s=compile_s)
+
+
 def _f(v, fmt="{:.1f}"):
     return "-" if v is None else fmt.format(v)
 
@@ -241,6 +287,8 @@ def main():
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the script")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--kv-context", type=int, default=1024,
+                    help="cache entries of the end-to-end kv_cache decode step (0: skip it)")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -283,6 +331,23 @@ def main():
                      f"that same graph). fuse: {'; '.join(e2e['notes'])}. Capture {e2e['capture_s']:.0f} s, "
                      f"capture + fuse {e2e['fuse_s']:.0f} s, torch.compile {_f(e2e['compile_s'], '{:.0f}')} s.")
         md += "\n\n" + markdown_table(e2e_cols, e2e_rows) + "\n\n" + e2e_notes
+    if args.kv_context:
+        kv = bench_kv_decode(dev, dtype, 64 if args.smoke else args.kv_context, args.smoke)
+        print(kv, flush=True)
+        kv_cols = ["model", "unfused us", "torch.compile us", "prunus fuse us", "x unfused", "x compile",
+                   "bytes ceiling us", "% of ceiling", "max rel err (logits)", "top-1 agree"]
+        kv_rows = [[f"llama-3-8b shape, {kv['layers']} layers, KV decode step, {kv['context']} cached",
+                    _f(kv["eager"]), _f(kv["compile"]), _f(kv["ours"]), f"{kv['eager'] / kv['ours']:.2f}",
+                    _f(kv["compile"] / kv["ours"] if kv["compile"] else None, "{:.2f}"), f"{kv['ceiling']:.0f}",
+                    f"{100 * kv['ceiling'] / kv['ours']:.0f}%", f"{kv['err']:.2e}", f"{kv['top1']:.2f}"]]
+        kv_notes = (f"The kv_cache decode graph at batch 1 (one token over a {kv['context']}-entry cache), CUDA-graph "
+                    f"replays: unfused = the graph kv_cache builds; torch.compile = Inductor on that same graph "
+                    f"(default mode); prunus = the decode graph built from `kv_cache, fuse` ("
+                    f"{'; '.join(kv['notes']) or 'no fuse note'}). Bytes ceiling: weights but the embedding "
+                    f"table + the cache, {kv['read'] / 1e9:.2f} GB at 3.0 TB/s. Capture + kv_cache "
+                    f"{kv['capture_s']:.0f} s, + fuse {kv['fuse_s']:.0f} s, torch.compile "
+                    f"{_f(kv['compile_s'], '{:.0f}')} s.")
+        md += "\n\n" + markdown_table(kv_cols, kv_rows) + "\n\n" + kv_notes
     print(md)
     out = os.environ.get("OUT")
     if out:

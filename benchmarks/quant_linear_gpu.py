@@ -28,6 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prunus.kernels as pk  # noqa: E402
 from benchmarks._report import append, markdown_table  # noqa: E402
 
+try:  # the `bench` extra; on the GPU machine: pip install --no-deps --target DIR torchao-*.whl
+    import torchao
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+except ImportError:
+    torchao = quantize_ = None
+
 COPY_CEILING = 3.0e12  # bytes/s, device-to-device copy (read + write) on the H100
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features K, out_features N)
 GROUP = 128
@@ -92,6 +98,21 @@ class Case:
         self.dense = [dense] + [dense.clone() for _ in range(copies(nbytes(dense)) - 1)]
         self.ref_weight = dense.float()
 
+    def torchao_linears(self):
+        """R copies of an nn.Linear quantized by torchao (int4 weight-only, group 128, tinygemm's tile-packed
+        layout: the `aten._weight_int4pack_mm` kernel gpt-fast also uses), or None without torchao."""
+        if quantize_ is None:
+            return None
+        linears = []
+        for _ in range(len(self.quant)):
+            lin = torch.nn.Linear(self.k, self.n, bias=False, device="cuda", dtype=torch.bfloat16)
+            quantize_(lin, Int4WeightOnlyConfig(group_size=GROUP, int4_packing_format="tile_packed_to_4d"))
+            linears.append(lin)
+        return linears
+
+    def time_torchao(self, linears, m):
+        return graph_us(lambda x, lin: lin(x), list(zip(self.x(m, len(linears)), linears)))
+
     def x(self, m, count):
         return [torch.randn(m, self.k, device="cuda", dtype=torch.bfloat16, generator=self.gen) for _ in range(count)]
 
@@ -107,13 +128,16 @@ class Case:
         x = self.x(m, 1)[0]
         return rel_err(fn(x, *self.quant[0]), F.linear(x.float(), self.ref_weight))
 
-    def row(self, fn, m):
+    def row(self, fn, m, ao_linears=None):
         t_q, t_d = self.time_quant(fn, m), self.time_dense(m)
+        t_ao = self.time_torchao(ao_linears, m) if ao_linears else None
         moved_q = self.qbytes + 2 * m * (self.k + self.n)
         moved_d = self.n * self.k * 2 + 2 * m * (self.k + self.n)
         return [f"{self.k}->{self.n}", m, f"{t_q:.1f}",
                 f"{moved_q / t_q / 1e3:.0f} ({moved_q / t_q * 1e6 / COPY_CEILING:.0%})", f"{t_d:.1f}",
-                f"{moved_d / t_d / 1e3:.0f}", f"{t_d / t_q:.2f}x", f"{self.error(fn, m):.1e}"]
+                f"{moved_d / t_d / 1e3:.0f}", f"{t_d / t_q:.2f}x",
+                "-" if t_ao is None else f"{t_ao:.1f}", "-" if t_ao is None else f"{t_ao / t_q:.2f}x",
+                f"{self.error(fn, m):.1e}"]
 
 
 def int4_op(x, qw, s, z):
@@ -129,8 +153,9 @@ def main_rows(gen):
     for scheme, op, ms in (("int4", int4_op, [1, 16, 64, 256]), ("int8", int8_op, [1, 256])):
         for k, n in SHAPES:
             case = Case(scheme, k, n, gen)
+            ao_linears = case.torchao_linears() if scheme == "int4" else None
             for m in ms:
-                rows.append([scheme] + case.row(op, m))
+                rows.append([scheme] + case.row(op, m, ao_linears))
                 print(rows[-1], flush=True)
             del case
     return rows
@@ -187,7 +212,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",
-               "speed-up", "rel err"]
+               "speed-up", "torchao int4 µs", "prunus vs torchao", "rel err"]
     rows = main_rows(gen)
     cache = os.environ.get("PRUNUS_DENSE_CACHE_BYTES", "0")
     dense = ("cuBLAS on a dense weight cached across calls (PRUNUS_DENSE_CACHE_BYTES=" + cache + ")"
@@ -197,7 +222,11 @@ def main() -> None:
              "packed weights + scales + zeros + activations in and out; rel err is against fp32 F.linear with "
              "the dequantized weight. Paths: int4 M = 1 GEMV kernel, M = 2..16 tensor-core kernel, M > 16 "
              f"{dense}; int8 M = 1 GEMV kernel, M > 1 the same dense path. On the dense path the quant GB/s column "
-             "still counts packed bytes: read its speed-up only.")
+             "still counts packed bytes: read its speed-up only. torchao: "
+             + (f"torchao {torchao.__version__} Int4WeightOnlyConfig(group_size=128, "
+                "int4_packing_format='tile_packed_to_4d') on an nn.Linear of the same shape (tinygemm, "
+                "aten._weight_int4pack_mm), timed the same way; prunus vs torchao > 1 means prunus is faster."
+                if quantize_ else "not installed."))
     title = "Quantized linear (int4 / int8 weight-only) vs bf16 cuBLAS" + (", dense-weight cache on" if cache != "0" else "")
     append(title, columns, rows, notes, path=args.report)
     if explored:

@@ -45,6 +45,7 @@ Per-head budgets and key channels (their layouts are in `storage.py`):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,6 +54,15 @@ import torch.nn.functional as F
 from prunus.passes.kv.storage import ChannelCache, HeadGroupCache, LayerCache, RaggedLayerCache
 
 ALL_QUERIES = 2 ** 31 - 1  # prefill window meaning "every query" (H2O)
+
+
+def new_positions(position: int):
+    """(b, hk, t, device) -> the positions [b, hk, t] of a step's t new entries, the last one `position - 1`;
+    each shape is built once and shared by the layers (the caches copy it, nothing writes into it)."""
+    @functools.cache
+    def positions(b: int, hk: int, t: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(position - t, position, device=device).expand(b, hk, t)
+    return positions
 
 
 class Policy:
@@ -125,9 +135,9 @@ class Policy:
 
     def after_step(self, caches: list[LayerCache], new: list, probs: list | None, position: int) -> None:
         """Append each layer's new (k, v) entries at positions before `position`, then evict to the budget."""
+        positions = new_positions(position)
         for i, (cache, (k, v)) in enumerate(zip(caches, new)):
-            b, hk, t = k.shape[:3]
-            pos = torch.arange(position - t, position, device=k.device).expand(b, hk, t)
+            pos = positions(*k.shape[:3], k.device)
             if self.budgets[i] is None:
                 cache.append(k, v, pos)
                 continue
@@ -142,8 +152,7 @@ class Policy:
         """Append new entries and evict back to `budget`; at the budget, one entry in and one out, the new one
         overwrites the evicted slot in place (`LayerCache.replace`) instead of a cat and a gather of the cache."""
         if k.shape[2] == 1 and not self.slack and cache.length == budget and type(cache) is LayerCache:
-            cache.replace(cache.score.masked_fill(self.protected(cache.pos, position), float("inf")), k, v, pos,
-                          score)
+            cache.replace(k, v, pos, score, self.sink, self.recent_from(position))
             return
         cache.append(k, v, pos, score)
         self._evict(cache, budget, position, self.slack)
@@ -151,7 +160,11 @@ class Policy:
     def protected(self, pos: torch.Tensor, position: int) -> torch.Tensor:
         """Entries never evicted: the first `sink` positions and the last `window` (at least the newest one,
         whose own attention has not been scored yet) before `position`."""
-        return (pos < self.sink) | (pos >= position - max(self.window, 1))
+        return (pos < self.sink) | (pos >= self.recent_from(position))
+
+    def recent_from(self, position: int) -> int:
+        """The first position of the protected recent window."""
+        return position - max(self.window, 1)
 
     def _evict(self, cache: LayerCache, budget: int, position: int, slack: int = 0) -> None:
         """Back to `budget` entries once the cache holds more than `budget + slack`."""
@@ -386,11 +399,12 @@ class Duo(Streaming):
                 self._evict(group, self.budgets[i], context)
 
     def after_step(self, caches, new, probs, position):
+        positions = new_positions(position)
         for i, (cache, (k, v)) in enumerate(zip(caches, new)):
             b, _, t = k.shape[:3]
             streaming = self._streaming(i, cache)
             for heads, group, kg, vg in zip(cache.heads, cache.groups, cache.split(k), cache.split(v)):
-                pos = torch.arange(position - t, position, device=k.device).expand(b, len(heads), t)
+                pos = positions(b, len(heads), t, k.device)
                 if any(group is s for s in streaming):
                     self._add(group, kg, vg, pos, pos.float(), self.budgets[i], position)
                 else:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prunus.kernels.kv_evict import replace_lowest
+
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` [b, hk, m] of x [b, hk, n, c] along the sequence dim."""
@@ -72,19 +74,18 @@ class LayerCache:
         """Keep the `budget` entries ranked highest (`ranked` [b, hk, n]: scores, inf where protected)."""
         self.keep(ranked.topk(budget, dim=-1).indices)
 
-    def replace(self, ranked: torch.Tensor, k, v, pos, score) -> None:
-        """Write one new entry (k [b, hk, 1, d], v, pos, score) over each head's lowest-ranked one (`ranked`
-        [b, hk, n] over the cached entries), in place: the entries `append` then `shrink` back to n keep, at
-        O(b hk d) instead of copying the cache twice. The entries stop being in position order; attention does
-        not depend on their order, and nothing reads it (positions travel in `pos`)."""
-        slot = ranked.argmin(dim=-1, keepdim=True)  # [b, hk, 1]
-        for name, new in (("k", k), ("v", v), ("pos", pos), ("score", score)):
+    def replace(self, k, v, pos, score, sink: int, recent_from: int) -> None:
+        """Write one new entry (k [b, hk, 1, d], v, pos, score) over each head's lowest-scored entry among those
+        not protected (positions below `sink` or from `recent_from` on), in place (`kernels.replace_lowest`): the
+        entries `append` then `shrink` back to n keep, at O(b hk d) instead of copying the cache twice. The
+        entries stop being in position order; attention does not depend on their order, and nothing reads it
+        (positions travel in `pos`)."""
+        for name in ("k", "v", "pos", "score"):
             old = getattr(self, name)
-            if old.stride(2) == 0 or not old.is_contiguous():  # broadcast bookkeeping from the prefill
-                old = old.contiguous()
-                setattr(self, name, old)
-            index = slot if old.dim() == 3 else slot[..., None].expand(*slot.shape, old.shape[-1])
-            old.scatter_(2, index, new.to(old.dtype))
+            # broadcast bookkeeping from the prefill, or a view another layer may share: written in place below
+            if old.stride(2) == 0 or not old.is_contiguous() or old._base is not None:
+                setattr(self, name, old.clone(memory_format=torch.contiguous_format))
+        replace_lowest(self.score, self.pos, self.k, self.v, k, v, pos, score, sink, recent_from)
 
     def graph_inputs(self) -> tuple:
         """The tensors the decode graph takes for this layer's cache."""

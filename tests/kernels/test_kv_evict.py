@@ -1,0 +1,143 @@
+"""In-place eviction at a full KV cache (`kernels.kv_evict`): the Triton kernel against the torch reference, exactly
+(CPU: under TRITON_INTERPRET=1, small shapes, fp32; CUDA: the real kernel)."""
+import os
+
+import pytest
+import torch
+
+from prunus.kernels import kv_evict
+from prunus.passes.kv import storage
+from prunus.passes.kv.policies import H2O
+from prunus.passes.kv.storage import LayerCache
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(scope="module")
+def ke():
+    from prunus.kernels import kv_evict_triton
+    return kv_evict_triton
+
+
+def make(n, seed, b=2, hk=2, d=16):
+    """A full cache (score, pos, k, v) whose scores take 3 values (ties everywhere) over positions 0..n-1 in any
+    order, and a new entry at position n."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 3, (b, hk, n), generator=g).float()
+    pos = torch.stack([torch.randperm(n, generator=g) for _ in range(b * hk)]).view(b, hk, n)
+    cache = [score, pos, torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g)]
+    new = [torch.randn(b, hk, 1, d, generator=g), torch.randn(b, hk, 1, d, generator=g),
+           torch.full((b, hk, 1), n), torch.randn(b, hk, 1, generator=g)]
+    return [x.to(DEVICE) for x in cache], [x.to(DEVICE) for x in new]
+
+
+def reference(cache, new, sink, recent_from):
+    out = [x.clone() for x in cache]
+    kv_evict.replace_lowest_reference(*out, *new, sink, recent_from)
+    return out
+
+
+def assert_equal(got, expected):
+    for name, a, b in zip(("score", "pos", "k", "v"), got, expected, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("n", [7, 64, 300])
+@pytest.mark.parametrize("block_n", [None, 16])
+@pytest.mark.parametrize("sink", [0, 2])
+def test_kernel_matches_reference(ke, n, block_n, sink):
+    cache, new = make(n, seed=n)
+    recent_from = n - 3
+    expected = reference(cache, new, sink, recent_from)
+    ke.replace_lowest(*cache, *new, sink, recent_from, block_n)
+    assert_equal(cache, expected)
+    assert (cache[1] == n).sum() == 4  # one slot per (sequence, head) took the new entry
+
+
+@pytest.mark.parametrize("block_n", [None, 16])
+def test_first_unprotected_minimum_wins(ke, block_n):
+    """Lower scores on the sinks (positions 0, 1) and the recent window are skipped; of the two equal minima
+    elsewhere (slots 40 and 250, in different blocks of 16), the first takes the new entry."""
+    n = 300
+    cache, new = make(n, seed=1)
+    score, pos = cache[0], cache[1]
+    pos.copy_(torch.arange(n).flip(0))  # slot j holds position n - 1 - j
+    score.fill_(1.0)
+    score[..., [40, 250]] = 0.0
+    score[..., [n - 1, n - 2, 0, 3]] = -5.0  # positions 0, 1 (sinks) and n - 1, n - 4 (recent)
+    expected = reference(cache, new, 2, n - 4)
+    assert (expected[1][..., 40] == n).all()
+    ke.replace_lowest(*cache, *new, 2, n - 4, block_n)
+    assert_equal(cache, expected)
+
+
+def test_all_protected_takes_slot_zero(ke):
+    cache, new = make(7, seed=2)
+    expected = reference(cache, new, 0, 0)
+    assert (expected[1][..., 0] == 7).all()
+    ke.replace_lowest(*cache, *new, 0, 0)
+    assert_equal(cache, expected)
+
+
+def test_strided_tensors(ke):
+    """The cache as views into wider or permuted storage, the new entry broadcast (stride 0) or sliced."""
+    n, d = 64, 16
+    cache, new = make(n, seed=3)
+    wide = torch.zeros(2, 2, n, 2 * d, device=DEVICE)
+    k, v = wide[..., :d], wide[..., d:]
+    k.copy_(cache[2])
+    v.copy_(cache[3])
+    score, pos = (torch.empty(n, 2, 2, dtype=x.dtype, device=DEVICE).permute(2, 1, 0).copy_(x) for x in cache[:2])
+    new_k = torch.cat([new[0], new[0]], dim=-1)[..., :d]
+    new_pos = torch.tensor([n], device=DEVICE).expand(2, 2, 1)
+    new_score = new[3][:, :1].expand(2, 2, 1)
+    expected = reference(cache, [new_k, new[1], new_pos, new_score], 2, n - 3)
+    ke.replace_lowest(score, pos, k, v, new_k, new[1], new_pos, new_score, 2, n - 3)
+    assert_equal([score, pos, k, v], expected)
+
+
+def test_layer_cache_replace_runs_the_kernel_on_broadcast_prefill_bookkeeping(ke, monkeypatch):
+    """The prefill's positions are one arange broadcast over sequences and heads (shared by the layers):
+    `replace` gives the cache its own copy before the kernel writes into it."""
+    n = 64
+    cache, new = make(n, seed=4)
+    shared = torch.arange(n, device=DEVICE)
+    by_ref = LayerCache(cache[2].clone(), cache[3].clone(), shared.expand(2, 2, n), cache[0].clone())
+    by_ref.replace(*new, 2, n - 3)
+    monkeypatch.setattr(storage, "replace_lowest", ke.replace_lowest)
+    by_kernel = LayerCache(cache[2], cache[3], shared.expand(2, 2, n), cache[0])
+    by_kernel.replace(*new, 2, n - 3)
+    assert torch.equal(shared, torch.arange(n, device=DEVICE))
+    assert_equal([by_kernel.score, by_kernel.pos, by_kernel.k, by_kernel.v],
+                 [by_ref.score, by_ref.pos, by_ref.k, by_ref.v])
+
+
+def test_h2o_decode_steps_with_the_kernel(ke, monkeypatch):
+    """Prefill eviction then decode steps at the budget (`Policy.after_step` -> `LayerCache.replace`): the
+    kernel keeps exactly what the reference keeps, step after step, over layers of different head counts."""
+    b, s, d, steps = 2, 30, 16, 5
+    heads = [2, 4]
+
+    def run():
+        g = torch.Generator().manual_seed(5)
+        rand = lambda *shape: torch.rand(*shape, generator=g).to(DEVICE)  # noqa: E731
+        policy = H2O(budget=20, sink=2, window=4, num_layers=len(heads))
+        pos = torch.arange(s, device=DEVICE)
+        caches = [LayerCache(rand(b, hk, s, d), rand(b, hk, s, d), pos.expand(b, hk, s)) for hk in heads]
+        policy.after_prefill(caches, [rand(b, hk, s) for hk in heads], s)
+        for step in range(steps):
+            policy.after_step(caches, [(rand(b, hk, 1, d), rand(b, hk, 1, d)) for hk in heads],
+                              [rand(b, hk, 21) for hk in heads], s + step + 1)
+        return caches
+
+    expected = run()
+    calls = []
+    monkeypatch.setattr(storage, "replace_lowest", lambda *a: calls.append(1) or ke.replace_lowest(*a))
+    got = run()
+    assert len(calls) == steps * len(heads)
+    for got, ref in zip(got, expected, strict=True):
+        assert got.length == 20
+        assert_equal([got.score, got.pos, got.k, got.v], [ref.score, ref.pos, ref.k, ref.v])
