@@ -115,6 +115,22 @@ def test_layer_cache_replace_runs_the_kernel_on_broadcast_prefill_bookkeeping(ke
                  [by_ref.score, by_ref.pos, by_ref.k, by_ref.v])
 
 
+def test_layer_cache_replace_leaves_a_shared_contiguous_view_alone():
+    """Batch 1, one KV head: the prefill's positions are a contiguous view of one arange that every layer's
+    cache shares; a replace in one layer must not move another layer's positions."""
+    n = 16
+    shared = torch.arange(n, device=DEVICE)
+    caches = [LayerCache(torch.randn(1, 1, n, 4, device=DEVICE), torch.randn(1, 1, n, 4, device=DEVICE),
+                         shared.view(1, 1, n), torch.rand(1, 1, n, device=DEVICE)) for _ in range(2)]
+    assert caches[0].pos.is_contiguous() and caches[0].pos._base is shared
+    new = [torch.randn(1, 1, 1, 4, device=DEVICE), torch.randn(1, 1, 1, 4, device=DEVICE),
+           torch.full((1, 1, 1), n, device=DEVICE), torch.zeros(1, 1, 1, device=DEVICE)]
+    caches[0].replace(*new, 0, n)
+    assert (caches[0].pos == n).sum() == 1
+    assert torch.equal(caches[1].pos.flatten(), torch.arange(n, device=DEVICE))
+    assert torch.equal(shared, torch.arange(n, device=DEVICE))
+
+
 def test_h2o_decode_steps_with_the_kernel(ke, monkeypatch):
     """Prefill eviction then decode steps at the budget (`Policy.after_step` -> `LayerCache.replace`): the
     kernel keeps exactly what the reference keeps, step after step, over layers of different head counts."""
