@@ -227,7 +227,7 @@ def main() -> None:
                 "int4_packing_format='tile_packed_to_4d') on an nn.Linear of the same shape (tinygemm, "
                 "aten._weight_int4pack_mm), timed the same way; prunus vs torchao > 1 means prunus is faster."
                 if quantize_ else "not installed."))
-    title = "Quantized linear (int4 / int8 weight-only) vs bf16 cuBLAS" + (", dense-weight cache on" if cache != "0" else "")
+    title = "Quantized linear (int4 / int8 weight-only) vs bf16 cuBLAS" + (" and torchao" if quantize_ else "") + (", dense-weight cache on" if cache != "0" else "")
     append(title, columns, rows, notes, path=args.report)
     if explored:
         print("\nint4 paths, µs (rel err):\n" + markdown_table(
