@@ -217,17 +217,20 @@ def main() -> None:
     cache = os.environ.get("PRUNUS_DENSE_CACHE_BYTES", "0")
     dense = ("cuBLAS on a dense weight cached across calls (PRUNUS_DENSE_CACHE_BYTES=" + cache + ")"
              if cache != "0" else "a dequantize kernel into a temporary, then cuBLAS (no dense cache, the default)")
+    ql = pk.quant_linear
+    gemm_rows = ql.INT4_GEMM_MAX_ROWS if cache != "0" else ql.INT4_GEMM_NO_CACHE_MAX_ROWS
     notes = ("int4: asymmetric, group 128, bf16 activations and scales; int8: per-channel. µs: median of 20 "
              "CUDA-graph replays over weight copies exceeding 3x L2, per call (no launch overhead). GB/s counts "
              "packed weights + scales + zeros + activations in and out; rel err is against fp32 F.linear with "
-             "the dequantized weight. Paths: int4 M = 1 GEMV kernel, M = 2..16 tensor-core kernel, M > 16 "
+             f"the dequantized weight. Paths: int4 M = 1 GEMV kernel, M = 2..{gemm_rows} tensor-core kernel, M > {gemm_rows} "
              f"{dense}; int8 M = 1 GEMV kernel, M > 1 the same dense path. On the dense path the quant GB/s column "
              "still counts packed bytes: read its speed-up only. torchao: "
              + (f"torchao {torchao.__version__} Int4WeightOnlyConfig(group_size=128, "
                 "int4_packing_format='tile_packed_to_4d') on an nn.Linear of the same shape (tinygemm, "
                 "aten._weight_int4pack_mm), timed the same way; prunus vs torchao > 1 means prunus is faster."
                 if quantize_ else "not installed."))
-    title = "Quantized linear (int4 / int8 weight-only) vs bf16 cuBLAS" + (" and torchao" if quantize_ else "") + (", dense-weight cache on" if cache != "0" else "")
+    title = ("Quantized linear (int4 / int8 weight-only) vs bf16 cuBLAS" + (" and torchao" if quantize_ else "")
+             + (", dense-weight cache on" if cache != "0" else ""))
     append(title, columns, rows, notes, path=args.report)
     if explored:
         print("\nint4 paths, µs (rel err):\n" + markdown_table(

@@ -19,10 +19,12 @@ Packed formats:
   activations are quantized per token to e4m3 too (`torch._scaled_mm` with row-wise scales); the reference
   multiplies by the dequantized weight in x's dtype.
 
-Dispatch on CUDA (thresholds measured on an H100, see benchmarks/quant_linear_gpu.py and BENCHMARKS.md):
-int4 uses the GEMV kernel up to INT4_GEMV_MAX_ROWS rows (M = product of x's leading dims), the tensor-core
-kernel up to INT4_GEMM_MAX_ROWS, and beyond that cuBLAS on a dense copy of the weight (`DenseWeightCache`);
-int8 uses the GEMV kernel up to INT8_GEMV_MAX_ROWS and the dense copy beyond.
+Dispatch on CUDA (thresholds measured on an H100 and an H200, see benchmarks/quant_linear_gpu.py and
+BENCHMARKS.md): int4 uses the GEMV kernel up to INT4_GEMV_MAX_ROWS rows (M = product of x's leading dims), the
+tensor-core kernel up to INT4_GEMM_MAX_ROWS, and beyond that cuBLAS on a dense copy of the weight
+(`DenseWeightCache`). Without a dense cache (the default) the copy is made on every call, which costs more than
+the tensor-core kernel up to INT4_GEMM_NO_CACHE_MAX_ROWS rows (H200: 24-71 µs against 75-257 µs at 64 rows),
+so the kernel keeps those. int8 uses the GEMV kernel up to INT8_GEMV_MAX_ROWS and the dense copy beyond.
 """
 import functools
 import os
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 INT4_GEMV_MAX_ROWS = 1
 INT4_GEMM_MAX_ROWS = 16
+INT4_GEMM_NO_CACHE_MAX_ROWS = 64
 INT8_GEMV_MAX_ROWS = 1
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -241,7 +244,8 @@ def _(x, qweight, scales, zeros, bias, group_size):
     M = x2.shape[0]
     if M <= INT4_GEMV_MAX_ROWS and group_size <= 512:
         y = kernels.int4_gemv(x2, qweight, scales, zeros, bias, group_size)
-    elif M <= INT4_GEMM_MAX_ROWS and group_size >= 16:
+    elif group_size >= 16 and (M <= INT4_GEMM_MAX_ROWS or (M <= INT4_GEMM_NO_CACHE_MAX_ROWS
+                                                        and dense_cache.max_bytes == 0)):
         y = kernels.int4_gemm(x2, qweight, scales, zeros, bias, group_size)
     else:
         dense = dense_cache.get((qweight, scales, zeros), (group_size, x.dtype),

@@ -216,7 +216,7 @@ def test_int8_gemm_kernel(qt, m, config):
 
 
 @needs_cuda
-@pytest.mark.parametrize("m", [1, 2, 16, 100, 300])
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 100, 300])
 @pytest.mark.parametrize("group", [32, 128])
 def test_cuda_linear_int4_dispatch(m, group):
     n, k = 1000, 1024
