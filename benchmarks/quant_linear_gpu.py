@@ -150,7 +150,7 @@ def int8_op(x, q, s):
 
 def main_rows(gen):
     rows = []
-    for scheme, op, ms in (("int4", int4_op, [1, 16, 64, 256]), ("int8", int8_op, [1, 256])):
+    for scheme, op, ms in (("int4", int4_op, [1, 16, 64, 256]), ("int8", int8_op, [1, 16, 64, 256])):
         for k, n in SHAPES:
             case = Case(scheme, k, n, gen)
             ao_linears = case.torchao_linears() if scheme == "int4" else None
@@ -223,8 +223,10 @@ def main() -> None:
              "CUDA-graph replays over weight copies exceeding 3x L2, per call (no launch overhead). GB/s counts "
              "packed weights + scales + zeros + activations in and out; rel err is against fp32 F.linear with "
              f"the dequantized weight. Paths: int4 M = 1 GEMV kernel, M = 2..{gemm_rows} tensor-core kernel, M > {gemm_rows} "
-             f"{dense}; int8 M = 1 GEMV kernel, M > 1 the same dense path. On the dense path the quant GB/s column "
-             "still counts packed bytes: read its speed-up only. torchao: "
+             f"{dense}; int8 M = 1 GEMV kernel, M > 1 "
+             + ("the same dense path" if cache != "0" else "a tensor-core weight-only kernel (int8 tile converted to "
+                "bf16 in registers)")
+             + ". On the dense path the quant GB/s column still counts packed bytes: read its speed-up only. torchao: "
              + (f"torchao {torchao.__version__} Int4WeightOnlyConfig(group_size=128, "
                 "int4_packing_format='tile_packed_to_4d') on an nn.Linear of the same shape (tinygemm, "
                 "aten._weight_int4pack_mm), timed the same way; prunus vs torchao > 1 means prunus is faster."

@@ -24,7 +24,9 @@ BENCHMARKS.md): int4 uses the GEMV kernel up to INT4_GEMV_MAX_ROWS rows (M = pro
 tensor-core kernel up to INT4_GEMM_MAX_ROWS, and beyond that cuBLAS on a dense copy of the weight
 (`DenseWeightCache`). Without a dense cache (the default) the copy is made on every call, which costs more than
 the tensor-core kernel up to INT4_GEMM_NO_CACHE_MAX_ROWS rows (H200: 24-71 µs against 75-257 µs at 64 rows),
-so the kernel keeps those. int8 uses the GEMV kernel up to INT8_GEMV_MAX_ROWS and the dense copy beyond.
+so the kernel keeps those. int8 uses the GEMV kernel up to INT8_GEMV_MAX_ROWS, beyond it the tensor-core
+weight-only kernel (without a dense cache; it beats dequantizing on every call at any row count) or the dense
+copy when a cache is set.
 """
 import functools
 import os
@@ -258,8 +260,11 @@ def _(x, qweight, scales, zeros, bias, group_size):
 def _(x, qweight, scales, bias):
     kernels, x2 = _kernels(), _rows(x)
     bias = _bias(bias, x.dtype)
-    if kernels is not None and x.dtype in FLOAT_DTYPES and x.shape[-1] % 4 == 0 and x2.shape[0] <= INT8_GEMV_MAX_ROWS:
+    fits = kernels is not None and x.dtype in FLOAT_DTYPES and x.shape[-1] % 4 == 0
+    if fits and x2.shape[0] <= INT8_GEMV_MAX_ROWS:
         y = kernels.int8_gemv(x2, qweight, scales, bias)
+    elif fits and dense_cache.max_bytes == 0:
+        y = kernels.int8_gemm_weight_only(x2, qweight, scales, bias)
     else:
         dense = dense_cache.get((qweight, scales), x.dtype, lambda: dequantize_int8(qweight, scales).to(x.dtype))
         y = F.linear(x2, dense, bias)

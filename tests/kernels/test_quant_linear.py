@@ -190,6 +190,15 @@ def test_int8_gemv_kernel(qt, m, config):
 
 
 @needs_kernels
+@pytest.mark.parametrize("m, config", [(3, None), (17, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))])
+def test_int8_weight_only_gemm_kernel(qt, m, config):
+    q, s = int8_weight(40, 96, seed=m)  # K = 96: the second 64-wide block is half past K
+    x, b = torch.randn(m, 96, generator=_gen(30)), torch.randn(40, generator=_gen(31))
+    y = qt.int8_gemm_weight_only(*to(DEVICE, x, q, s, b), config)
+    torch.testing.assert_close(y.cpu(), ops.linear_int8(x, q, s, b), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_quantize_rows_kernel_matches_reference_exactly(qt):
     x = torch.randn(6, 100, generator=_gen(18)) * 3
     x[2] = 0
