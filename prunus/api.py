@@ -147,8 +147,6 @@ def _kv_onnx_gap(kv: dict | None) -> str | None:
     """What in the graph's KV policy the KV graphs cannot lower to ONNX, or None."""
     if kv is None:
         return None
-    if kv.get("quant"):
-        return "a kv_quant cache (prunus::decode_attention_quantized)"
     if kv.get("policy") == "think":
         return "think's attention over pruned key channels (prunus::decode_attention_pruned_keys)"
     return None

@@ -116,13 +116,10 @@ def test_kv_policy_survives_save_and_load(tiny_models, tmp_path, monkeypatch):
     old = prunus.load(art)
     assert old.graph.kv is None and isinstance(decoder(old), PrefixDecoder)
     torch.testing.assert_close(main_output(old(ids)), model(ids).logits, rtol=1e-4, atol=1e-4)
-    # a kv_quant cache has no ONNX lowering: saving with onnx=True keeps model.onnx and says what is missing
+    # think's pruned key channels have no ONNX lowering: saving with onnx=True keeps model.onnx and says what is
+    # missing
     monkeypatch.setattr(prunus.api, "export_onnx", lambda graph, path: open(path, "wb").close())
-    opt.graph.kv = {**opt.graph.kv, "quant": {"bits": 4, "group_size": 32, "residual": 32}}
-    with pytest.warns(UserWarning, match="kv_quant"):
-        quant = opt.save(str(tmp_path / "quant"), onnx=True)
-    assert "model.onnx" in os.listdir(quant) and "prefill.onnx" not in os.listdir(quant)
-    opt.graph.kv = {"policy": "think", "key_ratio": 0.5, "window": 32, "sink": 4}  # pruned key channels: the same
+    opt.graph.kv = {"policy": "think", "key_ratio": 0.5, "window": 32, "sink": 4}
     with pytest.warns(UserWarning, match="decode_attention_pruned_keys"):
         think = opt.save(str(tmp_path / "think"), onnx=True)
     assert "model.onnx" in os.listdir(think) and "prefill.onnx" not in os.listdir(think)

@@ -1,5 +1,6 @@
 """The KV graphs in ONNX: translations of the attention ops, prefill.onnx / decode.onnx in the artifact, and
-greedy generation over onnxruntime against PyTorch (policy full and snapkv with a budget, tiny llama)."""
+greedy generation over onnxruntime against PyTorch (policy full, snapkv with a budget, and h2o over a 4-bit
+kv_quant cache; tiny llama)."""
 import json
 import os
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from torch.export import Dim
 import prunus
 from prunus.codegen.onnx import OrtKVDecoder, export_kv_onnx, run_onnx
 from prunus.codegen.onnx.export import lower_program
+from prunus.kernels import kv_quant as kq
 from prunus.kernels.decode_attention import attention_scores_reference, decode_attention_reference
 from prunus.passes.kv import KVDecoder
 
@@ -132,8 +134,6 @@ def test_eval_runs_over_ort(kv_artifact):
 
 def test_kv_export_and_decoder_errors(kv_artifact, tmp_path):
     _, opt, path = kv_artifact
-    with pytest.raises(prunus.ExportError, match="decode_attention_quantized"):
-        export_kv_onnx(opt.graph, str(tmp_path), {**opt.graph.kv, "quant": {"bits": 4, "group_size": 32}})
     with pytest.raises(prunus.ArtifactError, match="prefill.onnx"):
         OrtKVDecoder(str(tmp_path))
     for name in ("prefill.onnx", "decode.onnx"):
@@ -144,6 +144,73 @@ def test_kv_export_and_decoder_errors(kv_artifact, tmp_path):
         OrtKVDecoder(path, {"policy": "h2o", "budget": 12})  # scores every prompt query: not in prefill.onnx
     with pytest.raises(prunus.SpecError, match="layout"):
         OrtKVDecoder(path, {**opt.graph.kv, "policy": "adakv"})  # a ragged cache: decode.onnx takes no lengths
+
+
+# h2o reads every decode step's attention: its decode graph runs decode_attention_quantized_scores
+QUANT_PIPELINE = "kv_cache(policy=h2o, budget=16, sink=2, window=4), kv_quant(bits=4, group_size=4, residual=2)"
+
+
+def test_kv_quant_cache_over_ort(tiny_models, tmp_path):
+    """4 bits under h2o eviction (8 bits differ only in the unpacking, which the translation test covers): the
+    packed cache crosses the session boundary each step (bfloat16 scales included); logits, the quantized
+    entries and what eviction keeps agree with PyTorch's decode graph, and greedy generation is the same."""
+    model, ex = tiny_models("llama")
+    opt = prunus.optimize(model, QUANT_PIPELINE, example_inputs=ex)
+    export_kv_onnx(opt.graph, str(tmp_path))
+    ort, ref = OrtKVDecoder(str(tmp_path)), KVDecoder(opt.graph)
+    ids = _ids(2, 26, seed=4)
+    for chunk in (ids[:, :13], ids[:, 13:15], *ids[:, 15:].split(1, dim=1)):
+        torch.testing.assert_close(ort.feed(chunk), ref.feed(chunk), rtol=1e-4, atol=1e-4)
+        assert ort.cache_bytes() == ref.cache_bytes()
+        for a, b in zip(ort.caches, ref.caches):
+            assert a.n_quantized == b.n_quantized > 0 and torch.equal(a.pos, b.pos)
+            assert torch.equal(a.k_q, b.k_q) and a.k_scale.dtype == torch.bfloat16
+    assert max(ort.cache_lengths()) <= 16
+    ids = _ids(1, 14, seed=5)
+    assert torch.equal(prunus.generate(OrtKVDecoder(str(tmp_path)), ids, 10), prunus.generate(opt, ids, 10))
+    other = {**opt.graph.kv, "quant": {**opt.graph.kv["quant"], "bits": 8}}
+    with pytest.raises(prunus.SpecError, match="export it for this storage"):
+        OrtKVDecoder(str(tmp_path), other)
+    OrtKVDecoder(str(tmp_path), {**opt.graph.kv, "quant": {**opt.graph.kv["quant"], "residual": 5}})  # runtime only
+
+
+class QuantizedAttentionOps(torch.nn.Module):
+    def __init__(self, bits, group_size):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    def forward(self, q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new):
+        args = (q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, SCALE, self.bits,
+                self.group_size)
+        return (torch.ops.prunus.decode_attention_quantized(*args),
+                *torch.ops.prunus.decode_attention_quantized_scores(*args))
+
+
+def _quantized_inputs(b, t, groups, r, bits, group_size, seed, h=4, hk=2, d=8):
+    g = torch.Generator().manual_seed(seed)
+    n = groups * group_size
+    keys = kq.quantize_keys(torch.randn(b, hk, n, d, generator=g), bits, group_size, torch.bfloat16)
+    values = kq.quantize_values(torch.randn(b, hk, n, d, generator=g), bits, group_size, torch.bfloat16)
+    rest = [torch.randn(b, hk, m, d, generator=g) for m in (r, r, t, t)]
+    return (torch.randn(b, h, t, d, generator=g), *keys, *values, *rest)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_attention_translations_match_the_references(tmp_path, bits):
+    names = ["q", "k_q", "k_scale", "k_min", "v_q", "v_scale", "v_min", "k_res", "v_res", "k_new", "v_new"]
+    args = _quantized_inputs(2, 3, 2, 2, bits, 4, seed=0)
+    program = torch.export.export(QuantizedAttentionOps(bits, 4), args,
+                                  dynamic_shapes=tuple({0: Dim.AUTO, 2: Dim.AUTO} for _ in args), strict=False)
+    path = str(tmp_path / "ops.onnx")
+    lower_program(program, path, names, ["out", "out_scores", "probs"])
+    # new shapes, among them no quantized entries (before the first flush) and no residual (right after one)
+    for b, t, groups, r in ((2, 3, 2, 2), (3, 1, 0, 2), (1, 2, 3, 0), (1, 1, 0, 0)):
+        x = _quantized_inputs(b, t, groups, r, bits, 4, seed=b + groups)
+        got = run_onnx(path, list(x), names)
+        want = [kq.decode_attention_quantized_reference(*x, SCALE, bits, 4),
+                *torch.ops.prunus.decode_attention_quantized_scores(*x, SCALE, bits, 4)]
+        for g_, w in zip(got, want):
+            np.testing.assert_allclose(g_, w.numpy(), rtol=1e-5, atol=1e-5)
 
 
 class AttentionOps(torch.nn.Module):

@@ -83,13 +83,26 @@ class _quiet_exporter:
             lg.setLevel(level)
 
 
+def ort_input(x: torch.Tensor):
+    """A torch tensor as an onnxruntime input: a numpy array, or for bfloat16 (which numpy lacks; a kv_quant cache
+    of an fp32 model keeps its scales in it) an OrtValue over the same bits."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    x = x.detach().cpu().contiguous()
+    if x.dtype == torch.bfloat16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x.view(torch.int16).numpy().view(np.uint16),
+                                                                TensorProto.BFLOAT16)
+    return x.numpy()
+
+
 def run_onnx(path: str, inputs: list[torch.Tensor], input_names: list[str]) -> list[np.ndarray]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    return session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(input_names, inputs)})
+    return session.run(None, {n: ort_input(x) for n, x in zip(input_names, inputs)})
 
 
 def check_parity(graph, path: str, inputs: list[torch.Tensor], atol: float = 1e-3) -> float:

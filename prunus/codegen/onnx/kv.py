@@ -2,12 +2,15 @@
 
 `export_kv_onnx(graph, directory)` writes `prefill.onnx` and `decode.onnx`: the graphs of
 `prunus.passes.kv.rewrite` with dynamic batch, sequence and per-layer past length, positions as an input,
-and the prunus attention ops lowered by `translations.py`. Each file carries what a runtime needs in its
+and the prunus attention ops lowered by `translations.py` (under `kv_quant`, decode.onnx reads the packed cache
+through the lowering of `decode_attention_quantized(_scores)`). Each file carries what a runtime needs in its
 metadata (`prunus.kv`: the policy, the layers, where the logits are), so the directory alone is enough.
 
 `OrtKVDecoder(directory)` is `prunus.passes.kv.KVDecoder` with onnxruntime sessions in place of the fx
 graphs: the same feed loop and the same Python policy between steps (numpy <-> torch at the session
 boundary), so `prunus.generate(OrtKVDecoder(dir), ids)` and `prunus.eval` run a KV policy over ONNX Runtime.
+A kv_quant cache is quantized between steps by the same Python `QuantizedLayerCache`; its bfloat16 scales cross
+the boundary as OrtValues (numpy has no bfloat16).
 """
 from __future__ import annotations
 
@@ -16,13 +19,20 @@ import json
 import os
 import tempfile
 
-import numpy as np
 import torch
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from prunus.codegen.onnx.export import EXTERNAL_DATA_BYTES, compare_outputs, failed_op, lower_program, run_onnx
+from prunus.codegen.onnx.export import (
+    EXTERNAL_DATA_BYTES,
+    compare_outputs,
+    failed_op,
+    lower_program,
+    ort_input,
+    run_onnx,
+)
 from prunus.errors import ArtifactError, ExportError, SpecError
+from prunus.passes.kv.quantized import QuantizedLayerCache
 from prunus.passes.kv.rewrite import KVGraphs, KVLayer
 from prunus.passes.kv.runtime import KVDecoder, kv_graphs, make_policy, resolve_spec
 
@@ -77,12 +87,29 @@ def _examples(source, spec: dict):
     tokens = ids[torch.arange(EXAMPLE_BATCH * total) % ids.numel()].reshape(EXAMPLE_BATCH, total)
     decoder = KVDecoder(source, spec)
     decoder.feed(tokens[:, :PREFILL_TOKENS])
-    past = [x for cache in decoder.caches for x in cache.graph_inputs()]
+    caches = decoder.caches
+    if spec.get("quant"):
+        caches = [_quantized_example(cache, spec["quant"]) for cache in caches]
+    past = [x for cache in caches for x in cache.graph_inputs()]
     prefill = (tokens[:, :PREFILL_TOKENS], torch.arange(PREFILL_TOKENS))
     decode = (tokens[:, PREFILL_TOKENS:], torch.arange(PREFILL_TOKENS, total), *past)
     # contiguous: a sliced example would be captured with a symbolic stride of its own, and layouts derived
     # from it (e.g. GPT-2's hidden states) would no longer admit the graph's views
     return tuple(tuple(x.contiguous() for x in args) for args in (prefill, decode))
+
+
+def _quantized_example(cache, quant: dict) -> QuantizedLayerCache:
+    """A quantized cache of two key groups and two residual entries, `cache`'s entries repeated: whatever the policy
+    kept, every part of the decode graph's past then has an example length export does not fix (as it fixes 0 and 1).
+    """
+    group = quant["group_size"]
+    n = 2 * group + 2
+    reps = -(-n // cache.length)
+    k, v = (x.repeat(1, 1, reps, 1)[:, :, :n] for x in (cache.k, cache.v))
+    example = QuantizedLayerCache(k, v, cache.pos.repeat(1, 1, reps)[:, :, :n], bits=quant["bits"],
+                                  group_size=group, residual=2)
+    example.flush()
+    return example
 
 
 def _dynamic(args) -> tuple:
@@ -101,9 +128,6 @@ def export_kv_onnx(graph, directory: str, spec: dict | None = None, *, check: bo
     spec = spec if spec is not None else graph.kv
     if spec is None:
         raise SpecError("the graph has no KV policy: run the kv_cache pass before exporting its prefill/decode graphs")
-    if spec.get("quant"):
-        raise ExportError("ONNX lowering failed at prunus::decode_attention_quantized: a kv_quant cache has no ONNX "
-                          "translation yet; export the model before kv_quant (the eviction policy exports)")
     source = inline_fused(graph)
     spec = resolve_spec(source, spec)  # e.g. duo's retrieval heads, which the runtime cannot compute
     graphs, _ = kv_graphs(source, spec)
@@ -192,8 +216,7 @@ class _Session:
         self.declared = {i.name for i in self.session.get_inputs()}
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        feed = {name: np.ascontiguousarray(t.detach().cpu().numpy())
-                for name, t in zip(self.input_names, tensors) if name in self.declared}
+        feed = {name: ort_input(t) for name, t in zip(self.input_names, tensors) if name in self.declared}
         return [torch.from_numpy(x) for x in self.session.run(None, feed)]
 
 
@@ -213,6 +236,11 @@ def _check_compatible(spec: dict, exported: dict, flags: dict, num_layers: int) 
         if bool(value) != bool(flags.get(key)):
             raise SpecError(f"policy {name} keeps its cache in a layout ({key}) {KV_FILES[1]} was not exported "
                             "for: export it for this policy")
+    quant, stored = spec.get("quant"), flags.get("quant")
+    if quant and (quant["bits"], quant["group_size"]) != (stored["bits"], stored["group_size"]):
+        raise SpecError(f"kv_quant bits={quant['bits']}, group_size={quant['group_size']}: {KV_FILES[1]} reads a cache "
+                        f"packed with bits={stored['bits']}, group_size={stored['group_size']}; export it for this "
+                        "storage (the residual may differ)")
     if (probe.grouped or flags.get("head_groups")) and spec != exported:
         raise SpecError(f"policy {name} caches head groups of its own: only the exported policy runs on them")
 

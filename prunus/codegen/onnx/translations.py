@@ -10,6 +10,10 @@
   follows the references in `prunus.kernels.decode_attention` step for step: the query heads of each KV
   group stacked as rows (row = head_in_group * t + i), one MatMul against the concatenated cache, the
   causal offset as a Where mask, an fp32 Softmax, and probabilities summed over the group's rows.
+- decode_attention_quantized(_scores) (a kv_quant cache) -> the packed codes unpacked (8 bits as they are; 4 bits
+  low nibble then high nibble), dequantized in fp32 as `prunus.kernels.kv_quant.dequantize_keys` /
+  `dequantize_values` (code * scale + minimum, keys per channel over groups of tokens, values per token over
+  groups of channels), concatenated with the residual as the past, then the decode_attention decomposition.
 """
 from __future__ import annotations
 
@@ -138,10 +142,11 @@ def _causal(rows, count, offset, keys):
 
 
 def _decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths):
-    h, hk, dv = q.shape[1], k_past.shape[1], v_past.shape[3]
+    # sizes from the new entries, a graph input: a dequantized past is computed, its shape unknown here
+    h, hk, dv = q.shape[1], k_new.shape[1], v_new.shape[3]
     n, t = _dim(k_past, 2), _dim(q, 2)
-    k = op.Concat(k_past, k_new, axis=2)
-    v = op.Cast(op.Concat(v_past, v_new, axis=2), to=_FLOAT)
+    k = op.Concat(op.Cast(k_past, to=_FLOAT), op.Cast(k_new, to=_FLOAT), axis=2)
+    v = op.Concat(op.Cast(v_past, to=_FLOAT), op.Cast(v_new, to=_FLOAT), axis=2)
     # new token i sits at n + i: it sees every cached entry and the new entries up to itself
     visible, j = _causal(op.Mul(t, op.Constant(value_int=h // hk)), t, n, op.Add(n, t))
     if past_lengths is not None:
@@ -164,6 +169,48 @@ def decode_attention_scores(q, k_past, v_past, k_new, v_new, scale: float, past_
     return out, op.ReduceSum(probs, _i64(2), keepdims=0)
 
 
+def _unpack(packed, bits: int):
+    """uint8 [b, hk, n, c * bits / 8] -> uint8 [b, hk, n, c], as `kv_quant.unpack`."""
+    if bits == 8:
+        return packed
+    low = op.BitwiseAnd(packed, op.Constant(value=_uint8(15)))
+    high = op.BitShift(packed, op.Constant(value=_uint8(4)), direction="RIGHT")
+    pairs = op.Concat(op.Unsqueeze(low, _i64(-1)), op.Unsqueeze(high, _i64(-1)), axis=-1)
+    # 0 copies a dimension: the entries may be none (a -1 could not be inferred then)
+    return op.Reshape(pairs, _i64(0, 0, 0, 2 * packed.shape[3]))
+
+
+def _dequantize(codes, scale, minimum, group_axis: int):
+    """fp32 codes * scale + minimum, one scale and minimum per group: broadcast along the group's `group_axis`."""
+    axis = _i64(group_axis)
+    return op.Add(op.Mul(op.Cast(codes, to=_FLOAT), op.Unsqueeze(op.Cast(scale, to=_FLOAT), axis)),
+                  op.Unsqueeze(op.Cast(minimum, to=_FLOAT), axis))
+
+
+def _dequantized_past(k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, bits: int, group_size: int):
+    """fp32 keys and values [quantized entries, residual] (`decode_attention_quantized_reference`'s past)."""
+    d, dv, v_groups = k_scale.shape[3], v_res.shape[3], v_scale.shape[3]
+    # keys: groups of group_size tokens of one channel share k_scale / k_min [b, hk, n_q / G, d]
+    codes = op.Reshape(_unpack(k_q, bits), _i64(0, 0, -1, group_size, d))
+    k = op.Reshape(_dequantize(codes, k_scale, k_min, 3), _i64(0, 0, -1, d))
+    # values: groups of dv / v_groups channels of one token share v_scale / v_min [b, hk, n_q, v_groups]
+    codes = op.Reshape(_unpack(v_q, bits), _i64(0, 0, 0, v_groups, dv // v_groups))
+    v = op.Reshape(_dequantize(codes, v_scale, v_min, 4), _i64(0, 0, 0, dv))
+    return op.Concat(k, op.Cast(k_res, to=_FLOAT), axis=2), op.Concat(v, op.Cast(v_res, to=_FLOAT), axis=2)
+
+
+def decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
+                               scale: float, bits: int, group_size: int):
+    k, v = _dequantized_past(k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, bits, group_size)
+    return decode_attention(q, k, v, k_new, v_new, scale)
+
+
+def decode_attention_quantized_scores(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
+                                      scale: float, bits: int, group_size: int):
+    k, v = _dequantized_past(k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, bits, group_size)
+    return decode_attention_scores(q, k, v, k_new, v_new, scale)
+
+
 def attention_scores(q, k, window: int, scale: float):
     h, hk, d = q.shape[1], k.shape[1], q.shape[3]
     # the last w = min(window, s) queries (Slice clamps the start); query i of them sits at s - w + i
@@ -182,4 +229,6 @@ def translation_table() -> dict:
     return {p.linear_int4.default: linear_int4, p.linear_int8.default: linear_int8,
             p.linear_w8a8.default: linear_w8a8, p.linear_fp8.default: linear_fp8,
             p.decode_attention.default: decode_attention, p.decode_attention_scores.default: decode_attention_scores,
-            p.attention_scores.default: attention_scores}
+            p.attention_scores.default: attention_scores,
+            p.decode_attention_quantized.default: decode_attention_quantized,
+            p.decode_attention_quantized_scores.default: decode_attention_quantized_scores}
