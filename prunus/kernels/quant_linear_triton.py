@@ -12,10 +12,10 @@ are fast when the packed weights are read once and unpacked in registers):
   the activations transposed [BLOCK_K, BLOCK_M] ("swap AB": the weight fills the MMA's M side, so a
   skinny batch still maps onto full-size instructions).
 - `_int4_dequant_kernel`: int4 -> dense weight, for the many-row fallback (dense matmul by cuBLAS).
-- `_int8_weight_gemm_kernel`: int8 weight-only, more rows: the int8 tile converted exactly to x's dtype in
-  registers, a tensor-core `tl.dot`, the per-channel scale on the accumulator.
 - `_quantize_rows_kernel` + `_int8_gemm_kernel`: W8A8 (per-token dynamic int8 activations, int32 MMA,
   the scales in the epilogue); the row quantizer also makes the e4m3 activations of the fp8 op.
+- `_int8_gemm_kernel` also serves int8 weight-only with more rows: the int8 tile converted exactly to x's dtype
+  in registers, a tensor-core `tl.dot`, the per-channel scale on the accumulator.
 
 Two tricks keep the unpacking cheap (no int -> float conversion instructions, which run at 1/8 rate):
 - the float "magic number": a field v OR-ed into the top mantissa bits of 2^BITS is the float 2^BITS + v
@@ -234,34 +234,6 @@ def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_s
              mask=mask)
 
 
-@triton.jit
-def _int8_weight_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_ym,
-                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
-    """y = (x @ q^T) * scales[None, :] + bias for the int8 per-channel weight: the int8 tile converts exactly to
-    x's dtype (|q| <= 128 fits bf16's 8 significant bits) and goes straight into the MMA; the per-channel scale
-    multiplies the fp32 accumulator once at the end."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = k0 + offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                    mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
-                    mask=(offs_n < N)[None, :] & k_ok[:, None], other=0)
-        if dtype == tl.float32:
-            acc = tl.dot(x, w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(dtype), acc)
-    y = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    _write_tile(tl.trans(y), offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, HAS_BIAS)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # W8A8 (and the fp8 op's activations)
 
@@ -302,23 +274,40 @@ def _smoothed(row_ptr, smooth_ptr, offs, K, HAS_SMOOTH: tl.constexpr):
 def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
                       stride_am, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = (a_int8 @ w_int8^T in int32) * a_scale[:, None] * scales[None, :] + bias."""
+    """y = (a @ w_int8^T) * scales[None, :] + bias, for both int8-weight ops.
+
+    W8A8: `a` int8 (per-token quantized), an int8 x int8 -> int32 MMA, the rows scaled by a_scale[:, None].
+    Weight-only: `a` is x itself; the int8 tile converts exactly to x's dtype (|q| <= 128 fits bf16's 8
+    significant bits) and goes straight into the MMA (a_scale_ptr unused). The scales multiply the accumulator
+    once at the end.
+    """
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    dtype = a_ptr.dtype.element_ty
+    if dtype == tl.int8:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :],
                     mask=(offs_m < M)[:, None] & k_ok[None, :], other=0)
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None],
                     mask=(offs_n < N)[None, :] & k_ok[:, None], other=0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        if dtype == tl.int8:
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        elif dtype == tl.float32:
+            acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w.to(dtype), acc)
     scale = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    y = acc.to(tl.float32) * a_scale[:, None] * scale[None, :]
+    if dtype == tl.int8:
+        y = acc.to(tl.float32) * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None] * scale[None, :]
+    else:
+        y = acc * scale[None, :]
     # y^T orientation for the shared epilogue
     _write_tile(tl.trans(y), offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, HAS_BIAS)
 
@@ -389,7 +378,7 @@ def _tuned(kernel, configs, key):
 _gemv_tuned = _tuned(_gemv_kernel, GEMV_CONFIGS, ["M", "N", "K", "BITS", "GROUP"])
 _int4_gemm_tuned = _tuned(_int4_gemm_kernel, INT4_GEMM_CONFIGS, ["M_BUCKET", "N", "K", "GROUP"])
 _int8_gemm_tuned = _tuned(_int8_gemm_kernel, INT8_GEMM_CONFIGS, ["M_BUCKET", "N", "K"])
-_int8_weight_gemm_tuned = _tuned(_int8_weight_gemm_kernel, INT8_WEIGHT_GEMM_CONFIGS, ["M_BUCKET", "N", "K"])
+_int8_weight_gemm_tuned = _tuned(_int8_gemm_kernel, INT8_WEIGHT_GEMM_CONFIGS, ["M_BUCKET", "N", "K"])
 
 
 def _launch(kernel, tuned, configs, grid, args, consts, config):
@@ -479,18 +468,7 @@ def int8_gemv(x, qweight, scales, bias, config: dict | None = None) -> torch.Ten
 def int8_gemm_weight_only(x, qweight, scales, bias, config: dict | None = None) -> torch.Tensor:
     """x [M, K] times the int8 per-channel weight on tensor cores (any M; the GEMV serves one row)."""
     x = _contiguous_rows(x)
-    M, K = x.shape
-    N = qweight.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y
-    qweight = qweight.contiguous()
-    args = dict(x_ptr=x, w_ptr=qweight, s_ptr=scales, b_ptr=bias if bias is not None else y, y_ptr=y, M=M, N=N, K=K,
-                M_BUCKET=m_bucket(M), stride_xm=x.stride(0), stride_wn=qweight.stride(0), stride_ym=y.stride(0))
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-    _launch(_int8_weight_gemm_kernel, _int8_weight_gemm_tuned, INT8_WEIGHT_GEMM_CONFIGS, grid, args,
-            dict(HAS_BIAS=bias is not None), config)
-    return y
+    return _int8_gemm(x, x, qweight, scales, bias, x.dtype, _int8_weight_gemm_tuned, INT8_WEIGHT_GEMM_CONFIGS, config)
 
 
 def int4_dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -523,16 +501,19 @@ def quantize_rows(x, smooth, dtype: torch.dtype):
 
 def int8_gemm(xq, a_scale, qweight, scales, bias, out_dtype: torch.dtype, config: dict | None = None):
     """(xq int8 [M, K] @ qweight int8 [N, K]^T, int32) * a_scale[:, None] * scales[None, :] + bias."""
-    M, K = xq.shape
+    return _int8_gemm(xq, a_scale, qweight, scales, bias, out_dtype, _int8_gemm_tuned, INT8_GEMM_CONFIGS, config)
+
+
+def _int8_gemm(a, a_scale, qweight, scales, bias, out_dtype, tuned, configs, config):
+    M, K = a.shape
     N = qweight.shape[0]
-    y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    y = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0:
         return y
     qweight = qweight.contiguous()
-    args = dict(a_ptr=xq, a_scale_ptr=a_scale, w_ptr=qweight, s_ptr=scales, b_ptr=bias if bias is not None else y,
-                y_ptr=y, M=M, N=N, K=K, M_BUCKET=m_bucket(M), stride_am=xq.stride(0), stride_wn=qweight.stride(0),
+    args = dict(a_ptr=a, a_scale_ptr=a_scale, w_ptr=qweight, s_ptr=scales, b_ptr=bias if bias is not None else y,
+                y_ptr=y, M=M, N=N, K=K, M_BUCKET=m_bucket(M), stride_am=a.stride(0), stride_wn=qweight.stride(0),
                 stride_ym=y.stride(0))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-    _launch(_int8_gemm_kernel, _int8_gemm_tuned, INT8_GEMM_CONFIGS, grid, args, dict(HAS_BIAS=bias is not None),
-            config)
+    _launch(_int8_gemm_kernel, tuned, configs, grid, args, dict(HAS_BIAS=bias is not None), config)
     return y
