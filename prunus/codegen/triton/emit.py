@@ -193,7 +193,9 @@ def _reference_source(region: Region) -> str:
     names = {n: f"in{k}" for k, n in enumerate(region.inputs)}
     params = ", ".join(names[n] for n in region.inputs)
     lines = [f"def reference({params}):", '    """The region\'s original ATen ops (shapes, fallback, ONNX)."""']
-    for i, n in enumerate(region.nodes):  # names by position: equal regions give equal sources (one kernel)
+    # names by position: equal regions give equal sources (one kernel); a group's parts one after the other
+    nodes = [n for part in (region.parts or [region]) for n in part.nodes]
+    for i, n in enumerate(nodes):
         names[n] = f"t{i}"
         args = [_py(a, names) for a in n.args] + [f"{k}={_py(v, names)}" for k, v in n.kwargs.items()]
         lines.append(f"    {names[n]} = {_op_name(n.target)}({', '.join(args)})")
@@ -207,8 +209,9 @@ def _width_meta(w: str):
     return int(w) if w.isdigit() else w.removesuffix("_n")
 
 
-def emit(region: Region) -> tuple[str, str]:
-    """(key, source) of the region's module; the key is a hash of the source, the cache key of the kernel."""
+def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
+    """(params, body, meta) of one region's row template; `inputs` are the kernel's inputs, which the region's
+    inputs index into (a group's parts share them). The body starts from `pid`, its block of rows."""
     e = _Emitter(region)
     rank = len(region.rows)
     out_widths = [e.width(o) for o in region.outputs]
@@ -220,14 +223,12 @@ def emit(region: Region) -> tuple[str, str]:
             stores.append(f"tl.store(out{j}_ptr + row, {v}.to({dt}), mask=rmask)")
         else:
             stores.append(f"tl.store(out{j}_ptr + row * {w} + cols, {v}.to({dt}), mask=rmask & (cols < {w}))")
-    reduction = bool(e.reduced_widths)
-    span = sorted({_width_meta(w) for w in out_widths + e.reduced_widths}, key=str)
     params = []
     for k in range(len(region.inputs)):
         params += [f"in{k}_ptr"] + [f"in{k}_s{d}" for d in range(rank)] + [f"in{k}_sn", f"in{k}_n"]
     params += [f"out{j}_ptr" for j in range(len(region.outputs))]
-    params += [f"L{d}" for d in range(rank)] + ["ROWS", "RB: tl.constexpr", "BLOCK: tl.constexpr"]
-    body = ["row = (tl.program_id(0).to(tl.int64) * RB + tl.arange(0, RB))[:, None]",
+    params += [f"L{d}" for d in range(rank)] + ["ROWS"]
+    body = ["row = (pid.to(tl.int64) * RB + tl.arange(0, RB))[:, None]",
             "rmask = row < ROWS",
             "cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]"]
     if rank:
@@ -241,15 +242,61 @@ def emit(region: Region) -> tuple[str, str]:
         body.append(f"in{k}_off = {terms}")
     body += e.lines + stores
     meta = {
-        "pattern": classify(region),
-        "ops": region.ops(),
         "rank": rank,
-        "inputs": len(region.inputs),
+        "inputs": [inputs.index(n) for n in region.inputs],
         "outputs": [{"width": _width_meta(w), "dtype": str(o.meta["val"].dtype).removeprefix("torch.")}
                     for o, w in zip(region.outputs, out_widths)],
-        "span": span,
-        "reduction": reduction,
+        "span": sorted({_width_meta(w) for w in out_widths + e.reduced_widths}, key=str),
+        "reduction": bool(e.reduced_widths),
     }
+    return params, body, meta
+
+
+def emit(region: Region) -> tuple[str, str]:
+    """(key, source) of the region's module; the key is a hash of the source, the cache key of the kernel.
+
+    A group of sibling regions (`region.parts`, e.g. RoPE of q and of k) becomes one kernel whose programs
+    first cover the rows of the first part, then those of the next: one launch instead of one per region."""
+    parts = region.parts or [region]
+    built = [_part(p, region.inputs) for p in parts]
+    meta = {
+        "pattern": classify(region),
+        "ops": region.ops(),
+        "inputs": len(region.inputs),
+        "parts": [m for _, _, m in built],
+    }
+    code = []
+    if len(parts) == 1:
+        params, body, _ = built[0]
+        code += ["@triton.jit",
+                 f"def kernel({', '.join(params + ['RB: tl.constexpr', 'BLOCK: tl.constexpr'])}):",
+                 "    pid = tl.program_id(0)",
+                 *("    " + line for line in body)]
+    else:
+        args, starts, functions, names = [], [], {}, []
+        for i, (params, body, _) in enumerate(built):
+            text = "\n".join(body)
+            if text not in functions:  # parts of equal code (q and k RoPE) share one function
+                functions[text] = f"part{len(functions)}"
+                code += ["@triton.jit",
+                         f"def {functions[text]}({', '.join(params + ['pid', 'RB: tl.constexpr', 'BLOCK: tl.constexpr'])}):",
+                         *("    " + line for line in body), "", ""]
+            names.append(functions[text])
+            args.append([f"p{i}_{a}" for a in params])
+            starts.append(f"START{i}")
+        flat = [a for group in args for a in group]
+        code += ["@triton.jit",
+                 f"def kernel({', '.join(flat + starts[1:] + ['RB: tl.constexpr', 'BLOCK: tl.constexpr'])}):",
+                 "    pid = tl.program_id(0)"]
+        for i, group in enumerate(args):
+            call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, RB, BLOCK)"
+            if i == 0:
+                code.append(f"    if pid < START1:")
+            elif i < len(args) - 1:
+                code.append(f"    elif pid < START{i + 1}:")
+            else:
+                code.append("    else:")
+            code.append(f"        {call}")
     source = "\n".join([
         f'"""prunus fused kernel ({meta["pattern"]}): {", ".join(meta["ops"])}."""',
         "import torch",
@@ -262,10 +309,8 @@ def emit(region: Region) -> tuple[str, str]:
         _reference_source(region),
         "",
         "",
-        *([ops.ROUND_BF16, "", ""] if "round_bf16(" in "\n".join(body) else []),
-        "@triton.jit",
-        f"def kernel({', '.join(params)}):",
-        *("    " + line for line in body),
+        *([ops.ROUND_BF16, "", ""] if "round_bf16(" in "\n".join(code) else []),
+        *code,
         "",
     ])
     key = hashlib.sha256(source.encode()).hexdigest()[:16]

@@ -13,7 +13,7 @@ import torch.fx
 
 from prunus.codegen.triton import runtime
 from prunus.codegen.triton.emit import Unsupported, emit
-from prunus.codegen.triton.partition import PATTERNS, classify, partition, worth_fusing
+from prunus.codegen.triton.partition import PATTERNS, classify, group_siblings, partition, worth_fusing
 from prunus.passes.base import LossyParams, Pass, PassResult, param
 from prunus.passes.cleanup.dce import METADATA_ASSERTS
 from prunus.passes.registry import register
@@ -23,6 +23,8 @@ from prunus.passes.registry import register
 class FuseParams(LossyParams):
     backend: str = param("triton", "code generator for the fused kernels", choices=("triton",))
     patterns: list[str] = param(list(PATTERNS), "which kinds of region to fuse (default: all)")
+    group: bool = param(True, "launch independent sibling regions of one pattern that read a common input "
+                              "(RoPE of q and k) as one kernel")
 
     def check(self) -> str | None:
         unknown = [p for p in self.patterns if p not in PATTERNS]
@@ -108,27 +110,33 @@ class Fuse(Pass):
         self.kind = "lossy" if narrow else "exact"
         wanted = set(self.params.patterns)
         counts: dict[str, int] = {}
-        skipped, replaced = [], {}
-        for region in partition(graph.gm):
+        skipped, replaced, groups = [], {}, 0
+        chosen = [r for r in partition(graph.gm) if worth_fusing(r) and classify(r) in wanted]
+        todo = group_siblings(graph.gm, chosen) if self.params.group else chosen
+        while todo:
+            region = todo.pop(0)
             region.inputs = [replaced.get(n, n) for n in region.inputs]
-            if not worth_fusing(region):
-                continue
-            pattern = classify(region)
-            if pattern not in wanted:
-                continue
+            for part in region.parts:
+                part.inputs = [replaced.get(n, n) for n in part.inputs]
             try:
                 key, source = emit(region)
             except Unsupported as e:
+                if region.parts:  # generate the members one by one
+                    todo[:0] = region.parts
+                    continue
                 skipped.append(f"{region.nodes[-1].name}: {e}")
                 continue
             runtime.register_kernel(key, source)
             replaced.update(replace_region(graph, region, key))
-            counts[pattern] = counts.get(pattern, 0) + 1
+            pattern = classify(region)
+            counts[pattern] = counts.get(pattern, 0) + len(region.parts or [region])
+            groups += bool(region.parts)
         if counts:
             _topological_sort(graph.graph)
         total = sum(counts.values())
         notes = [f"{total} regions fused" + (": " + ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))
                                               if counts else "")]
+        notes += [f"{groups} groups of sibling regions launched as one kernel"] if groups else []
         notes += [f"{len(runtime.kernels_of(graph.gm))} distinct kernels"] if counts else []
         notes += [f"not generated: {s}" for s in skipped]
         return PassResult(modified=total > 0, notes=notes)

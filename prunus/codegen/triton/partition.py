@@ -25,6 +25,7 @@ class Region:
     rows: tuple
     inputs: list = field(default_factory=list)   # outside nodes the region reads, in first-use order
     outputs: list = field(default_factory=list)  # member nodes read outside the region, in graph order
+    parts: list = field(default_factory=list)    # a group of sibling regions (one kernel): its members
 
     @property
     def has_reduction(self) -> bool:
@@ -128,6 +129,8 @@ PATTERNS = ("rmsnorm", "layernorm", "add_norm", "swiglu", "gelu", "rope", "softm
 
 def classify(region: Region) -> str:
     """The pattern name a region implements, from the ops it holds (for `fuse(patterns=...)` and reports)."""
+    if region.parts:
+        return classify(region.parts[0])
     targets = {n.target for n in region.nodes}
     aten = torch.ops.aten
     norm = aten.layer_norm.default in targets or aten.rms_norm.default in targets or aten.mean.dim in targets
@@ -153,3 +156,46 @@ def worth_fusing(region: Region) -> bool:
     """A kernel per region pays off once it replaces two or more compute ops (or one row-wide composite)."""
     compute = [n for n in region.nodes if n.target in ops.COMPUTE]
     return len(compute) >= 2 or any(n.target in ops.COMPOSITES for n in compute)
+
+
+def group_siblings(gm: torch.fx.GraphModule, regions: list[Region]) -> list[Region]:
+    """Merge sibling regions into groups launched as one kernel: regions of one pattern and rank that read a
+    common input and do not depend on each other (RoPE of q and of k reading the same cos and sin, the q
+    and k norms of a Qwen3 layer). Each region is tried against the latest group it shares an input with,
+    so a model's layers (whose regions all read the same cos and sin, one after the other) stay apart.
+    A group is a Region whose `parts` are its members; it keeps the members' inputs and outputs."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups: list[list[Region]] = []
+    latest: dict = {}  # input node -> the latest group reading it
+    for r in regions:
+        home = None
+        for a in r.inputs:
+            g = latest.get(a)
+            if g is None or home is not None:
+                continue
+            first = g[0]
+            if classify(first) != classify(r) or len(first.rows) != len(r.rows):
+                continue
+            if any(n in r.inputs for m in g for n in m.outputs):  # r reads the group's result
+                continue
+            members = {n for m in g + [r] for n in m.nodes}
+            outside = {a for m in members for a in m.all_input_nodes if a not in members}
+            if not _reaches(outside, members, min(order[m] for m in members), order):
+                home = g
+        if home is None:
+            home = []
+            groups.append(home)
+        home.append(r)
+        for a in r.inputs:
+            latest[a] = home
+    merged = []
+    for g in groups:
+        if len(g) == 1:
+            merged.append(g[0])
+            continue
+        inputs = []
+        for m in g:
+            inputs += [a for a in m.inputs if a not in inputs]
+        merged.append(Region(nodes=sorted((n for m in g for n in m.nodes), key=order.__getitem__), rows=g[0].rows,
+                             inputs=inputs, outputs=[o for m in g for o in m.outputs], parts=g))
+    return merged

@@ -73,44 +73,60 @@ class Kernel:
             return self.launch(inputs)
         return self.reference(inputs)
 
-    def launch(self, inputs: list) -> list:
+    def parts(self) -> list[dict]:
         meta = self.meta
-        rank = meta["rank"]
-        rows_shape = [1] * rank
-        for t in inputs:
-            lead = t.shape[:-1] if t.dim() else ()
-            for j, size in enumerate(reversed(lead)):
-                if size != 1:
-                    rows_shape[rank - 1 - j] = size
-        args = []
-        for t in inputs:
-            lead = t.shape[:-1] if t.dim() else ()
-            offset = rank - len(lead)
-            strides = [0 if d < offset or lead[d - offset] == 1 else t.stride(d - offset) for d in range(rank)]
-            args += [t, *strides, t.stride(-1) if t.dim() else 0, t.shape[-1] if t.dim() else 1]
+        if "parts" in meta:
+            return meta["parts"]
+        # a module generated before groups existed: one part over all the inputs
+        return [{**meta, "inputs": list(range(meta["inputs"]))}]
 
-        def resolve(w):
-            return w if isinstance(w, int) else inputs[int(w.removeprefix("in"))].shape[-1]
-
+    def launch(self, inputs: list) -> list:
+        parts = self.parts()
         device = inputs[0].device
-        outs = [torch.empty((*rows_shape, resolve(o["width"])), dtype=getattr(torch, o["dtype"]), device=device)
-                for o in meta["outputs"]]
-        rows = 1
-        for s in rows_shape:
-            rows *= s
-        span = max(resolve(w) for w in meta["span"])
-        if rows == 0 or span == 0:
+        args, outs, blocks, spans = [], [], [], []
+        for part in parts:
+            tensors = [inputs[i] for i in part["inputs"]]
+            rank = part["rank"]
+            rows_shape = [1] * rank
+            for t in tensors:
+                lead = t.shape[:-1] if t.dim() else ()
+                for j, size in enumerate(reversed(lead)):
+                    if size != 1:
+                        rows_shape[rank - 1 - j] = size
+            for t in tensors:
+                lead = t.shape[:-1] if t.dim() else ()
+                offset = rank - len(lead)
+                strides = [0 if d < offset or lead[d - offset] == 1 else t.stride(d - offset) for d in range(rank)]
+                args += [t, *strides, t.stride(-1) if t.dim() else 0, t.shape[-1] if t.dim() else 1]
+
+            def resolve(w, tensors=tensors):
+                return w if isinstance(w, int) else tensors[int(w.removeprefix("in"))].shape[-1]
+
+            mine = [torch.empty((*rows_shape, resolve(o["width"])), dtype=getattr(torch, o["dtype"]), device=device)
+                    for o in part["outputs"]]
+            outs += mine
+            rows = 1
+            for s in rows_shape:
+                rows *= s
+            args += mine + rows_shape + [rows]
+            blocks.append(rows)
+            spans.append(max(resolve(w) for w in part["span"]))
+        span = max(spans)
+        if max(blocks) == 0 or span == 0:
             return outs
-        if meta["reduction"]:
+        if any(p["reduction"] for p in parts):
             block = _next_pow2(span)
             col_blocks = 1
         else:
             block = min(_next_pow2(span), 1024)
             col_blocks = -(-span // block)
-        rb = min(_next_pow2(rows), max(1, 2048 // block))
+        rb = min(_next_pow2(max(blocks)), max(1, 2048 // block))
+        starts, total = [], 0
+        for rows in blocks:  # each part's programs follow the previous part's
+            starts.append(total)
+            total += -(-rows // rb)
         warps = 4 if block * rb <= 2048 else (8 if block * rb <= 8192 else 16)
-        grid = (-(-rows // rb), col_blocks)
-        self.module.kernel[grid](*args, *outs, *rows_shape, rows, RB=rb, BLOCK=block, num_warps=warps)
+        self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps)
         return outs
 
 

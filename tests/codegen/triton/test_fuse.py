@@ -271,3 +271,44 @@ def test_kv_cache_then_fuse_decodes_through_generated_kernels(tiny_models):
     assert any(n.target == torch.ops.prunus.decode_attention.default for n in graphs.decode.graph.nodes)
     ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
     assert torch.equal(prunus.generate(opt, ids, 5), prunus.generate(model, ids, 5))
+
+
+class RopeQK(torch.nn.Module):  # transformers' apply_rotary_pos_emb: q and k (fewer heads, GQA) share cos and sin
+    def forward(self, q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        def rotate(x):
+            half = x.shape[-1] // 2
+            return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+
+def test_sibling_regions_launch_as_one_kernel(tiny_models):
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)
+    cos, sin = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    model = RopeQK()
+    opt = _fuse(model, (q, k, cos, sin))
+    calls = fused_nodes(opt.graph.gm)
+    assert len(calls) == 1  # q (4 heads) and k (2 heads): one launch, two parts with their own rows
+    kernel = get_kernel(calls[0].args[1])
+    assert [p["rank"] for p in kernel.meta["parts"]] == [3, 3] and kernel.source.count("def part") == 1
+    assert any("1 groups of sibling regions" in n for n in opt.report[-1].notes)
+    for shape_q, shape_k, n in (((2, 4, 5, 16), (2, 2, 5, 16), 5), ((3, 8, 7, 16), (3, 1, 7, 16), 7)):
+        q, k = torch.randn(*shape_q, generator=g), torch.randn(*shape_k, generator=g)
+        cos, sin = torch.randn(shape_q[0], n, 16, generator=g), torch.randn(shape_q[0], n, 16, generator=g)
+        for a, b in zip(model(q, k, cos, sin), opt(q, k, cos, sin)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    single = _fuse(model, (q, k, cos, sin), "fuse(group=false)")
+    assert len(fused_nodes(single.graph.gm)) == 2
+
+    # a llama: RoPE of q and k in each layer is one group; layers (which read the same cos and sin) stay apart
+    model, inputs = tiny_models("llama")
+    opt = _fuse(model, inputs, "dce, fuse")
+    ropes = [n for n in fused_nodes(opt.graph.gm) if get_kernel(n.args[1]).meta["pattern"] == "rope"]
+    assert len(ropes) == model.config.num_hidden_layers
+    assert all(len(get_kernel(n.args[1]).meta["parts"]) == 2 for n in ropes)
+    with torch.no_grad():
+        ref = main_output(model(*inputs))
+    torch.testing.assert_close(main_output(opt(*inputs)), ref, rtol=1e-4, atol=1e-4)
