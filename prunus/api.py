@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 
 import torch
 from torch.utils import _pytree as pytree
@@ -76,11 +75,7 @@ class OptimizedModel:
             save_kernels(self.graph.gm, tmp)  # kernels/<key>.py for every fused call
             if onnx:
                 export_onnx(inline_fused(self.graph), os.path.join(tmp, "model.onnx"))
-                gap = _kv_onnx_gap(self.graph.kv)
-                if gap:
-                    warnings.warn(f"{gap} has no ONNX lowering yet: the artifact holds model.onnx but not "
-                                  "prefill.onnx/decode.onnx", stacklevel=2)
-                elif self.graph.kv is not None:
+                if self.graph.kv is not None:
                     export_kv_onnx(self.graph, tmp)
             if self.snapshots:
                 os.makedirs(os.path.join(tmp, "ir"))
@@ -141,15 +136,6 @@ def optimize(model, passes="dce", example_inputs=None, calibration=None, verify:
                           calibration=_calibration_inputs(calibration, graph), progress=progress)
     report = manager.run(graph)
     return OptimizedModel(graph, report, ", ".join(p.spec() for p in pipeline), manager.snapshots)
-
-
-def _kv_onnx_gap(kv: dict | None) -> str | None:
-    """What in the graph's KV policy the KV graphs cannot lower to ONNX, or None."""
-    if kv is None:
-        return None
-    if kv.get("policy") == "think":
-        return "think's attention over pruned key channels (prunus::decode_attention_pruned_keys)"
-    return None
 
 
 def load(path: str) -> OptimizedModel:

@@ -90,7 +90,7 @@ def test_optimize_argument_errors(tiny_models):
         prunus.optimize(model, "dce", example_inputs=x, calibration=[x, (torch.randn(2, 3),)])
 
 
-def test_kv_policy_survives_save_and_load(tiny_models, tmp_path, monkeypatch):
+def test_kv_policy_survives_save_and_load(tiny_models, tmp_path):
     from prunus.eval.decode import PrefixDecoder, decoder
     from prunus.passes.kv import KVDecoder
     from prunus.passes.kv.policies import SnapKV
@@ -116,10 +116,3 @@ def test_kv_policy_survives_save_and_load(tiny_models, tmp_path, monkeypatch):
     old = prunus.load(art)
     assert old.graph.kv is None and isinstance(decoder(old), PrefixDecoder)
     torch.testing.assert_close(main_output(old(ids)), model(ids).logits, rtol=1e-4, atol=1e-4)
-    # think's pruned key channels have no ONNX lowering: saving with onnx=True keeps model.onnx and says what is
-    # missing
-    monkeypatch.setattr(prunus.api, "export_onnx", lambda graph, path: open(path, "wb").close())
-    opt.graph.kv = {"policy": "think", "key_ratio": 0.5, "window": 32, "sink": 4}
-    with pytest.warns(UserWarning, match="decode_attention_pruned_keys"):
-        think = opt.save(str(tmp_path / "think"), onnx=True)
-    assert "model.onnx" in os.listdir(think) and "prefill.onnx" not in os.listdir(think)

@@ -267,3 +267,55 @@ def test_a_kv_op_without_lowering_is_an_export_error_naming_it(tmp_path, monkeyp
 class _DecodeOnly(torch.nn.Module):
     def forward(self, q, k_past, v_past, k_new, v_new):
         return torch.ops.prunus.decode_attention(q, k_past, v_past, k_new, v_new, SCALE)
+
+
+THINK_PIPELINE = "kv_cache(policy=think, key_ratio=0.5, budget=14, sink=2, window=4)"
+
+
+def test_think_pruned_key_channels_over_ort(tiny_models, tmp_path):
+    """ThinK: older keys keep half their channels; the decode graph's pruned-key attention lowers to ONNX, the
+    cache (kept channels, pruned keys, the window's full keys) crosses the session boundary each step, and
+    logits, cache and greedy generation agree with PyTorch."""
+    model, ex = tiny_models("llama")
+    opt = prunus.optimize(model, THINK_PIPELINE, example_inputs=ex)
+    path = opt.save(str(tmp_path / "art"), onnx=True)
+    assert {"prefill.onnx", "decode.onnx"} <= set(os.listdir(path))
+    ort, ref = OrtKVDecoder(path), KVDecoder(opt.graph)
+    ids = _ids(2, 24, seed=6)
+    for chunk in (ids[:, :12], ids[:, 12:14], *ids[:, 14:].split(1, dim=1)):
+        torch.testing.assert_close(ort.feed(chunk), ref.feed(chunk), rtol=1e-4, atol=1e-4)
+        assert ort.cache_bytes() == ref.cache_bytes() and ort.cache_lengths() == ref.cache_lengths()
+    assert max(ort.cache_lengths()) <= 14
+    ids = _ids(1, 16, seed=7)
+    assert torch.equal(prunus.generate(OrtKVDecoder(path), ids, 8), prunus.generate(opt, ids, 8))
+
+
+class PrunedKeysOp(torch.nn.Module):
+    def forward(self, q, channels, k_pruned, k_recent, v_past, k_new, v_new):
+        return torch.ops.prunus.decode_attention_pruned_keys(q, channels, k_pruned, k_recent, v_past, k_new, v_new,
+                                                             SCALE)
+
+
+def _pruned_inputs(b, t, n_p, n_r, seed, h=4, hk=2, d=8, kept=3):
+    g = torch.Generator().manual_seed(seed)
+    channels = torch.rand(b, hk, d, generator=g).argsort(-1)[..., :kept].sort(-1).values
+    return (torch.randn(b, h, t, d, generator=g), channels, torch.randn(b, hk, n_p, kept, generator=g),
+            torch.randn(b, hk, n_r, d, generator=g), torch.randn(b, hk, n_p + n_r, d, generator=g),
+            torch.randn(b, hk, t, d, generator=g), torch.randn(b, hk, t, d, generator=g))
+
+
+def test_pruned_keys_translation_matches_the_reference(tmp_path):
+    from prunus.passes.kv.pruned_keys import decode_attention_pruned_keys
+
+    names = ["q", "channels", "k_pruned", "k_recent", "v_past", "k_new", "v_new"]
+    args = _pruned_inputs(2, 3, 5, 2, seed=0)
+    b, t, n_p, n_r = (Dim.AUTO,) * 4
+    dyn = ({0: b, 2: t}, {0: b}, {0: b, 2: n_p}, {0: b, 2: n_r}, {0: b, 2: Dim.AUTO}, {0: b, 2: t}, {0: b, 2: t})
+    program = torch.export.export(PrunedKeysOp(), args, dynamic_shapes=dyn, strict=False)
+    path = str(tmp_path / "ops.onnx")
+    lower_program(program, path, names, ["out", "probs"])
+    for b, t, n_p, n_r in ((2, 3, 5, 2), (3, 1, 0, 4), (1, 2, 7, 0)):  # also nothing pruned yet, no window
+        x = _pruned_inputs(b, t, n_p, n_r, seed=b + n_p)
+        got = run_onnx(path, list(x), names)
+        for g_, w in zip(got, decode_attention_pruned_keys(*x, SCALE)):
+            np.testing.assert_allclose(g_, w.numpy(), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,9 @@
   low nibble then high nibble), dequantized in fp32 as `prunus.kernels.kv_quant.dequantize_keys` /
   `dequantize_values` (code * scale + minimum, keys per channel over groups of tokens, values per token over
   groups of channels), concatenated with the residual as the past, then the decode_attention decomposition.
+- decode_attention_pruned_keys (ThinK's pruned key channels) -> the older keys' kept channels scattered into
+  zero keys of the full head width (a dropped channel adds nothing to q.k), the recent keys after them, then the
+  decode_attention_scores decomposition.
 """
 from __future__ import annotations
 
@@ -211,6 +214,15 @@ def decode_attention_quantized_scores(q, k_q, k_scale, k_min, v_q, v_scale, v_mi
     return decode_attention_scores(q, k, v, k_new, v_new, scale)
 
 
+def decode_attention_pruned_keys(q, channels, k_pruned, k_recent, v_past, k_new, v_new, scale: float):
+    full_shape = op.Concat(op.Shape(k_pruned, start=0, end=3), _i64(q.shape[3]), axis=0)
+    zeros = op.Expand(op.CastLike(op.Constant(value_float=0.0), k_pruned), full_shape)
+    index = op.Expand(op.Unsqueeze(channels, _i64(2)), op.Shape(k_pruned))  # [b, hk, n_p, d_kept]
+    older = op.ScatterElements(zeros, index, k_pruned, axis=3)
+    return decode_attention_scores(q, op.Concat(older, op.CastLike(k_recent, older), axis=2), v_past, k_new, v_new,
+                                   scale)
+
+
 def attention_scores(q, k, window: int, scale: float):
     h, hk, d = q.shape[1], k.shape[1], q.shape[3]
     # the last w = min(window, s) queries (Slice clamps the start); query i of them sits at s - w + i
@@ -224,6 +236,7 @@ def translation_table() -> dict:
     import torch
 
     import prunus.kernels  # noqa: F401  (registers torch.ops.prunus.*)
+    import prunus.passes.kv.pruned_keys  # noqa: F401  (registers torch.ops.prunus.decode_attention_pruned_keys)
 
     p = torch.ops.prunus
     return {p.linear_int4.default: linear_int4, p.linear_int8.default: linear_int8,
@@ -231,4 +244,5 @@ def translation_table() -> dict:
             p.decode_attention.default: decode_attention, p.decode_attention_scores.default: decode_attention_scores,
             p.attention_scores.default: attention_scores,
             p.decode_attention_quantized.default: decode_attention_quantized,
-            p.decode_attention_quantized_scores.default: decode_attention_quantized_scores}
+            p.decode_attention_quantized_scores.default: decode_attention_quantized_scores,
+            p.decode_attention_pruned_keys.default: decode_attention_pruned_keys}
