@@ -1,7 +1,7 @@
 """KIVI-style quantized KV cache: packed formats, quantize/dequantize helpers, a reference, and the op
 `torch.ops.prunus.decode_attention_quantized` (KIVI, arXiv:2402.02750: keys per channel, values per token,
 asymmetric, the most recent tokens in full precision), and `decode_attention_quantized_scores`, which also returns
-the attention probabilities per entry (as `decode_attention_scores`) for the eviction policies (reference only).
+the attention probabilities per entry (as `decode_attention_scores`) for the eviction policies.
 
 Attention of the new tokens over a cache of three parts, in sequence order: `n_q` quantized entries, `r`
 full-precision residual entries (the most recent ones, r < group_size in the KIVI scheme: the caller quantizes
@@ -26,8 +26,9 @@ Layout (G = group_size, a power of two; bits B in {8, 4}; every tensor [b, hk, .
 Any strides on the batch, head and sequence dims are accepted (the last dim contiguous), so a preallocated
 buffer can be passed as a slice `[:, :, :n_q]`.
 
-On CUDA the op runs the flash-decoding kernel of `kv_quant_triton`, which reads the packed bytes directly
-(no dequantized copy in memory); elsewhere, and for shapes the kernel does not take, the reference.
+On CUDA both ops run the flash-decoding kernel of `kv_quant_triton`, which reads the packed bytes directly
+(no dequantized copy in memory; the scores op then a second kernel recomputing each entry's probability from the
+packed keys); elsewhere, and for shapes the kernels do not take, the reference.
 """
 from __future__ import annotations
 
@@ -152,6 +153,15 @@ def decode_attention_quantized_reference(q, k_q, k_scale, k_min, v_q, v_scale, v
     return decode_attention_reference(q, k, v, k_new.float(), v_new.float(), scale)
 
 
+def decode_attention_quantized_scores_reference(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new,
+                                                v_new, scale: float, bits: int, group_size: int):
+    """(out, probs) of `decode_attention_quantized_scores`, on the dequantized cache."""
+    _check(q, k_q, k_scale, v_q, v_scale, k_res, v_res, k_new, bits, group_size)
+    k = torch.cat([dequantize_keys(k_q, k_scale, k_min, bits, group_size), k_res.float()], dim=2)
+    v = torch.cat([dequantize_values(v_q, v_scale, v_min, bits, group_size), v_res.float()], dim=2)
+    return decode_attention_reference(q, k, v, k_new.float(), v_new.float(), scale, return_probs=True)
+
+
 @torch.library.custom_op("prunus::decode_attention_quantized", mutates_args=())
 def decode_attention_quantized(q: torch.Tensor, k_q: torch.Tensor, k_scale: torch.Tensor, k_min: torch.Tensor,
                                v_q: torch.Tensor, v_scale: torch.Tensor, v_min: torch.Tensor, k_res: torch.Tensor,
@@ -174,11 +184,9 @@ def decode_attention_quantized_scores(q: torch.Tensor, k_q: torch.Tensor, k_scal
                                       v_new: torch.Tensor, scale: float, bits: int,
                                       group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`decode_attention_quantized`, plus the probabilities `decode_attention_scores` returns (for the policies
-    that score by attention); the reference dequantizes inside the op, on any device."""
-    _check(q, k_q, k_scale, v_q, v_scale, k_res, v_res, k_new, bits, group_size)
-    k = torch.cat([dequantize_keys(k_q, k_scale, k_min, bits, group_size), k_res.float()], dim=2)
-    v = torch.cat([dequantize_values(v_q, v_scale, v_min, bits, group_size), v_res.float()], dim=2)
-    return decode_attention_reference(q, k, v, k_new.float(), v_new.float(), scale, return_probs=True)
+    that score by attention): fp32 [b, hk, n_q + r + t], each entry's attention summed over its group's rows."""
+    return decode_attention_quantized_scores_reference(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res,
+                                                       k_new, v_new, scale, bits, group_size)
 
 
 @decode_attention_quantized_scores.register_fake
@@ -197,15 +205,26 @@ def _kernels():
     return kv_quant_triton
 
 
+def _kernel_fits(q, k_scale, k_min, v_scale, v_min, k_res, v_res, k_new, v_new, group_size) -> bool:
+    return (_kernels() is not None and q.dtype in FLOAT_DTYPES and group_size >= 16 and q.shape[2] > 0
+            and all(x.dtype == q.dtype for x in (k_res, v_res, k_new, v_new))
+            and all(m.dtype in FLOAT_DTYPES for m in (k_scale, k_min, v_scale, v_min))
+            and max(q.shape[-1], v_res.shape[-1]) <= MAX_KERNEL_HEAD_DIM)
+
+
 @decode_attention_quantized.register_kernel("cuda")
 def _(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size):
     _check(q, k_q, k_scale, v_q, v_scale, k_res, v_res, k_new, bits, group_size)
-    meta = (k_scale, k_min, v_scale, v_min)
-    if (_kernels() is None or q.dtype not in FLOAT_DTYPES or group_size < 16 or q.shape[2] == 0
-            or any(x.dtype != q.dtype for x in (k_res, v_res, k_new, v_new))
-            or any(m.dtype not in FLOAT_DTYPES for m in meta)
-            or max(q.shape[-1], v_res.shape[-1]) > MAX_KERNEL_HEAD_DIM):
-        return decode_attention_quantized_reference(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res,
-                                                    k_new, v_new, scale, bits, group_size)
-    return _kernels().decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res,
-                                                 k_new, v_new, scale, bits, group_size)
+    args = (q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size)
+    if not _kernel_fits(q, k_scale, k_min, v_scale, v_min, k_res, v_res, k_new, v_new, group_size):
+        return decode_attention_quantized_reference(*args)
+    return _kernels().decode_attention_quantized(*args)
+
+
+@decode_attention_quantized_scores.register_kernel("cuda")
+def _(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size):
+    _check(q, k_q, k_scale, v_q, v_scale, k_res, v_res, k_new, bits, group_size)
+    args = (q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size)
+    if not _kernel_fits(q, k_scale, k_min, v_scale, v_min, k_res, v_res, k_new, v_new, group_size):
+        return decode_attention_quantized_scores_reference(*args)
+    return _kernels().decode_attention_quantized_scores(*args)

@@ -10,6 +10,9 @@ Values: when a token's channels form one group (G >= dv) the per-token scale fol
 ((p * scale) @ v_int + p . min); otherwise values are dequantized in registers. 4-bit codes are never
 interleaved back: the low nibbles are the even channels and the high nibbles the odd ones, so the query is
 split into even and odd channels for the scores, and the output accumulates even and odd channels apart.
+`_quant_scores_kernel` (decode_attention_quantized_scores, for policies that evict by attention over a quantized
+cache) recomputes each entry's probability with the rows' log-sum-exp from the reduce: key blocks of the packed
+codes, then the residual, then the new tokens (causal), summed over the group's rows.
 """
 from __future__ import annotations
 
@@ -133,6 +136,70 @@ def _quant_stage1_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, 
                        offs_dv < DV, True)
 
 
+@triton.jit
+def _quant_scores_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, kr_ptr, kn_ptr, lse_ptr, probs_ptr, n_q, r, t, group, HK,
+                         q_blocks, r_blocks, qk_scale, sqb, sqh, sqt, skqb, skqh, skqn, sksb, sksh, sksg,
+                         skrb, skrh, skrn, sknb, sknh, sknn, spb, sph,
+                         BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """probs[b, g, j] = sum over the group's rows of 2^(q.k_j * qk_scale - lse_row): blocks of quantized keys
+    (scores from the packed codes as in the attention kernel), then of the residual, then of the new tokens."""
+    blk = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // HK
+    g = bg % HK
+    M = group * t
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    LANES: tl.constexpr = 8 // BITS
+    BD: tl.constexpr = BLOCK_D // LANES
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if blk < q_blocks:
+        start = blk * BLOCK_N  # BLOCK_N divides G: the block lies in one key group
+        j = start + tl.arange(0, BLOCK_N)
+        valid = j < n_q
+        cd = tl.arange(0, BD)
+        kb = _tile(kq_ptr + b * skqb + g * skqh, j, valid, skqn, cd, D // LANES, BD)
+        meta = b * sksb + g * sksh + (start // G) * sksg
+        for r0 in range(0, M, BLOCK_H):
+            rows = r0 + tl.arange(0, BLOCK_H)
+            row_ok = rows < M
+            q_lo = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, cd * LANES, cd * LANES < D)
+            if BITS == 8:
+                s = _key_scores(q_lo.to(tl.float32), kb, ks_ptr + meta, km_ptr + meta, cd, cd < D, DT)
+            else:
+                q_hi = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, cd * 2 + 1, cd * 2 + 1 < D)
+                s = (_key_scores(q_lo.to(tl.float32), kb & 0xF, ks_ptr + meta, km_ptr + meta, cd * 2, cd * 2 < D, DT)
+                     + _key_scores(q_hi.to(tl.float32), kb >> 4, ks_ptr + meta, km_ptr + meta, cd * 2 + 1,
+                                   cd * 2 + 1 < D, DT))
+            lse = tl.load(lse_ptr + bg * M + rows, mask=row_ok, other=0.0)
+            visible = row_ok[:, None] & valid[None, :]
+            total += tl.sum(tl.where(visible, tl.exp2(s * qk_scale - lse[:, None]), 0.0), axis=0)
+        out_j = j
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        if blk < q_blocks + r_blocks:
+            j = (blk - q_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = j < r
+            k = _tile(kr_ptr + b * skrb + g * skrh, j, valid, skrn, offs_d, D, BLOCK_D)
+            causal = 0
+            out_j = n_q + j
+        else:
+            j = (blk - q_blocks - r_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = j < t
+            k = _tile(kn_ptr + b * sknb + g * sknh, j, valid, sknn, offs_d, D, BLOCK_D)
+            causal = 1
+            out_j = n_q + r + j
+        for r0 in range(0, M, BLOCK_H):
+            rows = r0 + tl.arange(0, BLOCK_H)
+            row_ok = rows < M
+            q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            lse = tl.load(lse_ptr + bg * M + rows, mask=row_ok, other=0.0)
+            visible = row_ok[:, None] & valid[None, :] & ((causal == 0) | (j[None, :] <= (rows % t)[:, None]))
+            total += tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0)
+    tl.store(probs_ptr + b * spb + g * sph + out_j, total, mask=valid)
+
+
 def _same_strides(a: torch.Tensor, b: torch.Tensor):
     """The scale and minimum tensors are addressed with one set of strides."""
     a, b = dat._last_contiguous(a), dat._last_contiguous(b)
@@ -141,8 +208,9 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor):
 
 def decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
                                scale: float, bits: int, group_size: int, config: dict | None = None,
-                               num_splits: int | None = None):
-    """The op on the kernel (shapes checked by the op); group_size a power of two >= 16."""
+                               num_splits: int | None = None, want_lse: bool = False):
+    """The op on the kernel (shapes checked by the op); group_size a power of two >= 16. With `want_lse`,
+    (out, the rows' log2-sum-exp [b * hk, group * t])."""
     q, k_q, v_q, k_res, v_res, k_new, v_new = map(dat._last_contiguous, (q, k_q, v_q, k_res, v_res, k_new, v_new))
     k_scale, k_min = _same_strides(k_scale, k_min)
     v_scale, v_min = _same_strides(v_scale, v_min)
@@ -165,5 +233,29 @@ def decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_re
         *k_res.stride()[:3], *v_res.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
         BITS=bits, G=group_size, VG=min(group_size, dv), D=d, DV=dv, BLOCK_H=block_h,
         BLOCK_D=dat._pow2(d, 16 * lanes), BLOCK_DV=dat._pow2(dv, 16 * lanes), **config)
-    dat.reduce(o, ml, out, S + 1, group, hk, False)
-    return out
+    lse = dat.reduce(o, ml, out, S + 1, group, hk, want_lse)
+    return (out, lse) if want_lse else out
+
+
+def decode_attention_quantized_scores(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
+                                      scale: float, bits: int, group_size: int, config: dict | None = None,
+                                      num_splits: int | None = None):
+    """(out, probs fp32 [b, hk, n_q + r + t]): the attention, then each entry's probability summed over its
+    group's rows, recomputed from the packed keys with the rows' log-sum-exp (reads K again, not V)."""
+    q, k_q, k_res, k_new = map(dat._last_contiguous, (q, k_q, k_res, k_new))
+    k_scale, k_min = _same_strides(k_scale, k_min)
+    out, lse = decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
+                                          scale, bits, group_size, config, num_splits, want_lse=True)
+    b, h, t, d = q.shape
+    hk, n_q, r = k_q.shape[1], k_q.shape[2], k_res.shape[2]
+    group = h // hk
+    block_n = min(16 if dat.INTERPRET else 64, group_size)
+    probs = torch.empty(b, hk, n_q + r + t, dtype=torch.float32, device=q.device)
+    q_blocks, r_blocks = triton.cdiv(n_q, block_n), triton.cdiv(r, block_n)
+    _quant_scores_kernel[(q_blocks + r_blocks + triton.cdiv(t, block_n), b * hk)](
+        q, k_q, k_scale, k_min, k_res, k_new, lse, probs, n_q, r, t, group, hk, q_blocks, r_blocks,
+        scale * dat.LOG2E, *q.stride()[:3], *k_q.stride()[:3], *k_scale.stride()[:3], *k_res.stride()[:3],
+        *k_new.stride()[:3], probs.stride(0), probs.stride(1),
+        BITS=bits, G=group_size, D=d, BLOCK_H=dat._rows_block(group * t), BLOCK_D=dat._pow2(d, 16 * (8 // bits)),
+        BLOCK_N=block_n)
+    return out, probs

@@ -124,6 +124,20 @@ def test_kernel_matches_reference(kt, b, h, hk, t, n_q, r, d, dv, bits, group, s
 
 
 @needs_kernels
+@pytest.mark.parametrize("b, h, hk, t, n_q, r, d, dv, bits, group, splits", KERNEL_CASES)
+def test_scores_kernel_matches_reference(kt, b, h, hk, t, n_q, r, d, dv, bits, group, splits):
+    q, K, V, rest, _ = cache(b, h, hk, t, n_q, r, d, dv, bits, group, seed=n_q + r + 1)
+    args = [x.to(DEVICE) for x in (q, *K, *V, *rest)]
+    out, probs = kt.decode_attention_quantized_scores(*args, 0.25, bits, group, config=SMALL, num_splits=splits)
+    ref_out, ref_probs = kq.decode_attention_quantized_scores_reference(q, *K, *V, *rest, 0.25, bits, group)
+    assert probs.shape == (b, hk, n_q + r + t)
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs.cpu(), ref_probs, rtol=1e-5, atol=1e-5)
+    # each row's probabilities sum to one: the group's rows together to group * t
+    torch.testing.assert_close(probs.sum(-1).cpu(), torch.full((b, hk), float(h // hk * t)), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
 def test_kernel_reads_slices_of_a_preallocated_cache(kt):
     """The quantized part as views [:, :, :len] of buffers twice as long whose unused tail is garbage."""
     q, K, V, rest, _ = cache(1, 4, 2, 1, 32, 3, 16, 16, 4, 16, seed=9)
@@ -145,11 +159,15 @@ def test_kernel_reads_slices_of_a_preallocated_cache(kt):
 @pytest.mark.parametrize("bits, group", [(8, 32), (4, 32), (4, 128)])
 def test_cuda_op_bf16(bits, group):
     q, K, V, rest, _ = cache(2, 32, 8, 1, 8 * group, group - 1, 128, 128, bits, group, dtype=torch.bfloat16)
-    out = ops.decode_attention_quantized(*[x.cuda() for x in (q, *K, *V, *rest)], 128 ** -0.5, bits, group)
-    ref = kq.decode_attention_quantized_reference(q.float(), *K, *V, *[x.float() for x in rest], 128 ** -0.5,
-                                                  bits, group)
+    args = [x.cuda() for x in (q, *K, *V, *rest)]
+    out = ops.decode_attention_quantized(*args, 128 ** -0.5, bits, group)
+    ref_args = (q.float(), *K, *V, *[x.float() for x in rest], 128 ** -0.5, bits, group)
+    ref = kq.decode_attention_quantized_reference(*ref_args)
     assert out.dtype == torch.bfloat16
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 1e-2
+    out2, probs = ops.decode_attention_quantized_scores(*args, 128 ** -0.5, bits, group)
+    _, ref_probs = kq.decode_attention_quantized_scores_reference(*ref_args)
+    assert torch.equal(out2, out) and ((probs.cpu() - ref_probs).norm() / ref_probs.norm()).item() < 1e-2
 
 
 class _Quantized(torch.nn.Module):
