@@ -1,6 +1,6 @@
 """Decode attention on the GPU: prunus flash-decoding kernels against torch SDPA, with achieved bandwidth.
 
-    python benchmarks/decode_attention_gpu.py [--explore] [--report PATH]
+    python benchmarks/decode_attention_gpu.py [--explore] [--scores-only] [--report PATH]
 
 Llama-3-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16), one new token (t = 1), batch 1
 and 8, cache length 1K, 2K, 8K, 32K. Per row:
@@ -131,6 +131,48 @@ def time_quant(b, n, bits, group, gen, config=None, check=True):
     return us, nbytes(*first) + nbytes(first[0]), rel_err(op(*first), ref)
 
 
+def time_op(op, make, check_ref=None):
+    """(µs, compulsory bytes, rel err of the output) of op over rotating copies of make()'s inputs."""
+    first = make()
+    sets = [first] + [make() for _ in range(copies(nbytes(*first)) - 1)]
+    us = graph_us(op, sets)
+    out = op(*first)
+    err = rel_err(out[0], check_ref(*first)[0]) if check_ref else float("nan")
+    del sets
+    return us, nbytes(*first) + nbytes(first[0]), err
+
+
+def pruned_inputs(b, n, gen, ratio=0.5, window=32):
+    """ThinK's decode inputs: n - window older keys with ratio of the channels, the window's keys whole."""
+    kept = int(D * ratio)
+    channels = torch.rand(b, HK, D, device="cuda", generator=gen).argsort(-1)[..., :kept].sort(-1).values
+    return (rnd(b, H, 1, D, gen=gen), channels, rnd(b, HK, n - window, kept, gen=gen), rnd(b, HK, window, D, gen=gen),
+            rnd(b, HK, n, D, gen=gen), rnd(b, HK, 1, D, gen=gen), rnd(b, HK, 1, D, gen=gen))
+
+
+def scores_rows(gen):
+    """The ops the scoring policies decode with (attention plus each entry's probability)."""
+    from prunus.passes.kv.pruned_keys import decode_attention_pruned_keys_reference
+
+    p = torch.ops.prunus
+    out = []
+    for b in (1, 8):
+        for n in (2048, 32768):
+            plain = time_op(lambda *a: p.decode_attention(*a, SCALE), lambda: attention_inputs(b, n, gen))
+            scores = time_op(lambda *a: p.decode_attention_scores(*a, SCALE), lambda: attention_inputs(b, n, gen),
+                             lambda *a: da.decode_attention_reference(*[x.float() for x in a], SCALE, return_probs=True))
+            quant = time_op(lambda *a: p.decode_attention_quantized_scores(*a, SCALE, 4, 128),
+                            lambda: quant_inputs(b, n, 4, 128, gen),
+                            lambda *a: kq.decode_attention_quantized_scores_reference(*a, SCALE, 4, 128))
+            think = time_op(lambda *a: p.decode_attention_pruned_keys(*a, SCALE), lambda: pruned_inputs(b, n, gen),
+                            lambda *a: decode_attention_pruned_keys_reference(*a, SCALE))
+            out.append([b, n, f"{plain[0]:.1f}", *(f"{x[0]:.1f}, {bw(x[1], x[0])}, {x[2]:.0e}"
+                                                    for x in (scores, quant, think))])
+            print(out[-1], flush=True)
+            torch.cuda.empty_cache()
+    return out
+
+
 def bw(nb, us) -> str:
     return f"{nb / us / 1e3:.0f} ({nb / us * 1e6 / COPY_CEILING:.0%})"
 
@@ -183,6 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--explore", action="store_true", help="also sweep split targets and quantized-kernel blocks")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
+    ap.add_argument("--scores-only", action="store_true", help="only the table of the ops with probabilities")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -190,7 +233,7 @@ def main() -> None:
     columns = ["batch", "cache", "SDPA µs (peer)", "prunus µs", "prunus GB/s (of 3.0 TB/s)", "vs SDPA", "rel err",
                "kept 1K µs (vs SDPA full)", "kept 2K µs (vs SDPA full)", "int8 g128: µs, GB/s, err",
                "int4 g128: µs, GB/s, err", "int4 g32: µs, GB/s, err"]
-    table = rows(gen)
+    table = [] if args.scores_only else rows(gen)
     notes = ("Llama-3-8B attention (32 q / 8 KV heads, d 128), bf16, one new token. µs: median of 20 CUDA-graph "
              "replays over cache copies exceeding 3x L2, per call (no launch overhead). SDPA peer: the faster of "
              "enable_gqa=True ('gqa') and K/V repeated beforehand ('repeat'), over the concatenated cache. GB/s "
@@ -198,7 +241,21 @@ def main() -> None:
              "minimums, 16-bit) plus q, new K/V and output. Kept: prunus over a compacted cache of 1K / 2K entries. "
              "Quantized: KIVI layout of prunus.kernels.kv_quant with a full-precision residual of group - 1 "
              "entries; err against the fp32 reference on the dequantized cache.")
-    append("Decode attention (flash-decoding, kept subset, quantized cache) vs SDPA", columns, table, notes,
+    if table:
+        append("Decode attention (flash-decoding, kept subset, quantized cache) vs SDPA", columns, table, notes,
+               path=args.report)
+        print("\n" + markdown_table(columns, table), flush=True)
+    columns = ["batch", "cache", "decode_attention µs", "+ probs (bf16): µs, GB/s, err",
+               "+ probs over int4 g128: µs, GB/s, err", "think, half the key channels: µs, GB/s, err"]
+    table = scores_rows(gen)
+    notes = ("The ops the scoring policies decode with: attention plus each entry's probability summed over its "
+             "group's query heads (`decode_attention_scores`: h2o, tova, snapkv, ... over a bf16 cache; "
+             "`decode_attention_quantized_scores`: the same over a 4-bit KIVI cache, group 128, residual 127; "
+             "`decode_attention_pruned_keys`: ThinK, keys older than the 32-entry window keep 64 of 128 channels, "
+             "probabilities included). The probabilities are a second kernel that reads the keys again with the "
+             "rows' log-sum-exp; GB/s counts every cache byte once (so the second key read is not counted). Same "
+             "timing as the table above; err: output against the fp32 reference.")
+    append("Decode attention with per-entry probabilities (scoring policies, kv_quant, think)", columns, table, notes,
            path=args.report)
     print("\n" + markdown_table(columns, table), flush=True)
     if args.explore:
