@@ -170,8 +170,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
 def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
                       stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y^T tile [BLOCK_N, BLOCK_M] = W tile . x^T tile, group by group (BLOCK_K divides GROUP)."""
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      DEQUANT: tl.constexpr = 0):
+    """y^T tile [BLOCK_N, BLOCK_M] = W tile . x^T tile, group by group (BLOCK_K divides GROUP).
+
+    DEQUANT = 0: the codes enter the MMA as they are and the scale and zero point apply to the accumulator
+    (cheap for few rows). DEQUANT = 1: the tile is dequantized in registers, (q - zero) * scale in fp32 rounded to
+    x's dtype (the dense fallback's weight exactly), then one MMA: for many rows, where the MMA count matters."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -189,26 +194,34 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
                         mask=n_ok[:, None], other=0)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=m_ok[None, :], other=0.0)
-        # bf16/fp16: the weight enters the MMA as offset + q (16-bit magic number: no conversion at all);
-        # the offset joins the zero point below.
-        if dtype == tl.bfloat16:
-            part = tl.dot(_nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True), xt)
-            offset = 128.0
-        elif dtype == tl.float16:
-            part = tl.dot(_nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True), xt)
-            offset = 1024.0
-        else:
-            part = tl.dot(_nibbles(words, 4, 19, 0x41800000, True) - 16.0, xt, input_precision="ieee")
-            offset = 0.0
         g = k0 // GROUP
         scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.float32) + offset
-        # the sums of x over the block, as an MMA with ones: [BLOCK_N, BLOCK_M] like `part`, no shuffles
-        if dtype == tl.float32:
-            x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt, input_precision="ieee")
+        zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.float32)
+        if DEQUANT:
+            w = ((_nibbles(words, 4, 19, 0x41800000, True) - 16.0 - zero[:, None]) * scale[:, None]).to(dtype)
+            if dtype == tl.float32:
+                acc += tl.dot(w, xt, input_precision="ieee")
+            else:
+                acc += tl.dot(w, xt)
         else:
-            x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt)
-        acc += scale[:, None] * (part - zero[:, None] * x_sums)
+            # bf16/fp16: the weight enters the MMA as offset + q (16-bit magic number: no conversion at all);
+            # the offset joins the zero point below.
+            if dtype == tl.bfloat16:
+                part = tl.dot(_nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True), xt)
+                offset = 128.0
+            elif dtype == tl.float16:
+                part = tl.dot(_nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True), xt)
+                offset = 1024.0
+            else:
+                part = tl.dot(_nibbles(words, 4, 19, 0x41800000, True) - 16.0, xt, input_precision="ieee")
+                offset = 0.0
+            zero = zero + offset
+            # the sums of x over the block, as an MMA with ones: [BLOCK_N, BLOCK_M] like `part`, no shuffles
+            if dtype == tl.float32:
+                x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt, input_precision="ieee")
+            else:
+                x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt)
+            acc += scale[:, None] * (part - zero[:, None] * x_sums)
     _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 
@@ -327,7 +340,7 @@ GEMV_CONFIGS = [
     _cfg(BLOCK_N=32, CHUNK=128, UNROLL=4, SPLIT_K=2), _cfg(BLOCK_N=16, CHUNK=128, UNROLL=4, SPLIT_K=4),
     _cfg(BLOCK_N=32, CHUNK=128, UNROLL=8, SPLIT_K=2), _cfg(BLOCK_N=64, CHUNK=128, UNROLL=2, SPLIT_K=4),
 ]
-INT4_GEMM_CONFIGS = [  # many rows go to cuBLAS (quant_linear.INT4_GEMM_MAX_ROWS): no BLOCK_M beyond 64
+INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_stages=4),
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_stages=4),
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_stages=4),
@@ -338,6 +351,13 @@ INT4_GEMM_CONFIGS = [  # many rows go to cuBLAS (quant_linear.INT4_GEMM_MAX_ROWS
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1),
     _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, num_warps=8),
     _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_stages=4),
+    # dequantized in registers, one MMA per tile (see the kernel): the many-row end
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=1, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=1, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, DEQUANT=1, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, DEQUANT=1, num_stages=3, num_warps=8),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, DEQUANT=1, num_stages=3, num_warps=8),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=1, num_stages=4),
 ]
 INT8_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_stages=4),

@@ -142,7 +142,9 @@ def qt():
 
 GEMV_CONFIGS = [None, dict(BLOCK_N=16, CHUNK=32, UNROLL=1, SPLIT_K=1), dict(BLOCK_N=32, CHUNK=32, UNROLL=2, SPLIT_K=2)]
 GEMM_CONFIGS = [None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
-                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2)]
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2),
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, DEQUANT=1),
+                dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=2, DEQUANT=1)]
 
 
 @needs_kernels
@@ -157,7 +159,8 @@ def test_int4_gemv_kernel(qt, m, config):
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 17])
-@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=["autotune", "one-group-blocks", "half-group-split-k"])
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=["autotune", "one-group-blocks", "half-group-split-k",
+                                                    "dequantized-tile", "dequantized-half-group-split-k"])
 def test_int4_gemm_kernel(qt, m, config):
     q, qw, s, z = int4_weight(40, 64, 32, seed=m, float_zeros=m == 3)
     x, b = torch.randn(m, 64, generator=_gen(13)), torch.randn(40, generator=_gen(14))
