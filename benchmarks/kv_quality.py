@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import prunus  # noqa: E402
 from benchmarks._report import append  # noqa: E402
 from prunus.data import default_corpus  # noqa: E402
+from prunus.passes.kv import KVDecoder  # noqa: E402
 from prunus.passes.kv.cache import KVCacheParams, kv_bytes_per_token  # noqa: E402
 
 POLICIES = ["streaming", "h2o", "tova", "snapkv", "pyramidkv", "chunkkv", "vatp", "knorm"]
@@ -35,6 +36,15 @@ BUDGET_MEANING = {
 def agreement(opt, model_ids, ref: torch.Tensor, new: int) -> float:
     out = prunus.generate(opt, model_ids, new)
     return (out[:, model_ids.shape[1]:] == ref[:, model_ids.shape[1]:]).float().mean().item()
+
+
+def cache_after_prefill(graph, doc: torch.Tensor) -> tuple[int, int]:
+    """(allocated, held) cache bytes per token after a prefill of `doc` under the graph's policy (they differ by
+    a ragged layout's padding: adakv's heads padded to the longest)."""
+    dec = KVDecoder(graph)
+    with torch.no_grad():
+        dec.feed(doc)
+    return round(dec.cache_bytes() / doc.shape[1]), round(dec.held_bytes() / doc.shape[1])
 
 
 def main() -> None:
@@ -70,12 +80,15 @@ def main() -> None:
     print(f"full: ppl {full_ppl:.3f} passkey {full_pk:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = [["full", "-", f"{full_ppl:.3f}", "-", "-", f"{full_pk:.2f}", f"{full_pk:.2f}", "1.000"]]
     kv_bytes = {("full", None): kv_bytes_per_token(graph, context=args.tokens)}
+    doc = tok(text, return_tensors="pt").input_ids[:, :args.tokens]
+    layout = {}
     for policy in policies:
         t0 = time.perf_counter()
         ppl = []
         for budget in BUDGETS:
             use(policy=policy, budget=budget)
             kv_bytes[policy, budget] = kv_bytes_per_token(graph, context=args.tokens)
+            layout[policy, budget] = cache_after_prefill(graph, doc)
             ppl.append(prunus.eval.long_ppl(opt, tok, max_tokens=args.tokens, chunk=args.chunk))
         pk = []
         for ratio in (0.25, 0.5):
@@ -100,6 +113,10 @@ def main() -> None:
     notes += (f" KV bytes per token of a {args.tokens}-token document (`kv_bytes_per_token`; entries the heads hold) "
               f"at budgets {'/'.join(map(str, BUDGETS))}: full {kv_bytes['full', None]}; "
               + "; ".join(f"{p} " + "/".join(str(kv_bytes[p, b]) for b in BUDGETS) for p in policies) + ".")
+    notes += (f" Measured after a {doc.shape[1]}-token prefill, allocated (held) bytes per token, the difference "
+              "being a ragged layout's padding: "
+              + "; ".join(f"{p} " + "/".join(f"{layout[p, b][0]} ({layout[p, b][1]})" for b in BUDGETS)
+                          for p in policies) + ".")
     print(append("KV-cache policies: SmolLM2-135M long-context perplexity, passkey, greedy agreement",
                  ["policy", "protected", "ppl @128", "ppl @256", "ppl @512", "passkey 25%", "passkey 50%",
                   "agreement @128"], rows, notes))
