@@ -278,8 +278,9 @@ def emit(region: Region) -> tuple[str, str]:
             text = "\n".join(body)
             if text not in functions:  # parts of equal code (q and k RoPE) share one function
                 functions[text] = f"part{len(functions)}"
+                signature = ", ".join(params + ["pid", "RB: tl.constexpr", "BLOCK: tl.constexpr"])
                 code += ["@triton.jit",
-                         f"def {functions[text]}({', '.join(params + ['pid', 'RB: tl.constexpr', 'BLOCK: tl.constexpr'])}):",
+                         f"def {functions[text]}({signature}):",
                          *("    " + line for line in body), "", ""]
             names.append(functions[text])
             args.append([f"p{i}_{a}" for a in params])
@@ -291,7 +292,7 @@ def emit(region: Region) -> tuple[str, str]:
         for i, group in enumerate(args):
             call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, RB, BLOCK)"
             if i == 0:
-                code.append(f"    if pid < START1:")
+                code.append("    if pid < START1:")
             elif i < len(args) - 1:
                 code.append(f"    elif pid < START{i + 1}:")
             else:
