@@ -9,7 +9,7 @@ the weights come from device memory as in a real decode step, and no CPU launch 
 in a graph-captured decode loop). cuBLAS is timed the same way in the same run. Bandwidth counts the op's
 compulsory bytes (packed weights + scales + zeros + activations in + outputs out) against the 3.0 TB/s
 device-copy ceiling measured on the H100. `--explore` also times every int4 kernel path (GEMV, tensor-core
-GEMM, dequantize + cuBLAS) at M = 1..256: the dispatch thresholds in `prunus.kernels.quant_linear` come
+GEMM, dequantize + cuBLAS) at M = 1..1024: the dispatch thresholds in `prunus.kernels.quant_linear` come
 from that table.
 """
 from __future__ import annotations
@@ -168,11 +168,11 @@ def explore(gen):
     rows = []
     for k, n in SHAPES:
         case = Case("int4", k, n, gen)
-        for m in [1, 2, 4, 16, 32, 64, 256]:
+        for m in [1, 2, 4, 16, 32, 64, 256, 512, 1024]:
             paths = {"gemm": lambda x, qw, s, z: qt.int4_gemm(x, qw, s, z, None, GROUP)}
             if m <= 2:
                 paths = {"gemv": lambda x, qw, s, z: qt.int4_gemv(x, qw, s, z, None, GROUP), **paths}
-            if m in (1, 256):  # the op's path when the dense-weight cache is off or full
+            if m in (1, 256, 512, 1024):  # the op's path when the dense-weight cache is off or full
                 paths["dequant+cublas"] = lambda x, qw, s, z: F.linear(x, qt.int4_dequantize(qw, s, z, GROUP, x.dtype))
             row = [f"{k}->{n}", m, f"cublas {case.time_dense(m):.1f}"]
             for name, fn in paths.items():
