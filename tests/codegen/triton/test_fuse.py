@@ -312,3 +312,14 @@ def test_sibling_regions_launch_as_one_kernel(tiny_models):
     with torch.no_grad():
         ref = main_output(model(*inputs))
     torch.testing.assert_close(main_output(opt(*inputs)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_launch_shapes_tried_on_cuda():
+    from prunus.codegen.triton.runtime import candidates
+
+    # RoPE prefill: 128-wide rows, 16 per program by default (4 warps); half and twice the rows, other warps
+    assert candidates(16, 128, 65536) == [(16, 4), (8, 4), (32, 8), (16, 2), (16, 8)]
+    # one 4096-wide row (decode norm): no other row count fits; 8 warps by default, also 4 and 16
+    assert candidates(1, 4096, 1) == [(1, 8), (1, 4), (1, 16)]
+    # a tile never exceeds 16K elements
+    assert all(r * 8192 <= 16384 for r, _ in candidates(2, 8192, 64))
