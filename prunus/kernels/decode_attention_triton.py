@@ -175,6 +175,24 @@ def _reduce_kernel(o_ptr, ml_ptr, out_ptr, lse_ptr, t, group, HK, SPLITS, ML_STR
 
 
 @triton.jit
+def _entry_probs(k, j, valid, causal, q_ptr, lse_ptr, b, g, bg, t, group, sqb, sqh, sqt, qk_scale, offs_d,
+                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Entries j (keys k [BLOCK_N, BLOCK_D]): sum over the group's rows of 2^(q.k * qk_scale - lse_row), over the
+    entries each row sees (causal: new token j is seen by rows of tokens i >= j)."""
+    M = group * t
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, M, BLOCK_H):
+        rows = r0 + tl.arange(0, BLOCK_H)
+        row_ok = rows < M
+        q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        lse = tl.load(lse_ptr + bg * M + rows, mask=row_ok, other=0.0)
+        visible = row_ok[:, None] & valid[None, :] & ((causal == 0) | (j[None, :] <= (rows % t)[:, None]))
+        total += tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0)
+    return total
+
+
+@triton.jit
 def _scores_kernel(q_ptr, kp_ptr, kn_ptr, len_ptr, lse_ptr, probs_ptr, n, t, group, HK, past_blocks, qk_scale,
                    sqb, sqh, sqt, skpb, skph, skpn, sknb, sknh, sknn, slb, slh, spb, sph,
                    HAS_LENGTHS: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -203,15 +221,8 @@ def _scores_kernel(q_ptr, kp_ptr, kn_ptr, len_ptr, lse_ptr, probs_ptr, n, t, gro
         causal = 1
         out_j = n + j
         out_ok = valid
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, M, BLOCK_H):
-        rows = r0 + tl.arange(0, BLOCK_H)
-        row_ok = rows < M
-        q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        lse = tl.load(lse_ptr + bg * M + rows, mask=row_ok, other=0.0)
-        visible = row_ok[:, None] & valid[None, :] & ((causal == 0) | (j[None, :] <= (rows % t)[:, None]))
-        total += tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0)
+    total = _entry_probs(k, j, valid, causal, q_ptr, lse_ptr, b, g, bg, t, group, sqb, sqh, sqt, qk_scale, offs_d,
+                         D, BLOCK_H, BLOCK_N)
     tl.store(probs_ptr + b * spb + g * sph + out_j, total, mask=out_ok)
 
 

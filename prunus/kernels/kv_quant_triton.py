@@ -22,6 +22,7 @@ import triton.language as tl
 
 from prunus.kernels import decode_attention_triton as dat
 from prunus.kernels.decode_attention_triton import (
+    _entry_probs,
     _load_rows,
     _online_softmax,
     _scan,
@@ -189,14 +190,8 @@ def _quant_scores_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, kr_ptr, kn_ptr, lse_ptr,
             k = _tile(kn_ptr + b * sknb + g * sknh, j, valid, sknn, offs_d, D, BLOCK_D)
             causal = 1
             out_j = n_q + r + j
-        for r0 in range(0, M, BLOCK_H):
-            rows = r0 + tl.arange(0, BLOCK_H)
-            row_ok = rows < M
-            q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            lse = tl.load(lse_ptr + bg * M + rows, mask=row_ok, other=0.0)
-            visible = row_ok[:, None] & valid[None, :] & ((causal == 0) | (j[None, :] <= (rows % t)[:, None]))
-            total += tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0)
+        total = _entry_probs(k, j, valid, causal, q_ptr, lse_ptr, b, g, bg, t, group, sqb, sqh, sqt, qk_scale,
+                             offs_d, D, BLOCK_H, BLOCK_N)
     tl.store(probs_ptr + b * spb + g * sph + out_j, total, mask=valid)
 
 
