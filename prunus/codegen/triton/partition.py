@@ -160,8 +160,8 @@ def worth_fusing(region: Region) -> bool:
 
 def group_siblings(gm: torch.fx.GraphModule, regions: list[Region]) -> list[Region]:
     """Merge sibling regions into groups launched as one kernel: regions of one pattern and rank that read a
-    common input and do not depend on each other (RoPE of q and of k reading the same cos and sin, the q
-    and k norms of a Qwen3 layer). Each region is tried against the latest group it shares an input with,
+    common input and do not depend on each other (RoPE of q and of k reading the same cos and sin; two
+    softmaxes over one mask). Each region is tried against the latest group it shares an input with,
     so a model's layers (whose regions all read the same cos and sin, one after the other) stay apart.
     A group is a Region whose `parts` are its members; it keeps the members' inputs and outputs."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -323,3 +323,22 @@ def test_launch_shapes_tried_on_cuda():
     assert candidates(1, 4096, 1) == [(1, 8), (1, 4), (1, 16)]
     # a tile never exceeds 16K elements
     assert all(r * 8192 <= 16384 for r, _ in candidates(2, 8192, 64))
+
+
+class TwoSoftmaxes(torch.nn.Module):  # row reductions in both parts, rows of different counts, a shared mask
+    def forward(self, a, b, mask):
+        return F.softmax(a + mask, dim=-1), F.softmax(b * 0.5 + mask, dim=-1)
+
+
+def test_sibling_reductions_launch_as_one_kernel():
+    g = torch.Generator().manual_seed(2)
+    mask = torch.zeros(2, 1, 6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    a, b = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 2, 6, 6, generator=g)
+    model = TwoSoftmaxes()
+    opt = _fuse(model, (a, b, mask))
+    calls = fused_nodes(opt.graph.gm)
+    assert len(calls) == 1 and all(p["reduction"] for p in get_kernel(calls[0].args[1]).meta["parts"])
+    assert get_kernel(calls[0].args[1]).source.count("def part") == 2  # different code: two functions
+    for x in ((a, b, mask), (torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 1, 6, 6, generator=g), mask)):
+        for want, got in zip(model(*x), opt(*x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
