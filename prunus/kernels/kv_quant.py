@@ -212,19 +212,22 @@ def _kernel_fits(q, k_scale, k_min, v_scale, v_min, k_res, v_res, k_new, v_new, 
             and max(q.shape[-1], v_res.shape[-1]) <= MAX_KERNEL_HEAD_DIM)
 
 
+def _on_cuda(args: tuple, kernel: str, reference):
+    """The Triton kernel `kernel` of kv_quant_triton where it takes the arguments, else `reference`."""
+    q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size = args
+    _check(q, k_q, k_scale, v_q, v_scale, k_res, v_res, k_new, bits, group_size)
+    if not _kernel_fits(q, k_scale, k_min, v_scale, v_min, k_res, v_res, k_new, v_new, group_size):
+        return reference(*args)
+    return getattr(_kernels(), kernel)(*args)
+
+
 @decode_attention_quantized.register_kernel("cuda")
 def _(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size):
-    _check(q, k_q, k_scale, v_q, v_scale, k_res, v_res, k_new, bits, group_size)
-    args = (q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size)
-    if not _kernel_fits(q, k_scale, k_min, v_scale, v_min, k_res, v_res, k_new, v_new, group_size):
-        return decode_attention_quantized_reference(*args)
-    return _kernels().decode_attention_quantized(*args)
+    return _on_cuda((q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits,
+                     group_size), "decode_attention_quantized", decode_attention_quantized_reference)
 
 
 @decode_attention_quantized_scores.register_kernel("cuda")
 def _(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size):
-    _check(q, k_q, k_scale, v_q, v_scale, k_res, v_res, k_new, bits, group_size)
-    args = (q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits, group_size)
-    if not _kernel_fits(q, k_scale, k_min, v_scale, v_min, k_res, v_res, k_new, v_new, group_size):
-        return decode_attention_quantized_scores_reference(*args)
-    return _kernels().decode_attention_quantized_scores(*args)
+    return _on_cuda((q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, scale, bits,
+                     group_size), "decode_attention_quantized_scores", decode_attention_quantized_scores_reference)

@@ -262,7 +262,6 @@ def emit(region: Region) -> tuple[str, str]:
     meta = {
         "pattern": classify(region),
         "ops": region.ops(),
-        "inputs": len(region.inputs),
         "parts": [m for _, _, m in built],
     }
     code = []

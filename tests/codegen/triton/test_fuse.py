@@ -314,7 +314,7 @@ def test_sibling_regions_launch_as_one_kernel(tiny_models):
     torch.testing.assert_close(main_output(opt(*inputs)), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_launch_shapes_tried_on_cuda():
+def test_launch_shape_candidates():
     from prunus.codegen.triton.runtime import candidates
 
     # RoPE prefill: 128-wide rows, 16 per program by default (4 warps); half and twice the rows, other warps
