@@ -202,14 +202,74 @@ def explore(gen):
     return rows, other
 
 
+def sweep_configs(kind: str, m: int) -> list[dict]:
+    """Candidate launch configs for `--sweep` (kernel block sizes + num_warps/num_stages)."""
+    out = []
+    if kind == "gemv":  # the int4 GEMV: whole groups per step
+        for bn in (8, 16, 32, 64):
+            for groups in (2, 4, 8):
+                for sk in (1, 2, 4):
+                    for pf in (0, 1):
+                        out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf,
+                                        num_warps=8 if bn * groups >= 256 else 4))
+        return out
+    for bm in (16, 32, 64, 128, 256):
+        if bm > max(16, m) or (bm == 16 and m >= 64):
+            continue
+        for bn in (64, 128, 256):
+            if bm * bn > 256 * 128:
+                continue
+            for sk in (1, 2, 4):
+                for dq in (0, 1):
+                    big = bm * bn >= 128 * 128
+                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if big else 128, SPLIT_K=sk, DEQUANT=dq,
+                                    num_warps=8 if big else 4, num_stages=3 if big else 4))
+    return out
+
+
+def sweep(gen, ms, out_path):
+    """Time every candidate config of the int4 kernels explicitly (no autotuner): the config lists in
+    `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M."""
+    from prunus.kernels import quant_linear_triton as qt
+
+    log = open(out_path, "a") if out_path else None
+    for k, n in SHAPES:
+        case = Case("int4", k, n, gen)
+        for m in ms:
+            kind = "gemv" if m == 1 else "gemm"
+            run = qt.int4_gemv if kind == "gemv" else qt.int4_gemm
+            results = []
+            for cfg in sweep_configs(kind, m):
+                fn = lambda x, qw, s, z, cfg=cfg: run(x, qw, s, z, None, GROUP, cfg)  # noqa: E731
+                try:
+                    t = case.time_quant(fn, m)
+                    err = case.error(fn, m)
+                except Exception as exc:  # out of shared memory or registers: skip the config
+                    t, err = float("inf"), type(exc).__name__
+                results.append((t, cfg, err))
+                if log:
+                    print(f"{k}->{n} M={m} {t:.2f} {cfg} {err}", file=log, flush=True)
+            t_d = case.time_dense(m)
+            results.sort(key=lambda r: r[0])
+            print(f"\n{k}->{n} M={m}: bf16 {t_d:.1f} µs; best:", flush=True)
+            for t, cfg, err in results[:5]:
+                print(f"  {t:.1f} µs ({t_d / t:.2f}x bf16) {cfg} err {err}", flush=True)
+        del case
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--explore", action="store_true", help="also time each int4 kernel path at M = 1..256")
+    ap.add_argument("--sweep", default=None, help="time every candidate int4 config at these M (e.g. 1,64) and exit")
+    ap.add_argument("--sweep-log", default=None, help="file to append every swept config's time to")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.sweep:
+        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log)
+        return
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",
                "speed-up", "torchao int4 µs", "prunus vs torchao", "rel err"]

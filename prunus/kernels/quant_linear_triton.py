@@ -6,8 +6,9 @@ autotuning, which tests use to reach every code path under the interpreter.
 
 Kernels (FLUTE, arXiv:2407.10960, and gpt-fast's int4 path are the models: weight-only quantized matmuls
 are fast when the packed weights are read once and unpacked in registers):
-- `_gemv_kernel`: few rows (decode). One program per (row, block of outputs, K split); CUDA cores,
-  fp32 accumulation. Serves int4 (per-group scale and zero) and int8 (per-channel scale).
+- `_int4_gemv_kernel`, `_int8_gemv_kernel`: few rows (decode). One program per (row, block of outputs,
+  K split); CUDA cores, fp32 accumulation. int4 steps over whole groups (per-group scale and zero point,
+  GROUPS of them per step), int8 over chunks (per-channel scale, applied once at the end).
 - `_int4_gemm_kernel`: more rows. Tensor-core `tl.dot` of the unpacked weight tile [BLOCK_N, BLOCK_K] with
   the activations transposed [BLOCK_K, BLOCK_M] ("swap AB": the weight fills the MMA's M side, so a
   skinny batch still maps onto full-size instructions).
@@ -111,55 +112,108 @@ def _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
-                 stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] W[n, k] for one row m and BLOCK_N outputs over 1/SPLIT_K of K.
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
+                      stride_xm, stride_wn, stride_sn, stride_zn, stride_ym, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_K: tl.constexpr):
+    """int8 y[m, n] = scale[n] sum_k x[m, k] q[n, k] for one row m and BLOCK_N outputs over 1/SPLIT_K of K.
 
-    w_ptr: the packed weight as int32 words [N, K * BITS / 32]. GROUP > 0 (int4): per-group scales and zero
-    points [N, K / GROUP], CHUNK == GROUP. GROUP == 0 (int8): per-channel scales [N], CHUNK divides K.
-    Each step reads UNROLL independent chunks of CHUNK inputs, so that many loads are in flight.
+    w_ptr: the int8 weight as int32 words [N, K / 4]; per-channel scales [N]; CHUNK divides K (z_ptr unused).
+    Each step reads UNROLL independent chunks of CHUNK inputs, so that many loads are in flight. The products
+    stay [BLOCK_N, CHUNK] until the end: one row sum and one scale per output after the loop.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    PER_WORD: tl.constexpr = 32 // BITS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_w = tl.arange(0, CHUNK // PER_WORD)
+    offs_w = tl.arange(0, CHUNK // 4)
     offs_k = tl.arange(0, CHUNK)
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     x_row = x_ptr + m * stride_xm
     n_steps = tl.cdiv(K, CHUNK * UNROLL)
     per_split = tl.cdiv(n_steps, SPLIT_K)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, CHUNK], dtype=tl.float32)
     x_acc = tl.zeros([CHUNK], dtype=tl.float32)
     for step in range(pid_k * per_split, tl.minimum(n_steps, (pid_k + 1) * per_split)):
         for u in tl.static_range(UNROLL):
             k0 = (step * UNROLL + u) * CHUNK
             in_k = tl.full([1, 1], k0, tl.int32) < K  # the last step may run past K (K % CHUNK == 0)
-            words = tl.load(w_rows + (k0 // PER_WORD + offs_w)[None, :], mask=n_ok[:, None] & in_k, other=0)
+            words = tl.load(w_rows + (k0 // 4 + offs_w)[None, :], mask=n_ok[:, None] & in_k, other=0)
             x = tl.load(x_row + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
-            # Fields as the floats 2^BITS + v (v at the top of the mantissa): straight into the FMA; the
-            # offset (and the zero point) come off once per group as offset * sum(x).
-            if GROUP == 0:  # int8: b ^ 0x80 = b + 128, so the field reads 256 + 128 + b
-                acc2 += _nibbles(words ^ -0x7F7F7F80, 8, 15, 0x43800000, True) * x[None, :]  # ^ 0x80808080
-                x_acc += x
-            else:
-                g = k0 // GROUP
-                g_ok = n_ok & (tl.full([BLOCK_N], k0, tl.int32) < K)
-                scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=g_ok, other=0.0).to(tl.float32)
-                zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=g_ok, other=0).to(tl.float32)
-                part = tl.sum(_nibbles(words, 4, 19, 0x41800000, True) * x[None, :], axis=1)
-                acc += scale * (part - (16.0 + zero) * tl.sum(x, axis=0))
-    if GROUP == 0:
-        acc = (tl.sum(acc2, axis=1) - 384.0 * tl.sum(x_acc, axis=0)) * tl.load(
-            s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+            # b ^ 0x80 = b + 128, so the field reads as the float 256 + 128 + b (b at the top of the
+            # mantissa): straight into the FMA; the offset comes off once, as 384 * sum(x)
+            acc += _nibbles(words ^ -0x7F7F7F80, 8, 15, 0x43800000, True) * x[None, :]  # ^ 0x80808080
+            x_acc += x
+    y = (tl.sum(acc, axis=1) - 384.0 * tl.sum(x_acc, axis=0)) * tl.load(
+        s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
     offs_m = m + tl.arange(0, 1)
-    _finish_tile(acc[:, None], offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
+    _finish_tile(y[:, None], offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
+                      stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr = 0):
+    """int4 y[m, n] for one row m and BLOCK_N outputs, GROUPS whole groups per step (K a multiple of GROUP).
+
+    A step reads a [BLOCK_N, GROUPS, GROUP / 8] block of words (GROUPS * GROUP / 2 contiguous bytes per
+    output: 128 for two groups of 128, a full cache line) with the GROUPS scales and zero points of each
+    output in one load. Per group the codes meet x in one row sum; the scale and zero point then apply to
+    [BLOCK_N, GROUPS] partials, which are summed over groups only once, after the loop. PREFETCH: the next
+    step's loads are issued before this step's arithmetic (double buffering in registers).
+    """
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    n_steps = tl.cdiv(K // GROUP, GROUPS)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    start = pid_k * per_split
+    stop = tl.minimum(n_steps, start + per_split)
+    x_row = x_ptr + m * stride_xm
+    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    if PREFETCH:
+        words, x, scale, zero = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, start, stop, K,
+                                                stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
+        for step in range(start, stop):
+            words2, x2, scale2, zero2 = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step + 1, stop, K,
+                                                        stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
+            acc += _gemv_step(words, x, scale, zero)
+            words, x, scale, zero = words2, x2, scale2, zero2
+    else:
+        for step in range(start, stop):
+            words, x, scale, zero = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K,
+                                                    stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
+            acc += _gemv_step(words, x, scale, zero)
+    offs_m = m + tl.arange(0, 1)
+    _finish_tile(tl.sum(acc, axis=1)[:, None], offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
+                 m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K, stride_wn, stride_sn, stride_zn,
+                    GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """One step's words [BLOCK_N, GROUPS, GROUP / 8], x [GROUPS, GROUP] (fp32), scales and zero points
+    [BLOCK_N, GROUPS] (fp32); all masked off past K or at step >= stop."""
+    g = step * GROUPS + tl.arange(0, GROUPS)
+    g_ok = (g < K // GROUP) & (g < stop * GROUPS)  # no step at or past `stop`
+    ng_ok = n_ok[:, None] & g_ok[None, :]
+    offs_w = g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]
+    words = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w[None], mask=ng_ok[:, :, None], other=0)
+    x = tl.load(x_row + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None], other=0.0)
+    scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=ng_ok, other=0.0)
+    zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=ng_ok, other=0)
+    return words, x.to(tl.float32), scale.to(tl.float32), zero.to(tl.float32)
+
+
+@triton.jit
+def _gemv_step(words, x, scale, zero):
+    """[BLOCK_N, GROUPS] partials: scale * (sum_k (16 + q_k) x_k - (16 + zero) sum_k x_k) per group."""
+    part = tl.sum(_nibbles(words, 4, 19, 0x41800000, True) * x[None, :, :], axis=2)
+    return scale * (part - (16.0 + zero) * tl.sum(x, axis=1)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,7 +270,8 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 part = tl.dot(_nibbles(words, 4, 19, 0x41800000, True) - 16.0, xt, input_precision="ieee")
                 offset = 0.0
             zero = zero + offset
-            # the sums of x over the block, as an MMA with ones: [BLOCK_N, BLOCK_M] like `part`, no shuffles
+            # the sums of x over the block, as an MMA with ones: [BLOCK_N, BLOCK_M] like `part`, no shuffles (a
+            # column sum, tl.sum(xt, 0), measured 10-25% slower at 64 rows: its layout conversion costs more)
             if dtype == tl.float32:
                 x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt, input_precision="ieee")
             else:
@@ -228,23 +283,24 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 @triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn, stride_on,
-                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], computed in fp32 as the reference does."""
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """out[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], computed in fp32 as the reference does.
+
+    A [BLOCK_N, GROUPS, GROUP] tile: one scale and zero point per (output, group), broadcast over the group
+    in registers (not a gather per element)."""
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_cols = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = offs_n[:, None] < N
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + w_cols[None, :], mask=n_ok & (w_cols < K // 8)[None, :],
-                    other=0)
+    g = pid_g * GROUPS + tl.arange(0, GROUPS)
+    ng_ok = (offs_n < N)[:, None] & (g < K // GROUP)[None, :]
+    offs_w = g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]
+    words = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w[None], mask=ng_ok[:, :, None], other=0)
+    scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=ng_ok, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=ng_ok, other=0).to(tl.float32)
     q = _nibbles(words, 4, 19, 0x41800000, True) - 16.0
-    mask = n_ok & (offs_k < K)[None, :]
-    g = offs_k // GROUP
-    scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=mask, other=0).to(tl.float32)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], ((q - zero) * scale).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    offs_k = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(out_ptr + offs_n[:, None, None] * stride_on + offs_k[None],
+             ((q - zero[:, :, None]) * scale[:, :, None]).to(out_ptr.dtype.element_ty), mask=ng_ok[:, :, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -333,12 +389,18 @@ def _cfg(num_warps=4, num_stages=3, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-GEMV_CONFIGS = [
+INT8_GEMV_CONFIGS = [
     _cfg(BLOCK_N=16, CHUNK=128, UNROLL=4, SPLIT_K=1), _cfg(BLOCK_N=32, CHUNK=128, UNROLL=4, SPLIT_K=1),
     _cfg(BLOCK_N=32, CHUNK=128, UNROLL=2, SPLIT_K=1), _cfg(BLOCK_N=64, CHUNK=128, UNROLL=2, SPLIT_K=1),
     _cfg(BLOCK_N=16, CHUNK=128, UNROLL=8, SPLIT_K=1), _cfg(BLOCK_N=64, CHUNK=128, UNROLL=4, SPLIT_K=1, num_warps=8),
     _cfg(BLOCK_N=32, CHUNK=128, UNROLL=4, SPLIT_K=2), _cfg(BLOCK_N=16, CHUNK=128, UNROLL=4, SPLIT_K=4),
     _cfg(BLOCK_N=32, CHUNK=128, UNROLL=8, SPLIT_K=2), _cfg(BLOCK_N=64, CHUNK=128, UNROLL=2, SPLIT_K=4),
+]
+INT4_GEMV_CONFIGS = [  # the best of `benchmarks/quant_linear_gpu.py --sweep 1` on an H100 (each shape's best within 8%)
+    _cfg(BLOCK_N=8, GROUPS=4, SPLIT_K=1, PREFETCH=1), _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, PREFETCH=1),
+    _cfg(BLOCK_N=8, GROUPS=8, SPLIT_K=1), _cfg(BLOCK_N=16, GROUPS=4, SPLIT_K=1, PREFETCH=1),
+    _cfg(BLOCK_N=32, GROUPS=2, SPLIT_K=4, PREFETCH=1), _cfg(BLOCK_N=32, GROUPS=4, SPLIT_K=4),
+    _cfg(BLOCK_N=16, GROUPS=8, SPLIT_K=1, PREFETCH=1), _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=1, PREFETCH=1),
 ]
 INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_stages=4),
@@ -358,6 +420,13 @@ INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, DEQUANT=1, num_stages=3, num_warps=8),
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, DEQUANT=1, num_stages=3, num_warps=8),
     _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=1, num_stages=4),
+    # split-K over 64-row tiles (64 rows) and 256-row tiles (256 rows): `quant_linear_gpu.py --sweep 64,256`
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, DEQUANT=1, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=1, num_stages=3, num_warps=8),
+    _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, DEQUANT=1, num_stages=3, num_warps=8),
+    _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=1, num_stages=3, num_warps=8),
 ]
 INT8_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_stages=4),
@@ -382,6 +451,8 @@ def _fit(configs, named_args, **kwargs):
                 continue
             if group:
                 kw["BLOCK_K"] = min(kw["BLOCK_K"], group)
+        elif "GROUPS" in kw:  # int4 GEMV: whole groups per step, at most 4096 codes (and no more than K holds)
+            kw["GROUPS"] = max(1, min(kw["GROUPS"], 4096 // group, triton.next_power_of_2(named_args["K"] // group)))
         else:  # GEMV: chunks of one group (int4), or dividing K (int8)
             kw["CHUNK"] = group or min(kw["CHUNK"], named_args["K"] & -named_args["K"])
         key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
@@ -395,7 +466,8 @@ def _tuned(kernel, configs, key):
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _fit})(kernel)
 
 
-_gemv_tuned = _tuned(_gemv_kernel, GEMV_CONFIGS, ["M", "N", "K", "BITS", "GROUP"])
+_int8_gemv_tuned = _tuned(_int8_gemv_kernel, INT8_GEMV_CONFIGS, ["M", "N", "K"])
+_int4_gemv_tuned = _tuned(_int4_gemv_kernel, INT4_GEMV_CONFIGS, ["M", "N", "K", "GROUP"])
 _int4_gemm_tuned = _tuned(_int4_gemm_kernel, INT4_GEMM_CONFIGS, ["M_BUCKET", "N", "K", "GROUP"])
 _int8_gemm_tuned = _tuned(_int8_gemm_kernel, INT8_GEMM_CONFIGS, ["M_BUCKET", "N", "K"])
 _int8_weight_gemm_tuned = _tuned(_int8_gemm_kernel, INT8_WEIGHT_GEMM_CONFIGS, ["M_BUCKET", "N", "K"])
@@ -458,15 +530,17 @@ def _weight_only(x, words, scales, zeros, bias, group, bits, config, gemm: bool)
                 y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=M, N=N, K=K, M_BUCKET=m_bucket(M),
                 stride_xm=x.stride(0), stride_wn=words.stride(0), stride_sn=scales.stride(0),
                 stride_zn=zeros_arg.stride(0), stride_ym=y.stride(0))
+    consts = dict(HAS_BIAS=bias is not None) if bits == 8 else dict(GROUP=group, HAS_BIAS=bias is not None)
     if gemm:
-        consts = dict(GROUP=group, HAS_BIAS=bias is not None)
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
         _launch(_int4_gemm_kernel, _int4_gemm_tuned, INT4_GEMM_CONFIGS, grid, args, consts, config)
+        return y
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
+    if bits == 4:
+        _launch(_int4_gemv_kernel, _int4_gemv_tuned, INT4_GEMV_CONFIGS, grid, args, consts, config)
     else:
-        consts = dict(BITS=bits, GROUP=group, HAS_BIAS=bias is not None)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
-        _launch(_gemv_kernel, _gemv_tuned, GEMV_CONFIGS, grid, args, consts, config)
+        _launch(_int8_gemv_kernel, _int8_gemv_tuned, INT8_GEMV_CONFIGS, grid, args, consts, config)
     return y
 
 
@@ -492,14 +566,14 @@ def int8_gemm_weight_only(x, qweight, scales, bias, config: dict | None = None) 
 
 
 def int4_dequantize(qweight, scales, zeros, group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight [N, K] (in `dtype`, default the scales' dtype); K a multiple of 8."""
+    """The dense weight [N, K] (in `dtype`, default the scales' dtype); K a multiple of group_size (>= 8)."""
     words = _words(qweight)
     N, K = words.shape[0], words.shape[1] * 8
     out = torch.empty(N, K, dtype=dtype or scales.dtype, device=qweight.device)
-    block_n, block_k = 32, 256
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    block_n, groups = 8, max(1, 1024 // group_size)  # 1024 codes (512 bytes) per output row and program
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K // group_size, groups))
     _int4_dequant_kernel[grid](words, scales, zeros, out, N, K, words.stride(0), scales.stride(0), zeros.stride(0),
-                               out.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k)
+                               out.stride(0), GROUP=group_size, BLOCK_N=block_n, GROUPS=groups)
     return out
 
 

@@ -140,7 +140,9 @@ def qt():
     return quant_linear_triton
 
 
-GEMV_CONFIGS = [None, dict(BLOCK_N=16, CHUNK=32, UNROLL=1, SPLIT_K=1), dict(BLOCK_N=32, CHUNK=32, UNROLL=2, SPLIT_K=2)]
+GEMV_CONFIGS = [None, dict(BLOCK_N=16, GROUPS=1, SPLIT_K=1), dict(BLOCK_N=32, GROUPS=2, SPLIT_K=2),
+                dict(BLOCK_N=16, GROUPS=4, SPLIT_K=1), dict(BLOCK_N=16, GROUPS=2, SPLIT_K=1, PREFETCH=1),
+                dict(BLOCK_N=8, GROUPS=1, SPLIT_K=4, PREFETCH=1)]
 GEMM_CONFIGS = [None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2),
                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, DEQUANT=1),
@@ -149,7 +151,9 @@ GEMM_CONFIGS = [None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=["autotune", "one-group-steps", "two-group-steps-split-k"])
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=["autotune", "one-group-steps", "two-group-steps-split-k",
+                                                        "four-group-steps-past-k", "prefetch",
+                                                        "prefetch-split-k-empty-split"])
 def test_int4_gemv_kernel(qt, m, config):
     q, qw, s, z = int4_weight(48, 96, 32, seed=m, float_zeros=m == 3)  # 3 groups: a half-empty last step
     x, b = torch.randn(m, 96, generator=_gen(11)), torch.randn(48, generator=_gen(12))
@@ -178,9 +182,10 @@ def test_int4_gemm_kernel_fp16_magic_operand(qt):
 
 
 @needs_kernels
-def test_int4_dequantize_kernel_is_exact(qt):
-    _, qw, s, z = int4_weight(33, 96, 32, seed=6)
-    assert torch.equal(qt.int4_dequantize(*to(DEVICE, qw, s, z), 32).cpu(), pk.dequantize_int4(qw, s, z, 32))
+@pytest.mark.parametrize("n, k, group", [(33, 96, 32), (9, 2048, 8)], ids=["one-program-per-row-block", "two-along-k"])
+def test_int4_dequantize_kernel_is_exact(qt, n, k, group):
+    _, qw, s, z = int4_weight(n, k, group, seed=6)
+    assert torch.equal(qt.int4_dequantize(*to(DEVICE, qw, s, z), group).cpu(), pk.dequantize_int4(qw, s, z, group))
 
 
 @needs_kernels
