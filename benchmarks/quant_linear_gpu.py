@@ -180,7 +180,7 @@ def explore(gen):
             rows.append(row)
             print(" | ".join(map(str, row)), flush=True)
         del case
-    for tuned in (qt._gemv_tuned, qt._int4_gemm_tuned):
+    for tuned in (qt._int4_gemv_tuned, qt._int4_gemm_tuned):
         for key, cfg in tuned.cache.items():
             print("best", tuned.fn.__name__, key[:4], cfg, flush=True)
     other = []

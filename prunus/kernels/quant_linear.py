@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 INT4_GEMV_MAX_ROWS = 1
 INT4_GEMM_MAX_ROWS = 16
-INT4_GEMM_NO_CACHE_MAX_ROWS = 512
+INT4_GEMM_NO_CACHE_MAX_ROWS = 256
 INT8_GEMV_MAX_ROWS = 1
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
