@@ -34,9 +34,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-# Opt-in (PRUNUS_FUSE_TUNE=1), not yet measured on a GPU: on CUDA the first launch of a kernel at a new size
-# bucket times a few launch shapes (rows per program, warps) around the default and keeps the fastest. Meant for
-# the patterns where the default shape trails Inductor (one 4096-wide add_norm row, RoPE's 128-wide prefill rows).
+# Opt-in (PRUNUS_FUSE_TUNE=1): on CUDA the first launch of a kernel at a new size bucket times a few launch
+# shapes (rows per program, warps) around the default and keeps the fastest. Measured on an H100
+# (`PRUNUS_FUSE_TUNE=1 python benchmarks/fuse_gpu.py`, BENCHMARKS.md) it does not pay: the patterns where the
+# default trails Inductor (RoPE and SwiGLU prefill) stay behind, and replay noise can pick a slower shape
+# (prefill layernorm 1.30x compile tuned, 1.45x not). Off by default.
 TUNE = os.environ.get("PRUNUS_FUSE_TUNE", "0") == "1"
 
 
