@@ -228,15 +228,19 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
         params += [f"in{k}_ptr"] + [f"in{k}_s{d}" for d in range(rank)] + [f"in{k}_sn", f"in{k}_n"]
     params += [f"out{j}_ptr" for j in range(len(region.outputs))]
     params += [f"L{d}" for d in range(rank)] + ["ROWS"]
-    body = ["row = (pid.to(tl.int64) * RB + tl.arange(0, RB))[:, None]",
+    # 32-bit row and offset arithmetic unless a tensor spans 2^31 elements (WIDE): a 64-bit division is a long
+    # software sequence, and a rank-3 row index (RoPE's batch, head, position) takes two per row
+    body = ["if WIDE:",
+            "    row = (pid.to(tl.int64) * RB + tl.arange(0, RB))[:, None]",
+            "else:",
+            "    row = (pid * RB + tl.arange(0, RB))[:, None]",
             "rmask = row < ROWS",
             "cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]"]
     if rank:
         body.append("rest = row")
-        for d in reversed(range(rank)):
-            body.append(f"i{d} = rest % L{d}" if d else "i0 = rest")
-            if d:
-                body.append(f"rest = rest // L{d}")
+        for d in reversed(range(1, rank)):  # one division per level: the remainder from the quotient
+            body += [f"q{d} = rest // L{d}", f"i{d} = rest - q{d} * L{d}", f"rest = q{d}"]
+        body.append("i0 = rest")
     for k in range(len(region.inputs)):
         terms = " + ".join(f"i{d} * in{k}_s{d}" for d in range(rank)) or "row * 0"
         body.append(f"in{k}_off = {terms}")
@@ -252,6 +256,10 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
     return params, body, meta
 
 
+# launch constants of every generated kernel: rows per program, columns per program, 64-bit indexing
+CONSTS = ["RB: tl.constexpr", "BLOCK: tl.constexpr", "WIDE: tl.constexpr"]
+
+
 def emit(region: Region) -> tuple[str, str]:
     """(key, source) of the region's module; the key is a hash of the source, the cache key of the kernel.
 
@@ -263,12 +271,13 @@ def emit(region: Region) -> tuple[str, str]:
         "pattern": classify(region),
         "ops": region.ops(),
         "parts": [m for _, _, m in built],
+        "wide": True,  # takes WIDE (modules generated before it index in 64 bits always)
     }
     code = []
     if len(parts) == 1:
         params, body, _ = built[0]
         code += ["@triton.jit",
-                 f"def kernel({', '.join(params + ['RB: tl.constexpr', 'BLOCK: tl.constexpr'])}):",
+                 f"def kernel({', '.join(params + CONSTS)}):",
                  "    pid = tl.program_id(0)",
                  *("    " + line for line in body)]
     else:
@@ -277,7 +286,7 @@ def emit(region: Region) -> tuple[str, str]:
             text = "\n".join(body)
             if text not in functions:  # parts of equal code (q and k RoPE) share one function
                 functions[text] = f"part{len(functions)}"
-                signature = ", ".join(params + ["pid", "RB: tl.constexpr", "BLOCK: tl.constexpr"])
+                signature = ", ".join(params + ["pid"] + CONSTS)
                 code += ["@triton.jit",
                          f"def {functions[text]}({signature}):",
                          *("    " + line for line in body), "", ""]
@@ -286,10 +295,10 @@ def emit(region: Region) -> tuple[str, str]:
             starts.append(f"START{i}")
         flat = [a for group in args for a in group]
         code += ["@triton.jit",
-                 f"def kernel({', '.join(flat + starts[1:] + ['RB: tl.constexpr', 'BLOCK: tl.constexpr'])}):",
+                 f"def kernel({', '.join(flat + starts[1:] + CONSTS)}):",
                  "    pid = tl.program_id(0)"]
         for i, group in enumerate(args):
-            call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, RB, BLOCK)"
+            call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, RB, BLOCK, WIDE)"
             if i == 0:
                 code.append("    if pid < START1:")
             elif i < len(args) - 1:

@@ -86,6 +86,14 @@ def _fastest(run, shapes: list[tuple[int, int]], reps: int = 20) -> tuple[int, i
     return shapes[best] if times[best] < 0.97 * times[0] else shapes[0]  # a clear win only: timing noise stays put
 
 
+def _spans_2_31(inputs: list, outs: list) -> bool:
+    """Whether some tensor's largest element offset (sum (size - 1) * stride) reaches 2^30, half the int32 range
+    (the other half is margin for masked lanes past the last row): the kernel then indexes in 64 bits."""
+    def last(t):
+        return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s)
+    return max((last(t) for t in [*inputs, *outs] if t.dim()), default=0) >= 2**30
+
+
 class Kernel:
     """One generated module: its source, its Triton kernel and its reference, loaded on first use."""
 
@@ -174,13 +182,14 @@ class Kernel:
             block = min(_next_pow2(span), 1024)
             col_blocks = -(-span // block)
         rb = min(_next_pow2(max(blocks)), max(1, 2048 // block))
+        wide = {"WIDE": _spans_2_31(inputs, outs)} if self.meta.get("wide") else {}
 
         def run(rb: int, warps: int):
             starts, total = [], 0
             for rows in blocks:  # each part's programs follow the previous part's
                 starts.append(total)
                 total += -(-rows // rb)
-            self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps)
+            self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps, **wide)
 
         choice = (rb, _warps(block * rb))
         if device.type == "cuda" and TUNE:

@@ -342,3 +342,25 @@ def test_sibling_reductions_launch_as_one_kernel():
     for x in ((a, b, mask), (torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 1, 6, 6, generator=g), mask)):
         for want, got in zip(model(*x), opt(*x)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_64_bit_indexing_only_past_2_31_and_both_match(monkeypatch):
+    from prunus.codegen.triton import runtime
+
+    small = torch.empty(4, 8, device="meta")
+    assert not runtime._spans_2_31([small], [small])
+    assert not runtime._spans_2_31([torch.empty(2**15, 2**15, device="meta")], [small])  # last offset 2^30 - 1
+    assert runtime._spans_2_31([torch.empty(2**15 + 1, 2**15, device="meta")], [small])
+    assert runtime._spans_2_31([small], [torch.empty(2, 2**30, device="meta")])
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)
+    cos, sin = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    model = RopeQK()
+    opt = _fuse(model, (q, k, cos, sin))  # rank-3 rows (batch, head, position): two divisions per row
+    source = get_kernel(fused_nodes(opt.graph.gm)[0].args[1]).source
+    assert "pid.to(tl.int64)" in source and "q2 = rest // L2" in source
+    ref = model(q, k, cos, sin)
+    for wide in (False, True):
+        monkeypatch.setattr(runtime, "_spans_2_31", lambda inputs, outs, wide=wide: wide)
+        for a, b in zip(ref, opt(q, k, cos, sin)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
