@@ -224,16 +224,26 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                     big = bm * bn >= 128 * 128
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if big else 128, SPLIT_K=sk, DEQUANT=dq,
                                     num_warps=8 if big else 4, num_stages=3 if big else 4))
+    if m <= 64:  # small tiles: narrower weight blocks, deeper splits, other pipeline depths and warp counts
+        for bm, bn, bk, sk, dq, warps, stages in [
+                (64, 32, 128, 4, 0, 4, 4), (64, 32, 128, 8, 0, 4, 4), (64, 64, 128, 8, 0, 4, 4),
+                (64, 64, 64, 4, 0, 4, 4), (64, 64, 64, 8, 0, 4, 5), (64, 64, 128, 4, 0, 4, 3),
+                (64, 64, 128, 4, 0, 4, 5), (64, 64, 128, 4, 0, 8, 4), (64, 64, 128, 4, 0, 2, 4),
+                (64, 64, 128, 4, 1, 8, 4), (64, 128, 64, 4, 0, 4, 4), (64, 128, 64, 8, 0, 8, 4),
+                (32, 64, 128, 8, 0, 4, 4), (32, 128, 128, 4, 0, 4, 4), (64, 64, 256, 4, 0, 4, 3)]:
+            if bm <= max(16, m):
+                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DEQUANT=dq, num_warps=warps,
+                                num_stages=stages))
     return out
 
 
-def sweep(gen, ms, out_path):
+def sweep(gen, ms, out_path, shapes=SHAPES):
     """Time every candidate config of the int4 kernels explicitly (no autotuner): the config lists in
     `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M."""
     from prunus.kernels import quant_linear_triton as qt
 
     log = open(out_path, "a") if out_path else None
-    for k, n in SHAPES:
+    for k, n in shapes:
         case = Case("int4", k, n, gen)
         for m in ms:
             kind = "gemv" if m == 1 else "gemm"
@@ -261,6 +271,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--explore", action="store_true", help="also time each int4 kernel path at M = 1..256")
     ap.add_argument("--sweep", default=None, help="time every candidate int4 config at these M (e.g. 1,64) and exit")
+    ap.add_argument("--sweep-shapes", default=None, help="only these K,N shapes, e.g. 4096x4096,14336x4096")
     ap.add_argument("--sweep-log", default=None, help="file to append every swept config's time to")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     args = ap.parse_args()
@@ -268,7 +279,9 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.sweep:
-        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log)
+        shapes = ([tuple(int(d) for d in s.split("x")) for s in args.sweep_shapes.split(",")]
+                  if args.sweep_shapes else SHAPES)
+        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes)
         return
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",
