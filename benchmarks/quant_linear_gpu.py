@@ -1,6 +1,7 @@
 """Quantized linear ops on the GPU against bf16 `F.linear` (cuBLAS), with achieved bandwidth.
 
     python benchmarks/quant_linear_gpu.py [--explore] [--report PATH]
+    python benchmarks/quant_linear_gpu.py --sweep 1,64,256 [--sweep-shapes 4096x4096] [--sweep-log PATH]
 
 Times `torch.ops.prunus.linear_int4` (group 128) at M = 1, 16, 64, 256 rows and `linear_int8` at M = 1, 256
 for the Llama-3-8B projection shapes, bf16 activations. Each figure is the median over 20 replays of a CUDA
@@ -10,7 +11,9 @@ in a graph-captured decode loop). cuBLAS is timed the same way in the same run. 
 compulsory bytes (packed weights + scales + zeros + activations in + outputs out) against the 3.0 TB/s
 device-copy ceiling measured on the H100. `--explore` also times every int4 kernel path (GEMV, tensor-core
 GEMM, dequantize + cuBLAS) at M = 1..1024: the dispatch thresholds in `prunus.kernels.quant_linear` come
-from that table.
+from that table. `--sweep` times every candidate launch config of the int4 GEMV (M = 1) or tensor-core kernel
+(M > 1) explicitly, without the autotuner, and prints the best five per shape and M: the autotuner's config
+lists in `prunus.kernels.quant_linear_triton` come from it.
 """
 from __future__ import annotations
 

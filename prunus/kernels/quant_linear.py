@@ -23,11 +23,11 @@ Dispatch on CUDA (thresholds measured on an H100 and an H200, see benchmarks/qua
 BENCHMARKS.md): int4 uses the GEMV kernel up to INT4_GEMV_MAX_ROWS rows (M = product of x's leading dims), the
 tensor-core kernel up to INT4_GEMM_MAX_ROWS, and beyond that cuBLAS on a dense copy of the weight
 (`DenseWeightCache`). Without a dense cache (the default) the copy is made on every call, which costs more than
-the tensor-core kernel up to INT4_GEMM_NO_CACHE_MAX_ROWS rows, so the kernel keeps those (H100, autotuned with the
-in-register dequantizing tiles, Llama-3-8B shapes: 256 rows 33-112 µs against 86-276 µs for dequantize + cuBLAS;
-512 rows 61-221 against 89-311; at 1024 rows dequantize + cuBLAS wins on 14336->4096, 307 against 355: see
-BENCHMARKS.md). int8 uses the GEMV kernel up to INT8_GEMV_MAX_ROWS, beyond it the tensor-core weight-only kernel (without a dense cache; it beats dequantizing on every call at any row count) or the dense
-copy when a cache is set.
+the tensor-core kernel up to INT4_GEMM_NO_CACHE_MAX_ROWS rows, so the kernel keeps those (H100, Llama-3-8B shapes,
+`quant_linear_gpu.py --explore`: 256 rows 33-102 µs against 32-116 µs for dequantize + cuBLAS; at 512 rows
+dequantize + cuBLAS wins on every shape, 37-142 against 60-189). int8 uses the GEMV kernel up to
+INT8_GEMV_MAX_ROWS, beyond it the tensor-core weight-only kernel (without a dense cache; it beats dequantizing on
+every call at any row count) or the dense copy when a cache is set.
 """
 import functools
 import os

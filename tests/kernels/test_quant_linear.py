@@ -162,6 +162,15 @@ def test_int4_gemv_kernel(qt, m, config):
 
 
 @needs_kernels
+@pytest.mark.parametrize("group, k", [(8, 72), (256, 512)], ids=["one-word-groups", "wide-groups"])
+def test_int4_gemv_kernel_group_sizes(qt, group, k):
+    q, qw, s, z = int4_weight(24, k, group, seed=group)
+    x = torch.randn(1, k, generator=_gen(15))
+    y = qt.int4_gemv(*to(DEVICE, x, qw, s, z), None, group)
+    torch.testing.assert_close(y.cpu(), ops.linear_int4(x, qw, s, z, None, group), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("config", GEMM_CONFIGS, ids=["autotune", "one-group-blocks", "half-group-split-k",
                                                     "dequantized-tile", "dequantized-half-group-split-k"])
