@@ -215,6 +215,12 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                     for pf in (0, 1):
                         out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf,
                                         num_warps=8 if bn * groups >= 256 else 4))
+        # the instruction-count variants (see _int4_gemv_kernel) on the configs that won the last sweep
+        for bn, groups, sk, pf in [(8, 4, 1, 1), (64, 2, 4, 1), (8, 8, 1, 0), (16, 4, 1, 1), (32, 2, 4, 1),
+                                   (16, 8, 1, 1)]:
+            for variant in (dict(XSUM3=1), dict(XSUM3=1, MASKREG=1), dict(X3D=1), dict(X3D=1, MASKREG=1),
+                            dict(MASKREG=1)):
+                out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, **variant, num_warps=4))
         return out
     for bm in (16, 32, 64, 128, 256):
         if bm > max(16, m) or (bm == 16 and m >= 64):

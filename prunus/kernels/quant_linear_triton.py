@@ -153,9 +153,10 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
-                      stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+                      stride_xm, stride_wn, stride_sn, stride_zn, stride_ym, field_mask,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                      XSUM3: tl.constexpr = 0, X3D: tl.constexpr = 0, MASKREG: tl.constexpr = 0):
     """int4 y[m, n] for one row m and BLOCK_N outputs, GROUPS whole groups per step (K a multiple of GROUP).
 
     A step reads a [BLOCK_N, GROUPS, GROUP / 8] block of words (GROUPS * GROUP / 2 contiguous bytes per
@@ -163,6 +164,12 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     output in one load. Per group the codes meet x in one row sum; the scale and zero point then apply to
     [BLOCK_N, GROUPS] partials, which are summed over groups only once, after the loop. PREFETCH: the next
     step's loads are issued before this step's arithmetic (double buffering in registers).
+
+    Variants aimed at the instruction count (the kernel is issue-bound: BENCHMARKS.md, "int4 GEMV under Nsight
+    Compute"), equal in result, not yet timed on a GPU, so no tuned config uses them: XSUM3 sums x over a group in
+    the products' layout (x then has one layout, and its load need not be converted through shared memory on
+    every step); X3D loads x as a [1, GROUPS, GROUP] tile like the products; MASKREG takes the field mask as the
+    runtime `field_mask` (0x780000), so that the mask and the magic number meet in one LOP3.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -177,17 +184,17 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     if PREFETCH:
         words, x, scale, zero = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, start, stop, K,
-                                                stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
+                                                stride_wn, stride_sn, stride_zn, GROUP, GROUPS, X3D)
         for step in range(start, stop):
             words2, x2, scale2, zero2 = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step + 1, stop, K,
-                                                        stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
-            acc += _gemv_step(words, x, scale, zero)
+                                                        stride_wn, stride_sn, stride_zn, GROUP, GROUPS, X3D)
+            acc += _gemv_step(words, x, scale, zero, field_mask, XSUM3, X3D, MASKREG)
             words, x, scale, zero = words2, x2, scale2, zero2
     else:
         for step in range(start, stop):
             words, x, scale, zero = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K,
-                                                    stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
-            acc += _gemv_step(words, x, scale, zero)
+                                                    stride_wn, stride_sn, stride_zn, GROUP, GROUPS, X3D)
+            acc += _gemv_step(words, x, scale, zero, field_mask, XSUM3, X3D, MASKREG)
     offs_m = m + tl.arange(0, 1)
     _finish_tile(tl.sum(acc, axis=1)[:, None], offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
@@ -195,25 +202,60 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 @triton.jit
 def _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K, stride_wn, stride_sn, stride_zn,
-                    GROUP: tl.constexpr, GROUPS: tl.constexpr):
-    """One step's words [BLOCK_N, GROUPS, GROUP / 8], x [GROUPS, GROUP] (fp32), scales and zero points
-    [BLOCK_N, GROUPS] (fp32); all masked off past K or at step >= stop."""
+                    GROUP: tl.constexpr, GROUPS: tl.constexpr, X3D: tl.constexpr):
+    """One step's words [BLOCK_N, GROUPS, GROUP / 8], x [GROUPS, GROUP] ([1, GROUPS, GROUP] with X3D; fp32),
+    scales and zero points [BLOCK_N, GROUPS] (fp32); all masked off past K or at step >= stop."""
     g = step * GROUPS + tl.arange(0, GROUPS)
     g_ok = (g < K // GROUP) & (g < stop * GROUPS)  # no step at or past `stop`
     ng_ok = n_ok[:, None] & g_ok[None, :]
     offs_w = g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]
     words = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w[None], mask=ng_ok[:, :, None], other=0)
-    x = tl.load(x_row + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None], other=0.0)
+    offs_x = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    if X3D:
+        x = tl.load(x_row + offs_x[None], mask=g_ok[None, :, None], other=0.0)
+    else:
+        x = tl.load(x_row + offs_x, mask=g_ok[:, None], other=0.0)
     scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=ng_ok, other=0.0)
     zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=ng_ok, other=0)
     return words, x.to(tl.float32), scale.to(tl.float32), zero.to(tl.float32)
 
 
 @triton.jit
-def _gemv_step(words, x, scale, zero):
+def _gemv_step(words, x, scale, zero, field_mask, XSUM3: tl.constexpr, X3D: tl.constexpr, MASKREG: tl.constexpr):
     """[BLOCK_N, GROUPS] partials: scale * (sum_k (16 + q_k) x_k - (16 + zero) sum_k x_k) per group."""
-    part = tl.sum(_nibbles(words, 4, 19, 0x41800000, True) * x[None, :, :], axis=2)
-    return scale * (part - (16.0 + zero) * tl.sum(x, axis=1)[None, :])
+    if MASKREG:
+        codes = _nibbles_masked(words, field_mask)
+    else:
+        codes = _nibbles(words, 4, 19, 0x41800000, True)
+    if X3D:
+        x3 = x
+    else:
+        x3 = x[None, :, :]
+    part = tl.sum(codes * x3, axis=2)
+    if XSUM3 or X3D:
+        x_sums = tl.sum(x3, axis=2)
+    else:
+        x_sums = tl.sum(x, axis=1)[None, :]
+    return scale * (part - (16.0 + zero) * x_sums)
+
+
+@triton.jit
+def _nibbles_masked(words, mask):
+    """`_nibbles(words, 4, 19, 0x41800000, True)` with the field mask a runtime value (0x780000)."""
+    return tl.interleave(
+        tl.interleave(tl.interleave(_field_masked(words, 0, mask), _field_masked(words, 16, mask)),
+                      tl.interleave(_field_masked(words, 8, mask), _field_masked(words, 24, mask))),
+        tl.interleave(tl.interleave(_field_masked(words, 4, mask), _field_masked(words, 20, mask)),
+                      tl.interleave(_field_masked(words, 12, mask), _field_masked(words, 28, mask))))
+
+
+@triton.jit
+def _field_masked(words, FROM: tl.constexpr, mask):
+    if FROM <= 19:
+        v = words << (19 - FROM)
+    else:
+        v = (words.to(tl.uint32, bitcast=True) >> (FROM - 19)).to(tl.int32, bitcast=True)
+    return ((v & mask) | 0x41800000).to(tl.float32, bitcast=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -538,6 +580,7 @@ def _weight_only(x, words, scales, zeros, bias, group, bits, config, gemm: bool)
         return y
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
     if bits == 4:
+        args["field_mask"] = 0xF << 19  # a runtime value for MASKREG (see the kernel)
         _launch(_int4_gemv_kernel, _int4_gemv_tuned, INT4_GEMV_CONFIGS, grid, args, consts, config)
     else:
         _launch(_int8_gemv_kernel, _int8_gemv_tuned, INT8_GEMV_CONFIGS, grid, args, consts, config)
