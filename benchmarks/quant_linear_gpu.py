@@ -215,12 +215,16 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                     for pf in (0, 1):
                         out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf,
                                         num_warps=8 if bn * groups >= 256 else 4))
-        # the instruction-count variants (see _int4_gemv_kernel) on the configs that won the last sweep
+        # the instruction-count variants (see _int4_gemv_kernel) on the last sweep's winners, and PAIRS at the
+        # wider row blocks where it needs fewest instructions a code (offline SASS counts)
         for bn, groups, sk, pf in [(8, 4, 1, 1), (64, 2, 4, 1), (8, 8, 1, 0), (16, 4, 1, 1), (32, 2, 4, 1),
                                    (16, 8, 1, 1)]:
-            for variant in (dict(XSUM3=1), dict(XSUM3=1, MASKREG=1), dict(X3D=1), dict(X3D=1, MASKREG=1),
-                            dict(MASKREG=1)):
+            for variant in (dict(MASKREG=1), dict(PAIRS=1)):
                 out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, **variant, num_warps=4))
+        for bn, groups, sk, warps in [(64, 1, 4, 4), (64, 2, 1, 4), (128, 1, 2, 4), (128, 1, 4, 4), (128, 1, 8, 4),
+                                      (128, 2, 4, 8), (256, 1, 4, 8), (256, 1, 8, 8), (32, 4, 2, 4)]:
+            for pf in (0, 1):
+                out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, PAIRS=1, num_warps=warps))
         return out
     for bm in (16, 32, 64, 128, 256):
         if bm > max(16, m) or (bm == 16 and m >= 64):

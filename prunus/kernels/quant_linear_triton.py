@@ -156,7 +156,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       stride_xm, stride_wn, stride_sn, stride_zn, stride_ym, field_mask,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                      XSUM3: tl.constexpr = 0, X3D: tl.constexpr = 0, MASKREG: tl.constexpr = 0):
+                      MASKREG: tl.constexpr = 0, PAIRS: tl.constexpr = 0):
     """int4 y[m, n] for one row m and BLOCK_N outputs, GROUPS whole groups per step (K a multiple of GROUP).
 
     A step reads a [BLOCK_N, GROUPS, GROUP / 8] block of words (GROUPS * GROUP / 2 contiguous bytes per
@@ -165,11 +165,15 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     [BLOCK_N, GROUPS] partials, which are summed over groups only once, after the loop. PREFETCH: the next
     step's loads are issued before this step's arithmetic (double buffering in registers).
 
-    Variants aimed at the instruction count (the kernel is issue-bound: BENCHMARKS.md, "int4 GEMV under Nsight
-    Compute"), equal in result, not yet timed on a GPU, so no tuned config uses them: XSUM3 sums x over a group in
-    the products' layout (x then has one layout, and its load need not be converted through shared memory on
-    every step); X3D loads x as a [1, GROUPS, GROUP] tile like the products; MASKREG takes the field mask as the
-    runtime `field_mask` (0x780000), so that the mask and the magic number meet in one LOP3.
+    Two variants cut the instructions per code (the kernel is issue-bound: BENCHMARKS.md, "int4 GEMV under
+    Nsight Compute"). Counted in the loop of the SASS compiled offline for sm_90 by the GPU machine's Triton 3.6,
+    BLOCK_N=8, GROUPS=8: 466 instructions for 64 codes a thread as is, 407 with MASKREG, 394 with PAIRS; at
+    BLOCK_N=64, GROUPS=2 (128 codes): 724, 597, 558. MASKREG takes the field mask as the runtime `field_mask`
+    (0x780000), so that mask and magic number meet in one LOP3 (with both immediates ptxas emits two). PAIRS
+    also serves two fields with one shift (`_codes_paired`). Equal results (PAIRS: within 3e-4 relative for fp32
+    activations, exact products for 16-bit ones). Not yet timed on a GPU: PAIRS configs with the fewest
+    instructions a code (3.7-4.9 against 7.3) joined the autotuned list, where the autotuner times them against
+    the measured ones on the user's GPU, and `quant_linear_gpu.py --sweep 1` times them all.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -184,17 +188,17 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     if PREFETCH:
         words, x, scale, zero = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, start, stop, K,
-                                                stride_wn, stride_sn, stride_zn, GROUP, GROUPS, X3D)
+                                                stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
         for step in range(start, stop):
             words2, x2, scale2, zero2 = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step + 1, stop, K,
-                                                        stride_wn, stride_sn, stride_zn, GROUP, GROUPS, X3D)
-            acc += _gemv_step(words, x, scale, zero, field_mask, XSUM3, X3D, MASKREG)
+                                                        stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
+            acc += _gemv_step(words, x, scale, zero, field_mask, GROUP, MASKREG, PAIRS)
             words, x, scale, zero = words2, x2, scale2, zero2
     else:
         for step in range(start, stop):
             words, x, scale, zero = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K,
-                                                    stride_wn, stride_sn, stride_zn, GROUP, GROUPS, X3D)
-            acc += _gemv_step(words, x, scale, zero, field_mask, XSUM3, X3D, MASKREG)
+                                                    stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
+            acc += _gemv_step(words, x, scale, zero, field_mask, GROUP, MASKREG, PAIRS)
     offs_m = m + tl.arange(0, 1)
     _finish_tile(tl.sum(acc, axis=1)[:, None], offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
@@ -202,41 +206,62 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 @triton.jit
 def _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K, stride_wn, stride_sn, stride_zn,
-                    GROUP: tl.constexpr, GROUPS: tl.constexpr, X3D: tl.constexpr):
-    """One step's words [BLOCK_N, GROUPS, GROUP / 8], x [GROUPS, GROUP] ([1, GROUPS, GROUP] with X3D; fp32),
-    scales and zero points [BLOCK_N, GROUPS] (fp32); all masked off past K or at step >= stop."""
+                    GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """One step's words [BLOCK_N, GROUPS, GROUP / 8], x [GROUPS, GROUP] (fp32), scales and zero points
+    [BLOCK_N, GROUPS] (fp32); all masked off past K or at step >= stop."""
     g = step * GROUPS + tl.arange(0, GROUPS)
     g_ok = (g < K // GROUP) & (g < stop * GROUPS)  # no step at or past `stop`
     ng_ok = n_ok[:, None] & g_ok[None, :]
     offs_w = g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]
     words = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + offs_w[None], mask=ng_ok[:, :, None], other=0)
-    offs_x = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    if X3D:
-        x = tl.load(x_row + offs_x[None], mask=g_ok[None, :, None], other=0.0)
-    else:
-        x = tl.load(x_row + offs_x, mask=g_ok[:, None], other=0.0)
+    x = tl.load(x_row + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None], other=0.0)
     scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=ng_ok, other=0.0)
     zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=ng_ok, other=0)
     return words, x.to(tl.float32), scale.to(tl.float32), zero.to(tl.float32)
 
 
 @triton.jit
-def _gemv_step(words, x, scale, zero, field_mask, XSUM3: tl.constexpr, X3D: tl.constexpr, MASKREG: tl.constexpr):
-    """[BLOCK_N, GROUPS] partials: scale * (sum_k (16 + q_k) x_k - (16 + zero) sum_k x_k) per group."""
-    if MASKREG:
+def _gemv_step(words, x, scale, zero, field_mask, GROUP: tl.constexpr, MASKREG: tl.constexpr, PAIRS: tl.constexpr):
+    """[BLOCK_N, GROUPS] partials: scale * (sum_k (c_k + q_k) x_k - sum_k c_k x_k - zero sum_k x_k) per group, the
+    codes entering as the floats c_k + q_k (c_k = 16; with PAIRS 128 or 2048 by k's field)."""
+    if PAIRS:
+        codes = _codes_paired(words, field_mask >> 3, field_mask >> 7)
+    elif MASKREG:
         codes = _nibbles_masked(words, field_mask)
     else:
         codes = _nibbles(words, 4, 19, 0x41800000, True)
-    if X3D:
-        x3 = x
-    else:
-        x3 = x[None, :, :]
-    part = tl.sum(codes * x3, axis=2)
-    if XSUM3 or X3D:
-        x_sums = tl.sum(x3, axis=2)
-    else:
-        x_sums = tl.sum(x, axis=1)[None, :]
+    part = tl.sum(codes * x[None, :, :], axis=2)
+    x_sums = tl.sum(x, axis=1)[None, :]
+    if PAIRS:  # the offsets by field: 2048 for k % 8 in (0, 2, 3, 6), 128 for the others
+        j = tl.arange(0, GROUP) % 8
+        c = tl.where((j == 0) | (j == 2) | (j == 3) | (j == 6), 2048.0, 128.0)
+        return scale * (part - tl.sum(x * c[None, :], axis=1)[None, :] - zero * x_sums)
     return scale * (part - (16.0 + zero) * x_sums)
+
+
+@triton.jit
+def _codes_paired(words, m16, m12):
+    """int32 words [..., W] -> the fp32 floats c_k + q_k [..., 8 W] in k order, one shift for two fields: a field
+    at bits 16-19 OR 128.0 (0x43000000) reads 128 + q, one at bits 12-15 OR 2048.0 (0x45000000) reads 2048 + q
+    (exact: 12 bits times bf16's 8 stay exact in fp32). m16 = 0xF0000 and m12 = 0xF000 are runtime values, so
+    each field is one LOP3 (mask and magic number at once); shifts: none, << 12, >> 12, << 4, >> 4."""
+    up12 = words << 12
+    down12 = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True)
+    k0 = _magic(up12 & m12, 0x45000000)
+    k1 = _magic(up12 & m16, 0x43000000)
+    k2 = _magic((words << 4) & m12, 0x45000000)
+    k3 = _magic(words & m12, 0x45000000)
+    k4 = _magic(words & m16, 0x43000000)
+    k5 = _magic((words.to(tl.uint32, bitcast=True) >> 4).to(tl.int32, bitcast=True) & m16, 0x43000000)
+    k6 = _magic(down12 & m12, 0x45000000)
+    k7 = _magic(down12 & m16, 0x43000000)
+    return tl.interleave(tl.interleave(tl.interleave(k0, k4), tl.interleave(k2, k6)),
+                         tl.interleave(tl.interleave(k1, k5), tl.interleave(k3, k7)))
+
+
+@triton.jit
+def _magic(field, MAGIC: tl.constexpr):
+    return (field | MAGIC).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -443,6 +468,12 @@ INT4_GEMV_CONFIGS = [  # the best of `benchmarks/quant_linear_gpu.py --sweep 1` 
     _cfg(BLOCK_N=8, GROUPS=8, SPLIT_K=1), _cfg(BLOCK_N=16, GROUPS=4, SPLIT_K=1, PREFETCH=1),
     _cfg(BLOCK_N=32, GROUPS=2, SPLIT_K=4, PREFETCH=1), _cfg(BLOCK_N=32, GROUPS=4, SPLIT_K=4),
     _cfg(BLOCK_N=16, GROUPS=8, SPLIT_K=1, PREFETCH=1), _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=1, PREFETCH=1),
+    # paired fields, chosen by offline SASS counts (`benchmarks/sass_count.py`), not yet by a GPU sweep
+    _cfg(BLOCK_N=16, GROUPS=4, SPLIT_K=1, PREFETCH=1, PAIRS=1),
+    _cfg(BLOCK_N=64, GROUPS=1, SPLIT_K=4, PREFETCH=1, PAIRS=1),
+    _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, PREFETCH=1, PAIRS=1),
+    _cfg(BLOCK_N=128, GROUPS=1, SPLIT_K=4, PREFETCH=1, PAIRS=1),
+    _cfg(BLOCK_N=256, GROUPS=1, SPLIT_K=8, PAIRS=1, num_warps=8),
 ]
 INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_stages=4),

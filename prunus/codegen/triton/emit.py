@@ -248,7 +248,8 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
             split += [f"q{d} = rest // L{d}", f"f{d} = rest - q{d} * L{d}", f"rest = q{d}"]
         split += ["f0 = rest", f"i{inner} = f{inner} + tl.arange(0, RB)[:, None]"]
         for d in reversed(range(1, rank)):
-            split += [f"c{d} = tl.where(i{d} >= L{d}, 1, 0)", f"i{d} = i{d} - c{d} * L{d}", f"i{d - 1} = f{d - 1} + c{d}"]
+            split += [f"c{d} = tl.where(i{d} >= L{d}, 1, 0)", f"i{d} = i{d} - c{d} * L{d}",
+                      f"i{d - 1} = f{d - 1} + c{d}"]
         per_row = ["rest = row"]
         for d in reversed(range(1, rank)):  # one division per level: the remainder from the quotient
             per_row += [f"q{d} = rest // L{d}", f"i{d} = rest - q{d} * L{d}", f"rest = q{d}"]

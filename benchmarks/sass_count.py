@@ -1,0 +1,111 @@
+"""Compile a quantized-linear Triton kernel for a GPU without one, and count the instructions of its main loop.
+
+    python benchmarks/sass_count.py --config BLOCK_N=64,GROUPS=2,SPLIT_K=1,PAIRS=1 [--kernel gemv] [--arch 90]
+        [--group 128] [--dump DIR]
+
+To count what the GPU machine runs, put its Triton first on the path (its wheel: `pip install --no-deps
+--target /tmp/t36 triton==3.6.0`, then `PYTHONPATH=/tmp/t36`): the bundled ptxas and cuobjdump come with it.
+Prints the registers, the loop's instruction count by opcode, and instructions per weight code a thread
+handles per step (codes = BLOCK_N * GROUPS * group / threads). The GEMV is issue-bound on an H100 (BENCHMARKS.md,
+"int4 GEMV under Nsight Compute"), so fewer loop instructions per code is the number to lower between GPU runs.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import re
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from prunus.kernels import quant_linear_triton as qt  # noqa: E402
+
+POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
+                cnt_ptr="*i32")
+ALIGNED = {"K", "N", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_ym", "field_mask"}  # multiples of 16
+KERNELS = {"gemv": qt._int4_gemv_kernel, "gemm": qt._int4_gemm_kernel}
+
+
+def compile_kernel(fn, constants: dict, num_warps: int, num_stages: int, arch: int):
+    names = fn.arg_names
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    signature, values, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            values[(i,)] = constants.get(name, defaults.get(name))
+        else:
+            signature[name] = POINTERS.get(name, "i32")
+            if name in POINTERS or name in ALIGNED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def loop_counts(sass: str) -> collections.Counter:
+    """Opcodes between the target of the longest backward branch and that branch: the main loop."""
+    lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z0-9_.]+)([^;]*);", sass)
+    best = None
+    for addr, op, rest in lines:
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if "BRA" in op and target and int(target.group(1), 16) < int(addr, 16):
+            span = (int(target.group(1), 16), int(addr, 16))
+            if best is None or span[1] - span[0] > best[1] - best[0]:
+                best = span
+    if best is None:
+        return collections.Counter()
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", op).split(".")[0] for addr, op, _ in lines
+                               if best[0] <= int(addr, 16) <= best[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
+    ap.add_argument("--config", required=True, help="block sizes and variants, num_warps / num_stages too")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--dump", default=None, help="directory for the .ttgir / .ptx / .sass")
+    args = ap.parse_args()
+    config = {key: int(value) for key, value in (item.split("=") for item in args.config.split(","))}
+    warps, stages = config.pop("num_warps", 4), config.pop("num_stages", 3)
+    kernel = compile_kernel(KERNELS[args.kernel], {"GROUP": args.group, "HAS_BIAS": 0, **config}, warps, stages,
+                            args.arch)
+    cubin = os.path.join(args.dump or "/tmp", "kernel.cubin")
+    os.makedirs(os.path.dirname(cubin), exist_ok=True)
+    with open(cubin, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+    if args.dump:
+        for ext in ("ttgir", "ptx"):
+            with open(os.path.join(args.dump, f"kernel.{ext}"), "w") as f:
+                f.write(kernel.asm[ext])
+        with open(os.path.join(args.dump, "kernel.sass"), "w") as f:
+            f.write(sass)
+    loop = loop_counts(sass)
+    regs = re.search(r"REG:(\d+)", usage)
+    line = f"triton {triton.__version__}, sm_{args.arch}, {args.kernel} {config} warps={warps}: "
+    line += f"registers {regs.group(1) if regs else '?'}, loop {sum(loop.values())} instructions"
+    if args.kernel == "gemv":
+        codes = config["BLOCK_N"] * config["GROUPS"] * args.group // (32 * warps)
+        line += f", {codes} codes a thread a step: {sum(loop.values()) / codes:.2f} a code"
+    print(line)
+    print("  " + ", ".join(f"{op} {n}" for op, n in loop.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
