@@ -228,33 +228,19 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
         params += [f"in{k}_ptr"] + [f"in{k}_s{d}" for d in range(rank)] + [f"in{k}_sn", f"in{k}_n"]
     params += [f"out{j}_ptr" for j in range(len(region.outputs))]
     params += [f"L{d}" for d in range(rank)] + ["ROWS"]
-    # 32-bit row and offset arithmetic unless a tensor spans 2^30 elements (WIDE): a 64-bit division is a long
+    # 32-bit row and offset arithmetic unless a tensor spans 2^31 elements (WIDE): a 64-bit division is a long
     # software sequence, and a rank-3 row index (RoPE's batch, head, position) takes two per row
     body = ["if WIDE:",
-            "    first = pid.to(tl.int64) * RB",
+            "    row = (pid.to(tl.int64) * RB + tl.arange(0, RB))[:, None]",
             "else:",
-            "    first = pid * RB",
-            "row = (first + tl.arange(0, RB))[:, None]",
+            "    row = (pid * RB + tl.arange(0, RB))[:, None]",
             "rmask = row < ROWS",
             "cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]"]
-    if rank == 1:
-        body.append("i0 = row")
-    elif rank:
-        # INC (RB <= the innermost row extent): the program's first row is split into indices once, the others
-        # follow by carries (each index wraps at most once), no division per row. Else one division per level.
-        inner = rank - 1
-        split = ["rest = first"]
-        for d in reversed(range(1, rank)):
-            split += [f"q{d} = rest // L{d}", f"f{d} = rest - q{d} * L{d}", f"rest = q{d}"]
-        split += ["f0 = rest", f"i{inner} = f{inner} + tl.arange(0, RB)[:, None]"]
-        for d in reversed(range(1, rank)):
-            split += [f"c{d} = tl.where(i{d} >= L{d}, 1, 0)", f"i{d} = i{d} - c{d} * L{d}",
-                      f"i{d - 1} = f{d - 1} + c{d}"]
-        per_row = ["rest = row"]
+    if rank:
+        body.append("rest = row")
         for d in reversed(range(1, rank)):  # one division per level: the remainder from the quotient
-            per_row += [f"q{d} = rest // L{d}", f"i{d} = rest - q{d} * L{d}", f"rest = q{d}"]
-        per_row.append("i0 = rest")
-        body += ["if INC:", *("    " + line for line in split), "else:", *("    " + line for line in per_row)]
+            body += [f"q{d} = rest // L{d}", f"i{d} = rest - q{d} * L{d}", f"rest = q{d}"]
+        body.append("i0 = rest")
     for k in range(len(region.inputs)):
         terms = " + ".join(f"i{d} * in{k}_s{d}" for d in range(rank)) or "row * 0"
         body.append(f"in{k}_off = {terms}")
@@ -270,8 +256,8 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
     return params, body, meta
 
 
-# launch constants of every generated kernel: rows per program, columns per program, 64-bit indexing, rows by carries
-CONSTS = ["RB: tl.constexpr", "BLOCK: tl.constexpr", "WIDE: tl.constexpr", "INC: tl.constexpr"]
+# launch constants of every generated kernel: rows per program, columns per program, 64-bit indexing
+CONSTS = ["RB: tl.constexpr", "BLOCK: tl.constexpr", "WIDE: tl.constexpr"]
 
 
 def emit(region: Region) -> tuple[str, str]:
@@ -285,7 +271,7 @@ def emit(region: Region) -> tuple[str, str]:
         "pattern": classify(region),
         "ops": region.ops(),
         "parts": [m for _, _, m in built],
-        "launch": ["WIDE", "INC"],  # launch constants past RB and BLOCK (older modules take none)
+        "wide": True,  # takes WIDE (modules generated before it index in 64 bits always)
     }
     code = []
     if len(parts) == 1:
@@ -312,7 +298,7 @@ def emit(region: Region) -> tuple[str, str]:
                  f"def kernel({', '.join(flat + starts[1:] + CONSTS)}):",
                  "    pid = tl.program_id(0)"]
         for i, group in enumerate(args):
-            call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, RB, BLOCK, WIDE, INC)"
+            call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, RB, BLOCK, WIDE)"
             if i == 0:
                 code.append("    if pid < START1:")
             elif i < len(args) - 1:

@@ -144,7 +144,7 @@ class Kernel:
     def launch(self, inputs: list) -> list:
         parts = self.parts()
         device = inputs[0].device
-        args, outs, blocks, spans, inner = [], [], [], [], []
+        args, outs, blocks, spans = [], [], [], []
         for part in parts:
             tensors = [inputs[i] for i in part["inputs"]]
             rank = part["rank"]
@@ -171,8 +171,6 @@ class Kernel:
                 rows *= s
             args += mine + rows_shape + [rows]
             blocks.append(rows)
-            if rank >= 2:
-                inner.append(rows_shape[-1])
             spans.append(max(resolve(w) for w in part["span"]))
         span = max(spans)
         if max(blocks) == 0 or span == 0:
@@ -184,20 +182,14 @@ class Kernel:
             block = min(_next_pow2(span), 1024)
             col_blocks = -(-span // block)
         rb = min(_next_pow2(max(blocks)), max(1, 2048 // block))
-        flags = self.meta.get("launch", [])
-        wide = _spans_2_31(inputs, outs) if "WIDE" in flags else None
+        wide = {"WIDE": _spans_2_31(inputs, outs)} if self.meta.get("wide") else {}
 
         def run(rb: int, warps: int):
             starts, total = [], 0
             for rows in blocks:  # each part's programs follow the previous part's
                 starts.append(total)
                 total += -(-rows // rb)
-            extra = {}
-            if "WIDE" in flags:
-                extra["WIDE"] = wide
-            if "INC" in flags:  # rows by carries: a program's rows wrap each index at most once
-                extra["INC"] = all(rb <= n for n in inner)
-            self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps, **extra)
+            self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps, **wide)
 
         choice = (rb, _warps(block * rb))
         if device.type == "cuda" and TUNE:

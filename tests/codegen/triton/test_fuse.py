@@ -364,32 +364,3 @@ def test_64_bit_indexing_only_past_2_31_and_both_match(monkeypatch):
         monkeypatch.setattr(runtime, "_spans_2_31", lambda inputs, outs, wide=wide: wide)
         for a, b in zip(ref, opt(q, k, cos, sin)):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-
-
-def test_rows_by_carries_match_per_row_divisions(monkeypatch):
-    g = torch.Generator().manual_seed(4)
-    model = RopeQK()
-    q, k = torch.randn(2, 4, 40, 128, generator=g), torch.randn(2, 2, 40, 128, generator=g)
-    cos, sin = torch.randn(2, 40, 128, generator=g), torch.randn(2, 40, 128, generator=g)
-    opt = _fuse(model, (q, k, cos, sin))
-    kernel = get_kernel(fused_nodes(opt.graph.gm)[0].args[1])
-    launches = []
-
-    class Spy:  # records the launch constants of each launch
-        def __init__(self, jit):
-            self.jit = jit
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs)
-                return self.jit[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(kernel.module, "kernel", Spy(kernel.module.kernel))
-    # 16 rows per program (128 wide) over 40 positions: a program's rows cross position, head and batch ends
-    # (INC); then 5 positions, fewer than a program's rows (per-row divisions)
-    for n, inc in ((40, True), (5, False)):
-        args = (q[:, :, :n], k[:, :, :n], cos[:, :n], sin[:, :n])
-        for a, b in zip(model(*args), opt(*args)):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        assert launches[-1]["INC"] is inc and launches[-1]["RB"] == 16
