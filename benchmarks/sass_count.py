@@ -2,6 +2,7 @@
 
     python benchmarks/sass_count.py --config BLOCK_N=64,GROUPS=2,SPLIT_K=1,PAIRS=1 [--kernel gemv] [--arch 90]
         [--group 128] [--dump DIR]
+    python benchmarks/sass_count.py --fused   # the fuse pass's kernels for fuse_gpu.py's patterns (bf16)
 
 To count what the GPU machine runs, put its Triton first on the path (its wheel: `pip install --no-deps
 --target /tmp/t36 triton==3.6.0`, then `PYTHONPATH=/tmp/t36`): the bundled ptxas and cuobjdump come with it.
@@ -21,6 +22,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fuse_gpu's patterns
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -72,23 +74,67 @@ def loop_counts(sass: str) -> collections.Counter:
                                if best[0] <= int(addr, 16) <= best[1])
 
 
+def fused_counts(arch: int) -> None:
+    """Static SASS size of each generated kernel of `benchmarks/fuse_gpu.py`'s patterns (bf16, small widths:
+    the code does not depend on them), launched as the runtime would at 4096-wide rows (reductions: one row
+    of 4096 a program) or 1024-wide column blocks (two rows a program)."""
+    import fuse_gpu
+    import torch
+
+    import prunus
+    from prunus.codegen.triton import runtime
+
+    fuse_gpu.HIDDEN, fuse_gpu.INTER = 256, 512
+    for name, model, inputs in fuse_gpu.pattern_cases(8, "cpu", torch.bfloat16, 64):
+        opt = prunus.optimize(model.to(torch.bfloat16), "fuse", example_inputs=inputs)
+        for key in runtime.kernels_of(opt.graph.gm):
+            kernel = runtime.get_kernel(key)
+            reduction = any(part["reduction"] for part in kernel.parts())
+            constants = dict(RB=1 if reduction else 2, BLOCK=4096 if reduction else 1024, WIDE=0)
+            fn = kernel.module.kernel
+            signature, values, attrs = {}, {}, {}
+            for i, p in enumerate(fn.params):
+                if p.is_constexpr:
+                    signature[p.name], values[(i,)] = "constexpr", constants[p.name]
+                elif p.name.endswith("_sn"):  # unit last-dim strides: Triton specializes 1 at launch
+                    signature[p.name], values[(i,)] = "constexpr", 1
+                else:
+                    signature[p.name] = "*bf16" if p.name.endswith("_ptr") else "i32"
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs),
+                                      target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
+            sass = _sass(compiled, "/tmp/prunus_fused.cubin")
+            ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+            print(f"{name}: {len(ops)} instructions ({kernel.meta['pattern']}, {constants})")
+
+
+def _sass(compiled, path: str) -> str:
+    with open(path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    return subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
-    ap.add_argument("--config", required=True, help="block sizes and variants, num_warps / num_stages too")
+    ap.add_argument("--config", help="block sizes and variants, num_warps / num_stages too")
+    ap.add_argument("--fused", action="store_true", help="count the fuse pass's kernels instead")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dump", default=None, help="directory for the .ttgir / .ptx / .sass")
     args = ap.parse_args()
+    if args.fused:
+        fused_counts(args.arch)
+        return
+    if not args.config:
+        ap.error("--config is required (or --fused)")
     config = {key: int(value) for key, value in (item.split("=") for item in args.config.split(","))}
     warps, stages = config.pop("num_warps", 4), config.pop("num_stages", 3)
     kernel = compile_kernel(KERNELS[args.kernel], {"GROUP": args.group, "HAS_BIAS": 0, **config}, warps, stages,
                             args.arch)
     cubin = os.path.join(args.dump or "/tmp", "kernel.cubin")
     os.makedirs(os.path.dirname(cubin), exist_ok=True)
-    with open(cubin, "wb") as f:
-        f.write(kernel.asm["cubin"])
-    sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    sass = _sass(kernel, cubin)
     usage = subprocess.run([tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
     if args.dump:
         for ext in ("ttgir", "ptx"):

@@ -308,6 +308,8 @@ def emit(region: Region) -> tuple[str, str]:
             code.append(f"        {call}")
     source = "\n".join([
         f'"""prunus fused kernel ({meta["pattern"]}): {", ".join(meta["ops"])}."""',
+        "import os",
+        "",
         "import torch",
         "import triton",
         "import triton.language as tl",
