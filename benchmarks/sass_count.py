@@ -102,7 +102,8 @@ def fused_counts(arch: int) -> None:
                     signature[p.name] = "*bf16" if p.name.endswith("_ptr") else "i32"
                     attrs[(i,)] = [["tt.divisibility", 16]]
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs),
-                                      target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
+                                      target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=8, enable_fp_fusion=False))  # as the runtime launches
             sass = _sass(compiled, "/tmp/prunus_fused.cubin")
             ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
             print(f"{name}: {len(ops)} instructions ({kernel.meta['pattern']}, {constants})")

@@ -185,11 +185,14 @@ class Kernel:
         wide = {"WIDE": _spans_2_31(inputs, outs)} if self.meta.get("wide") else {}
 
         def run(rb: int, warps: int):
+            # enable_fp_fusion=False: no FMA contraction across the region's ops, each rounds as eager's kernels do
+            # (bf16 products and sums stay mul.rn / add.rn: an fma would skip the product's rounding)
             starts, total = [], 0
             for rows in blocks:  # each part's programs follow the previous part's
                 starts.append(total)
                 total += -(-rows // rb)
-            self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps, **wide)
+            self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps,
+                                                    enable_fp_fusion=False, **wide)
 
         choice = (rb, _warps(block * rb))
         if device.type == "cuda" and TUNE:
