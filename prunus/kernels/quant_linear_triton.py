@@ -297,7 +297,10 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
     DEQUANT = 0: the codes enter the MMA as they are and the scale and zero point apply to the accumulator
     (cheap for few rows). DEQUANT = 1: the tile is dequantized in registers, (q - zero) * scale in fp32 rounded to
-    x's dtype (the dense fallback's weight exactly), then one MMA: for many rows, where the MMA count matters."""
+    x's dtype (the dense fallback's weight exactly), then one MMA: for many rows, where the MMA count matters.
+    DEQUANT = 2 (integer zero points only): q - zero, exact in x's 16-bit type, enters one MMA and the scale
+    applies to the accumulator: half the MMAs of DEQUANT = 0, a packed subtraction per two codes instead of
+    DEQUANT = 1's fp32 dequantization (offline SASS, 64x64x128 tiles: 8 HGMMA a step against 16)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -318,12 +321,26 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         g = k0 // GROUP
         scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.float32)
-        if DEQUANT:
+        if DEQUANT == 1:
             w = ((_nibbles(words, 4, 19, 0x41800000, True) - 16.0 - zero[:, None]) * scale[:, None]).to(dtype)
             if dtype == tl.float32:
                 acc += tl.dot(w, xt, input_precision="ieee")
             else:
                 acc += tl.dot(w, xt)
+        elif DEQUANT == 2:
+            # q - zero in the MMA's type, exact for integer zero points (|q - zero| <= 15): one MMA, no x sums
+            if dtype == tl.bfloat16:
+                w = (_nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True)
+                     - (zero + 128.0).to(tl.bfloat16)[:, None])
+                part = tl.dot(w, xt)
+            elif dtype == tl.float16:
+                w = (_nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True)
+                     - (zero + 1024.0).to(tl.float16)[:, None])
+                part = tl.dot(w, xt)
+            else:
+                part = tl.dot(_nibbles(words, 4, 19, 0x41800000, True) - (16.0 + zero)[:, None], xt,
+                              input_precision="ieee")
+            acc += scale[:, None] * part
         else:
             # bf16/fp16: the weight enters the MMA as offset + q (16-bit magic number: no conversion at all);
             # the offset joins the zero point below.
@@ -500,6 +517,15 @@ INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=1, num_stages=3, num_warps=8),
     _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, DEQUANT=1, num_stages=3, num_warps=8),
     _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=1, num_stages=3, num_warps=8),
+    # q - zero in the MMA (integer zero points): half DEQUANT = 0's MMAs; chosen by offline SASS counts
+    # (`benchmarks/sass_count.py --kernel gemm`), not yet by a GPU sweep: the autotuner times them on the GPU
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, DEQUANT=2, num_stages=4),
+    _cfg(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, DEQUANT=2),
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, DEQUANT=2, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, DEQUANT=2, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=2, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=2, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=2, num_stages=3, num_warps=8),
 ]
 INT8_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_stages=4),
@@ -522,6 +548,8 @@ def _fit(configs, named_args, **kwargs):
         if "BLOCK_M" in kw:
             if kw["BLOCK_M"] > rows:
                 continue
+            if kw.get("DEQUANT") == 2 and named_args["z_ptr"].dtype.is_floating_point:
+                continue  # q - zero is exact in 16 bits only for integer zero points
             if group:
                 kw["BLOCK_K"] = min(kw["BLOCK_K"], group)
         elif "GROUPS" in kw:  # int4 GEMV: whole groups per step, at most 4096 codes (and no more than K holds)
@@ -605,6 +633,8 @@ def _weight_only(x, words, scales, zeros, bias, group, bits, config, gemm: bool)
                 stride_zn=zeros_arg.stride(0), stride_ym=y.stride(0))
     consts = dict(HAS_BIAS=bias is not None) if bits == 8 else dict(GROUP=group, HAS_BIAS=bias is not None)
     if gemm:
+        if config is not None and config.get("DEQUANT") == 2 and zeros.dtype.is_floating_point:
+            raise ValueError("DEQUANT=2 needs integer zero points (q - zero is exact in 16 bits only then)")
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
         _launch(_int4_gemm_kernel, _int4_gemm_tuned, INT4_GEMM_CONFIGS, grid, args, consts, config)

@@ -196,6 +196,22 @@ def test_int4_gemm_kernel_fp16_magic_operand(qt):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32])  # bf16: the interpreter's bf16 is wrong; CUDA test below
+@pytest.mark.parametrize("m, config", [(3, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, DEQUANT=2)),
+                                       (17, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2, DEQUANT=2))],
+                         ids=["codes-minus-zero", "codes-minus-zero-half-groups-split-k"])
+def test_int4_gemm_codes_minus_zero(qt, m, config, dtype):
+    q, qw, s, z = int4_weight(40, 64, 32, seed=m, dtype=dtype)
+    x, b = torch.randn(m, 64, generator=_gen(16)).to(dtype), torch.randn(40, generator=_gen(17)).to(dtype)
+    y = qt.int4_gemm(*to(DEVICE, x, qw, s, z, b), 32, config)
+    ref = ops.linear_int4(x.float(), qw, s.float(), z, b.float(), 32)
+    torch.testing.assert_close(y.cpu().float(), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="integer zero points"):
+        _, qw, s, zf = int4_weight(40, 64, 32, seed=m, float_zeros=True, dtype=dtype)
+        qt.int4_gemm(*to(DEVICE, x, qw, s, zf, b), 32, config)
+
+
+@needs_kernels
 @pytest.mark.parametrize("n, k, group", [(33, 96, 32), (9, 2048, 8)], ids=["one-program-per-row-block", "two-along-k"])
 def test_int4_dequantize_kernel_is_exact(qt, n, k, group):
     _, qw, s, z = int4_weight(n, k, group, seed=6)
@@ -256,6 +272,26 @@ def test_cuda_linear_int4_dispatch(m, group):
     y = ops.linear_int4(*to("cuda", x, qw, s, z, b), group)
     assert y.dtype == torch.bfloat16
     assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, group).T + b.float()) < 1e-2
+
+
+def _tuned_configs():
+    from prunus.kernels import quant_linear_triton as qt
+
+    return ([("gemv", c) for c in qt.INT4_GEMV_CONFIGS] + [("gemm", c) for c in qt.INT4_GEMM_CONFIGS]
+            if CUDA else [])
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind, config", _tuned_configs(), ids=lambda v: v if isinstance(v, str) else str(v.kwargs))
+def test_cuda_every_autotuned_int4_config_is_correct(qt, kind, config):
+    """The autotuner picks by time alone: every candidate must be right (bf16, on the GPU)."""
+    q, qw, s, z = int4_weight(300, 1024, 128, seed=5, dtype=torch.bfloat16)
+    m = 1 if kind == "gemv" else max(16, config.kwargs["BLOCK_M"])
+    x = torch.randn(m, 1024, generator=_gen(26)).bfloat16()
+    launch = qt.int4_gemv if kind == "gemv" else qt.int4_gemm
+    cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    y = launch(*to("cuda", x, qw, s, z), None, 128, cfg)
+    assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 128).T) < 1e-2
 
 
 @needs_cuda
