@@ -228,7 +228,7 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
         params += [f"in{k}_ptr"] + [f"in{k}_s{d}" for d in range(rank)] + [f"in{k}_sn", f"in{k}_n"]
     params += [f"out{j}_ptr" for j in range(len(region.outputs))]
     params += [f"L{d}" for d in range(rank)] + ["ROWS"]
-    # 32-bit row and offset arithmetic unless a tensor spans 2^31 elements (WIDE): a 64-bit division is a long
+    # 32-bit row and offset arithmetic unless a tensor's offsets reach 2^30 (WIDE): a 64-bit division is a long
     # software sequence, and a rank-3 row index (RoPE's batch, head, position) takes two per row
     body = ["if WIDE:",
             "    row = (pid.to(tl.int64) * RB + tl.arange(0, RB))[:, None]",
