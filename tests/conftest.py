@@ -15,6 +15,14 @@ torch.set_num_threads(1)  # two xdist workers share two cores
 
 CLEANUP = "dce, fold_constants, simplify_masks"
 
+# where the Triton kernels run: the interpreter on the CPU (the default here), compiled on CUDA otherwise
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cuda" if CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (and TRITON_INTERPRET unset or 0)")
+SMALL_ATTENTION = dict(BLOCK_N=16, num_warps=4, num_stages=1)  # decode-attention kernels at interpreter sizes
+
 
 def main_output(out):
     """The tensor a test compares: logits, else the last hidden state, else the first output."""

@@ -101,6 +101,31 @@ def _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, splits_total, rows, 
         tl.store(ml_ptr + ML_STRIDE + slot, l_i, mask=row_ok)
 
 
+@triton.jit
+def _stage1_program(HK, group, t, BLOCK_H: tl.constexpr):
+    """A stage-1 program's place: (split, bg = b * HK + g, b, g, M = group * t, its rows of the M query rows
+    (group heads x t tokens), which of them exist, each row's token)."""
+    split = tl.program_id(0)
+    bg = tl.program_id(1)
+    M = group * t
+    rows = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return split, bg, bg // HK, bg % HK, M, rows, rows < M, rows % t
+
+
+@triton.jit
+def _stage1_finish(acc, m_i, l_i, q, kn_base, vn_base, sknn, svnn, split, bg, rows, row_ok, M, t, tok, o_ptr,
+                   ml_ptr, ML_STRIDE, qk_scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The last split attends the t new tokens (causal); every split then stores its partial."""
+    splits = tl.num_programs(0)
+    if split == splits - 1:
+        acc, m_i, l_i = _scan(acc, m_i, l_i, q, kn_base, vn_base, sknn, svnn, 0, t, tok, qk_scale, True, D, DV,
+                              BLOCK_D, BLOCK_DV, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, splits, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
+                   offs_dv < DV, True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # kernels
 
@@ -111,14 +136,7 @@ def _stage1_kernel(q_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, len_ptr, o_ptr, ml_ptr
                    sqb, sqh, sqt, skpb, skph, skpn, svpb, svph, svpn, sknb, sknh, sknn, svnb, svnh, svnn, slb, slh,
                    HAS_LENGTHS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    bg = tl.program_id(1)
-    b = bg // HK
-    g = bg % HK
-    M = group * t
-    rows = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < M
-    tok = rows % t
+    split, bg, b, g, M, rows, row_ok, tok = _stage1_program(HK, group, t, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
@@ -132,13 +150,8 @@ def _stage1_kernel(q_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, len_ptr, o_ptr, ml_ptr
         hi = tl.minimum(lo + split_len, length)
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kp_ptr + b * skpb + g * skph, vp_ptr + b * svpb + g * svph,
                               skpn, svpn, lo, hi, tok, qk_scale, False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
-    splits = tl.num_programs(0)
-    if split == splits - 1:
-        acc, m_i, l_i = _scan(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh,
-                              sknn, svnn, 0, t, tok, qk_scale, True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, splits, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
-                   offs_dv < DV, True)
+    _stage1_finish(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh, sknn, svnn, split,
+                   bg, rows, row_ok, M, t, tok, o_ptr, ml_ptr, ML_STRIDE, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
 
 
 @triton.jit

@@ -26,6 +26,7 @@ from prunus.kernels.decode_attention_triton import (
     _load_rows,
     _online_softmax,
     _scan,
+    _stage1_program,
     _store_partial,
     _tile,
 )
@@ -67,14 +68,7 @@ def _quant_stage1_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, 
                          BITS: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    bg = tl.program_id(1)
-    b = bg // HK
-    g = bg % HK
-    M = group * t
-    rows = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < M
-    tok = rows % t
+    split, bg, b, g, M, rows, row_ok, tok = _stage1_program(HK, group, t, BLOCK_H)
     DT: tl.constexpr = q_ptr.dtype.element_ty
     LANES: tl.constexpr = 8 // BITS  # channels per byte
     BD: tl.constexpr = BLOCK_D // LANES

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from prunus.kernels import decode_attention_triton as dat
-from prunus.kernels.decode_attention_triton import _load_rows, _scan, _store_partial
+from prunus.kernels.decode_attention_triton import _load_rows, _scan, _stage1_finish, _stage1_program
 
 DEFAULT_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
@@ -30,14 +30,7 @@ def _pruned_stage1_kernel(q_ptr, ch_ptr, kp_ptr, kr_ptr, vp_ptr, kn_ptr, vn_ptr,
                           D: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_H: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                           BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    bg = tl.program_id(1)
-    b = bg // HK
-    g = bg % HK
-    M = group * t
-    rows = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < M
-    tok = rows % t
+    split, bg, b, g, M, rows, row_ok, tok = _stage1_program(HK, group, t, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
@@ -57,13 +50,8 @@ def _pruned_stage1_kernel(q_ptr, ch_ptr, kp_ptr, kr_ptr, vp_ptr, kn_ptr, vn_ptr,
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kr_ptr + b * skrb + g * skrh, vp_base + n_p * svpn, skrn, svpn,
                               tl.maximum(lo, n_p) - n_p, hi - n_p, tok, qk_scale, False, D, DV, BLOCK_D,
                               BLOCK_DV, BLOCK_N)
-    splits = tl.num_programs(0)
-    if split == splits - 1:
-        acc, m_i, l_i = _scan(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh,
-                              sknn, svnn, 0, t, tok, qk_scale, True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, splits, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
-                   offs_dv < DV, True)
+    _stage1_finish(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh, sknn, svnn, split,
+                   bg, rows, row_ok, M, t, tok, o_ptr, ml_ptr, ML_STRIDE, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
 
 
 def _scores(q, k_past, k_new, lse, probs, n: int, scale: float, with_new: bool):

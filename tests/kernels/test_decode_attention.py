@@ -1,21 +1,14 @@
 """decode_attention ops: the reference against SDPA on the concatenated, GQA-repeated cache; the Triton
 flash-decoding kernels against the reference (CPU: under TRITON_INTERPRET=1, small shapes, fp32; CUDA: the real
 kernels, bf16)."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from prunus.kernels import decode_attention as da
+from tests.conftest import CUDA, DEVICE, needs_kernels, needs_cuda, SMALL_ATTENTION as SMALL
 
 ops = torch.ops.prunus
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if CUDA else "cpu"
-needs_kernels = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (and TRITON_INTERPRET unset or 0)")
-SMALL = dict(BLOCK_N=16, num_warps=4, num_stages=1)
 
 
 def make(b, h, hk, t, n, d, dv=None, seed=0, dtype=torch.float32, lengths=False):

@@ -1,7 +1,5 @@
 """In-place eviction at a full KV cache (`kernels.kv_evict`): the Triton kernel against the torch reference, exactly
 (CPU: under TRITON_INTERPRET=1, small shapes, fp32; CUDA: the real kernel)."""
-import os
-
 import pytest
 import torch
 
@@ -9,11 +7,9 @@ from prunus.kernels import kv_evict
 from prunus.passes.kv import storage
 from prunus.passes.kv.policies import H2O
 from prunus.passes.kv.storage import LayerCache
+from tests.conftest import CUDA, DEVICE, needs_kernels
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_kernels
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,14 @@
 """KIVI-style quantized cache: packing, quantize -> dequantize error bounds, the reference against
 decode_attention on the dequantized cache, the Triton kernel against the reference (CPU: TRITON_INTERPRET=1,
 small shapes, fp32; CUDA: the real kernel, bf16), and the op under torch.export."""
-import os
-
 import pytest
 import torch
 
 from prunus.kernels import decode_attention as da
 from prunus.kernels import kv_quant as kq
+from tests.conftest import CUDA, DEVICE, needs_kernels, needs_cuda, SMALL_ATTENTION as SMALL
 
 ops = torch.ops.prunus
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if CUDA else "cpu"
-needs_kernels = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (and TRITON_INTERPRET unset or 0)")
-SMALL = dict(BLOCK_N=16, num_warps=4, num_stages=1)
 
 
 def cache(b, h, hk, t, n_q, r, d, dv, bits, group, seed=0, dtype=torch.float32):

@@ -1,18 +1,10 @@
 """ThinK's attention over pruned key channels: the Triton kernels (CPU: TRITON_INTERPRET=1, small shapes, fp32;
 CUDA: bf16, llama shapes) against the reference, output and per-entry probabilities."""
-import os
-
 import pytest
 import torch
 
 from prunus.passes.kv.pruned_keys import decode_attention_pruned_keys_reference as reference
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if CUDA else "cpu"
-needs_kernels = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (and TRITON_INTERPRET unset or 0)")
-SMALL = dict(BLOCK_N=16, num_warps=4, num_stages=1)
+from tests.conftest import CUDA, DEVICE, needs_kernels, needs_cuda, SMALL_ATTENTION as SMALL
 
 
 def inputs(b, h, hk, t, n_p, n_r, d, kept, seed=0, dtype=torch.float32):

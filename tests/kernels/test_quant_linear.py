@@ -1,21 +1,15 @@
 """Quantized linear ops: packed format, references against the formulas, Triton kernels against the
 references (CPU: under TRITON_INTERPRET=1, small shapes, fp32; CUDA: the real kernels), fake impls under
 torch.export."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import prunus.kernels as pk
 from prunus.kernels import quant_linear as ql
+from tests.conftest import CUDA, DEVICE, needs_kernels, needs_cuda
 
 ops = torch.ops.prunus
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if CUDA else "cpu"
-needs_kernels = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (and TRITON_INTERPRET unset or 0)")
 
 
 def _gen(seed):
