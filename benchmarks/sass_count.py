@@ -74,7 +74,7 @@ def loop_counts(sass: str) -> collections.Counter:
                                if best[0] <= int(addr, 16) <= best[1])
 
 
-def fused_counts(arch: int) -> None:
+def fused_counts(arch: int, fp_fusion: bool = False) -> None:
     """Static SASS size of each generated kernel of `benchmarks/fuse_gpu.py`'s patterns (bf16, small widths:
     the code does not depend on them), launched as the runtime would at 4096-wide rows (reductions: one row
     of 4096 a program) or 1024-wide column blocks (two rows a program)."""
@@ -103,7 +103,7 @@ def fused_counts(arch: int) -> None:
                     attrs[(i,)] = [["tt.divisibility", 16]]
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs),
                                       target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=8, enable_fp_fusion=False))  # as the runtime launches
+                                      options=dict(num_warps=8, enable_fp_fusion=fp_fusion))
             sass = _sass(compiled, "/tmp/prunus_fused.cubin")
             ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
             print(f"{name}: {len(ops)} instructions ({kernel.meta['pattern']}, {constants})")
@@ -120,12 +120,14 @@ def main() -> None:
     ap.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
     ap.add_argument("--config", help="block sizes and variants, num_warps / num_stages too")
     ap.add_argument("--fused", action="store_true", help="count the fuse pass's kernels instead")
+    ap.add_argument("--fp-fusion", action="store_true",
+                    help="--fused: compile with FMA contraction on (the runtime launches with it off since 004a615)")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dump", default=None, help="directory for the .ttgir / .ptx / .sass")
     args = ap.parse_args()
     if args.fused:
-        fused_counts(args.arch)
+        fused_counts(args.arch, args.fp_fusion)
         return
     if not args.config:
         ap.error("--config is required (or --fused)")
