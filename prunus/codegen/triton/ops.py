@@ -72,7 +72,7 @@ def _round_to(x, dtype):
 # conversion pair: Triton keeps each rounding and emits bf16 arithmetic where the operands allow (mul.rn.bf16x2,
 # add.rn.bf16x2: each op correctly rounded, which for bf16 operands equals eager's fp32 op then rounding; the
 # runtime launches with FMA contraction off, which would fuse a product into a sum unrounded). Through the bits
-# instead costs five integer instructions a rounding: RoPE's kernel is 400 SASS instructions against 904 before
+# instead costs about four integer instructions a rounding: RoPE's kernel is 400 SASS instructions against 904 before
 # (BENCHMARKS.md, "Static SASS counts"). The interpreter's bf16 conversion truncates, so there the rounding goes
 # through the bits.
 ROUND_BF16 = """INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
