@@ -2,6 +2,8 @@
 
     python benchmarks/quant_linear_gpu.py [--explore] [--report PATH]
     python benchmarks/quant_linear_gpu.py --sweep 1,64,256 [--sweep-shapes 4096x4096] [--sweep-log PATH]
+        [--sweep-table prunus/kernels/measured_configs.json]
+    python benchmarks/quant_linear_gpu.py --table-from-log LOG --device-name NAME --sweep-table PATH
 
 Times `torch.ops.prunus.linear_int4` (group 128) at M = 1, 16, 64, 256 rows and `linear_int8` at M = 1, 256
 for the Llama-3-8B projection shapes, bf16 activations. Each figure is the median over 20 replays of a CUDA
@@ -13,7 +15,9 @@ device-copy ceiling measured on the H100. `--explore` also times every int4 kern
 GEMM, dequantize + cuBLAS) at M = 1..1024: the dispatch thresholds in `prunus.kernels.quant_linear` come
 from that table. `--sweep` times every candidate launch config of the int4 GEMV (M = 1) or tensor-core kernel
 (M > 1) explicitly, without the autotuner, and prints the best five per shape and M: the autotuner's config
-lists in `prunus.kernels.quant_linear_triton` come from it.
+lists in `prunus.kernels.quant_linear_triton` come from it, and `--sweep-table` merges each shape's winner into
+the table of measured configs the ops use as is (`measured_configs.json`, keyed by the GPU's name).
+`--table-from-log` does the same from a `--sweep-log` file, offline.
 """
 from __future__ import annotations
 
@@ -252,7 +256,47 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
     return out
 
 
-def sweep(gen, ms, out_path, shapes=SHAPES):
+def merge_winners(path: str, device: str, winners: dict) -> None:
+    """Merge {(kernel, shape key): config} into the measured-config table at `path` under `device`."""
+    import json
+
+    table = json.loads(open(path).read()) if os.path.exists(path) else {}
+    for (kernel, key), cfg in winners.items():
+        table.setdefault(device, {}).setdefault(kernel, {})[key] = cfg
+    lines = []  # one config a line, sorted: reviewable diffs
+    for device in sorted(table):
+        kernels = [f'  "{kernel}": {{\n' + ",\n".join(
+            f"    {json.dumps(key)}: {json.dumps(cfg, sort_keys=True)}" for key, cfg in sorted(entries.items()))
+            + "\n  }" for kernel, entries in sorted(table[device].items())]
+        lines.append(f"{json.dumps(device)}: {{\n" + ",\n".join(kernels) + "\n}")
+    text = "{\n" + ",\n".join(lines) + "\n}\n"
+    json.loads(text)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def winner_entry(k: int, n: int, m: int, cfg: dict) -> tuple:
+    from prunus.kernels.quant_linear_triton import shape_key
+
+    return ("int4_gemv" if m == 1 else "int4_gemm", shape_key(m, n, k, GROUP)), cfg
+
+
+def table_from_log(log_path: str) -> dict:
+    """The fastest finite config per (shape, M) of a `--sweep-log` file."""
+    import ast
+
+    best: dict = {}
+    for line in open(log_path):
+        shape, m, t, rest = line.split(" ", 3)
+        cfg = ast.literal_eval(rest[:rest.rindex("}") + 1])
+        k, n = (int(v) for v in shape.split("->"))
+        m, t = int(m[2:]), float(t)
+        if math.isfinite(t) and t < best.get((k, n, m), (math.inf,))[0]:
+            best[(k, n, m)] = (t, cfg)
+    return dict(winner_entry(k, n, m, cfg) for (k, n, m), (_, cfg) in best.items())
+
+
+def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None):
     """Time every candidate config of the int4 kernels explicitly (no autotuner): the config lists in
     `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M."""
     from prunus.kernels import quant_linear_triton as qt
@@ -276,6 +320,8 @@ def sweep(gen, ms, out_path, shapes=SHAPES):
                     print(f"{k}->{n} M={m} {t:.2f} {cfg} {err}", file=log, flush=True)
             t_d = case.time_dense(m)
             results.sort(key=lambda r: r[0])
+            if table_path and math.isfinite(results[0][0]):
+                merge_winners(table_path, torch.cuda.get_device_name(), dict([winner_entry(k, n, m, results[0][1])]))
             print(f"\n{k}->{n} M={m}: bf16 {t_d:.1f} µs; best:", flush=True)
             for t, cfg, err in results[:5]:
                 print(f"  {t:.1f} µs ({t_d / t:.2f}x bf16) {cfg} err {err}", flush=True)
@@ -288,15 +334,23 @@ def main() -> None:
     ap.add_argument("--sweep", default=None, help="time every candidate int4 config at these M (e.g. 1,64) and exit")
     ap.add_argument("--sweep-shapes", default=None, help="only these K,N shapes, e.g. 4096x4096,14336x4096")
     ap.add_argument("--sweep-log", default=None, help="file to append every swept config's time to")
+    ap.add_argument("--sweep-table", default=None, help="measured-config table (JSON) to merge each winner into")
+    ap.add_argument("--table-from-log", default=None, help="merge the winners of this --sweep-log into --sweep-table")
+    ap.add_argument("--device-name", default=None, help="with --table-from-log: the GPU name the log was measured on")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     args = ap.parse_args()
+    if args.table_from_log:
+        if not (args.sweep_table and args.device_name):
+            sys.exit("--table-from-log needs --sweep-table and --device-name")
+        merge_winners(args.sweep_table, args.device_name, table_from_log(args.table_from_log))
+        return
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.sweep:
         shapes = ([tuple(int(d) for d in s.split("x")) for s in args.sweep_shapes.split(",")]
                   if args.sweep_shapes else SHAPES)
-        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes)
+        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table)
         return
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",

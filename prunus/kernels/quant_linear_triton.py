@@ -24,13 +24,22 @@ Two tricks keep the unpacking cheap (no int -> float conversion instructions, wh
 - offsets and zero points out of the inner loop: within a group, sum_k x_k (c + q_k - (c + z)) s =
   s (sum_k x_k (c + q_k) - (c + z) sum_k x_k), so the offset c joins the zero point once per group.
 
+Launch configs: a config measured fastest for the exact shape on this GPU model (`measured_configs.json`, from
+`benchmarks/quant_linear_gpu.py --sweep ... --sweep-table`) is used as is; other shapes and GPUs autotune over
+the config lists below. The table makes the choice reproducible: the autotuner times each candidate once with
+L2 flushes between calls and picked configs up to 10% slower than the sweep's winner (H100, 4096->14336 at 1 row:
+21.1 against 19.0 µs). PRUNUS_MEASURED_CONFIGS=0 turns the table off.
+
 Split-K: with few output blocks, the K range is split over SPLIT_K programs whose fp32 partials meet in a
 workspace by atomic adds; the last program of a tile to arrive (a counter says which) writes the output
 and zeroes its workspace and counter for the next launch, so one launch does the whole op.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -171,9 +180,10 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     BLOCK_N=64, GROUPS=2 (128 codes): 724, 597, 558. MASKREG takes the field mask as the runtime `field_mask`
     (0x780000), so that mask and magic number meet in one LOP3 (with both immediates ptxas emits two). PAIRS
     also serves two fields with one shift (`_codes_paired`). Equal results (PAIRS: within 3e-4 relative for fp32
-    activations, exact products for 16-bit ones). Not yet timed on a GPU: PAIRS configs with the fewest
-    instructions a code (3.7-4.9 against 7.3) joined the autotuned list, where the autotuner times them against
-    the measured ones on the user's GPU, and `quant_linear_gpu.py --sweep 1` times them all.
+    activations, exact products for 16-bit ones). On the H100 they gain less than the counts promise (the
+    kernel is issue-bound only in part): 4096->14336 at 1 row 19.0 µs with PAIRS (3.7 instructions a code)
+    against 20.2 for the best plain config; 14336->4096 20.3 with MASKREG against 21.1 (`quant_linear_gpu.py
+    --sweep 1`, BENCHMARKS.md).
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -485,7 +495,10 @@ INT4_GEMV_CONFIGS = [  # the best of `benchmarks/quant_linear_gpu.py --sweep 1` 
     _cfg(BLOCK_N=8, GROUPS=8, SPLIT_K=1), _cfg(BLOCK_N=16, GROUPS=4, SPLIT_K=1, PREFETCH=1),
     _cfg(BLOCK_N=32, GROUPS=2, SPLIT_K=4, PREFETCH=1), _cfg(BLOCK_N=32, GROUPS=4, SPLIT_K=4),
     _cfg(BLOCK_N=16, GROUPS=8, SPLIT_K=1, PREFETCH=1), _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=1, PREFETCH=1),
-    # paired fields, chosen by offline SASS counts (`benchmarks/sass_count.py`), not yet by a GPU sweep
+    # fewer instructions a code (offline SASS counts, `benchmarks/sass_count.py`); the H100 sweep's winners at
+    # 4096->14336 (PAIRS, 19.0 µs against 20.2 for the best plain config) and 14336->4096 (MASKREG, 20.3 vs 21.1)
+    _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, PREFETCH=1, MASKREG=1),
+    _cfg(BLOCK_N=8, GROUPS=4, SPLIT_K=1, PREFETCH=1, PAIRS=1),
     _cfg(BLOCK_N=16, GROUPS=4, SPLIT_K=1, PREFETCH=1, PAIRS=1),
     _cfg(BLOCK_N=64, GROUPS=1, SPLIT_K=4, PREFETCH=1, PAIRS=1),
     _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, PREFETCH=1, PAIRS=1),
@@ -517,8 +530,8 @@ INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=1, num_stages=3, num_warps=8),
     _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, DEQUANT=1, num_stages=3, num_warps=8),
     _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=1, num_stages=3, num_warps=8),
-    # q - zero in the MMA (integer zero points): half DEQUANT = 0's MMAs; chosen by offline SASS counts
-    # (`benchmarks/sass_count.py --kernel gemm`), not yet by a GPU sweep: the autotuner times them on the GPU
+    # q - zero in the MMA (integer zero points): half DEQUANT = 0's MMAs (offline SASS counts,
+    # `benchmarks/sass_count.py --kernel gemm`); the H100 sweep's winners at 64 rows on every shape
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, DEQUANT=2, num_stages=4),
     _cfg(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, DEQUANT=2),
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, DEQUANT=2, num_stages=4),
@@ -572,6 +585,32 @@ _int4_gemv_tuned = _tuned(_int4_gemv_kernel, INT4_GEMV_CONFIGS, ["M", "N", "K", 
 _int4_gemm_tuned = _tuned(_int4_gemm_kernel, INT4_GEMM_CONFIGS, ["M_BUCKET", "N", "K", "GROUP"])
 _int8_gemm_tuned = _tuned(_int8_gemm_kernel, INT8_GEMM_CONFIGS, ["M_BUCKET", "N", "K"])
 _int8_weight_gemm_tuned = _tuned(_int8_gemm_kernel, INT8_WEIGHT_GEMM_CONFIGS, ["M_BUCKET", "N", "K"])
+
+
+MEASURED_CONFIGS_PATH = Path(__file__).with_name("measured_configs.json")
+
+
+@functools.cache
+def measured_configs() -> dict:
+    """{GPU name: {kernel: {shape key: config}}}: the fastest config the sweep measured (see the module doc)."""
+    if os.environ.get("PRUNUS_MEASURED_CONFIGS", "1") == "0" or not MEASURED_CONFIGS_PATH.exists():
+        return {}
+    return json.loads(MEASURED_CONFIGS_PATH.read_text())
+
+
+def shape_key(M: int, N: int, K: int, group: int) -> str:
+    """The table's key: the weight's shape, the group size and the row bucket (`m_bucket`)."""
+    return f"{K}x{N}/g{group}/m{m_bucket(M)}"
+
+
+def measured_config(kernel: str, device_name: str, M: int, N: int, K: int, group: int) -> dict | None:
+    """The measured config of `kernel` ("int4_gemv", "int4_gemm") on this GPU model and shape, or None."""
+    return measured_configs().get(device_name, {}).get(kernel, {}).get(shape_key(M, N, K, group))
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _launch(kernel, tuned, configs, grid, args, consts, config):
@@ -632,6 +671,11 @@ def _weight_only(x, words, scales, zeros, bias, group, bits, config, gemm: bool)
                 stride_xm=x.stride(0), stride_wn=words.stride(0), stride_sn=scales.stride(0),
                 stride_zn=zeros_arg.stride(0), stride_ym=y.stride(0))
     consts = dict(HAS_BIAS=bias is not None) if bits == 8 else dict(GROUP=group, HAS_BIAS=bias is not None)
+    if bits == 4 and config is None:
+        config = None if INTERPRET or x.device.type != "cuda" else measured_config(
+            "int4_gemm" if gemm else "int4_gemv", _device_name(x.device.index or 0), M, N, K, group)
+        if config is not None and config.get("DEQUANT") == 2 and zeros.dtype.is_floating_point:
+            config = None  # measured with integer zero points: autotune over the configs that fit float ones
     if gemm:
         if config is not None and config.get("DEQUANT") == 2 and zeros.dtype.is_floating_point:
             raise ValueError("DEQUANT=2 needs integer zero points (q - zero is exact in 16 bits only then)")

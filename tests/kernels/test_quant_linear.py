@@ -1,6 +1,8 @@
 """Quantized linear ops: packed format, references against the formulas, Triton kernels against the
 references (CPU: under TRITON_INTERPRET=1, small shapes, fp32; CUDA: the real kernels), fake impls under
 torch.export."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -286,6 +288,65 @@ def test_cuda_every_autotuned_int4_config_is_correct(qt, kind, config):
     cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     y = launch(*to("cuda", x, qw, s, z), None, 128, cfg)
     assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 128).T) < 1e-2
+
+
+def _measured_configs():
+    from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
+
+    table = json.loads(MEASURED_CONFIGS_PATH.read_text())
+    return [(kernel, cfg) for kernels in table.values() for kernel, entries in kernels.items()
+            for cfg in entries.values()]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel, config", _measured_configs(), ids=lambda v: v if isinstance(v, str) else
+                         ",".join(f"{k}={v}" for k, v in v.items() if k.isupper()))
+def test_every_measured_int4_config_is_correct(qt, kernel, config):
+    """The measured-config table's entries run as given (no autotuner, no fitting): each must be right."""
+    m = 1 if kernel == "int4_gemv" else 17
+    n = config["BLOCK_N"] + 8  # a partial last block of outputs
+    q, qw, s, z = int4_weight(n, 256, 128, seed=7)  # two groups: SPLIT_K=4 leaves empty splits
+    x = torch.randn(m, 256, generator=_gen(27))
+    launch = qt.int4_gemv if kernel == "int4_gemv" else qt.int4_gemm
+    y = launch(*to(DEVICE, x, qw, s, z), None, 128, config)
+    tol = 1e-3 if config.get("PAIRS") else 1e-4  # see test_int4_gemv_kernel
+    torch.testing.assert_close(y.cpu(), ops.linear_int4(x, qw, s, z, None, 128), rtol=tol, atol=tol)
+
+
+@needs_kernels
+def test_measured_config_lookup(qt, monkeypatch):
+    table = {"GPU A": {"int4_gemv": {"4096x14336/g128/m1": {"BLOCK_N": 128}},
+                       "int4_gemm": {"4096x14336/g128/m64": {"BLOCK_M": 64}}}}
+    monkeypatch.setattr(qt, "measured_configs", lambda: table)
+    assert qt.shape_key(40, 14336, 4096, 128) == "4096x14336/g128/m64"  # rows by power-of-two bucket
+    assert qt.measured_config("int4_gemv", "GPU A", 1, 14336, 4096, 128) == {"BLOCK_N": 128}
+    assert qt.measured_config("int4_gemm", "GPU A", 33, 14336, 4096, 128) == {"BLOCK_M": 64}
+    assert qt.measured_config("int4_gemm", "GPU A", 65, 14336, 4096, 128) is None  # another bucket: autotune
+    assert qt.measured_config("int4_gemm", "GPU A", 64, 14336, 4096, 64) is None  # another group size
+    assert qt.measured_config("int4_gemv", "GPU B", 1, 14336, 4096, 128) is None  # another GPU
+
+
+def test_measured_config_table_off_and_from_sweep_log(qt, monkeypatch, tmp_path):
+    from benchmarks.quant_linear_gpu import merge_winners, table_from_log
+
+    qt.measured_configs.cache_clear()
+    monkeypatch.setenv("PRUNUS_MEASURED_CONFIGS", "0")
+    assert qt.measured_configs() == {}
+    qt.measured_configs.cache_clear()
+    monkeypatch.delenv("PRUNUS_MEASURED_CONFIGS")
+    assert "NVIDIA H100 80GB HBM3" in qt.measured_configs()
+    log = tmp_path / "sweep.log"
+    log.write_text("4096->4096 M=1 9.50 {'BLOCK_N': 8, 'GROUPS': 4} 0.0023\n"
+                   "4096->4096 M=1 8.25 {'BLOCK_N': 16, 'GROUPS': 2} 0.0023\n"
+                   "4096->4096 M=1 inf {'BLOCK_N': 32, 'GROUPS': 2} OutOfResources\n"
+                   "4096->4096 M=64 15.80 {'BLOCK_M': 64, 'DEQUANT': 2} 0.0023\n")
+    path = tmp_path / "table.json"
+    merge_winners(str(path), "GPU A", {("int4_gemv", "4096x4096/g128/m1"): {"BLOCK_N": 64}})
+    merge_winners(str(path), "GPU B", table_from_log(str(log)))
+    assert json.loads(path.read_text()) == {
+        "GPU A": {"int4_gemv": {"4096x4096/g128/m1": {"BLOCK_N": 64}}},
+        "GPU B": {"int4_gemv": {"4096x4096/g128/m1": {"BLOCK_N": 16, "GROUPS": 2}},
+                  "int4_gemm": {"4096x4096/g128/m64": {"BLOCK_M": 64, "DEQUANT": 2}}}}
 
 
 @needs_cuda
