@@ -190,11 +190,35 @@ def bench_one(name, module, inputs, rows, on_gpu):
         if on_gpu:
             compiled = torch.compile(module)
             comp = time_us(compiled, sets)
+            if PROFILE_DIR:
+                for name, fn in (("eager", base.graph.gm), ("compile", compiled), ("prunus", fused.graph.gm)):
+                    profile_kernels(name, fn, ids)
     ceiling = nbytes / COPY_CEILING * 1e6
     result = dict(pattern=name, rows=rows, nbytes=nbytes, eager=eager, compile=comp, ours=ours,
                   ceiling=ceiling, err=err, correct=correct, fused=fused)
     print(result, flush=True)
     return result
+
+
+PROFILE_DIR = None  # --profile-e2e
+
+
+def profile_kernels(name: str, fn, ids) -> None:
+    """The GPU kernels of 5 calls of fn(ids), by total time, to PROFILE_DIR/<name>.txt (with the kernel count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn(ids)
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    os.makedirs(PROFILE_DIR, exist_ok=True)
+    with open(os.path.join(PROFILE_DIR, f"{name}.txt"), "w") as f:
+        f.write(f"{len(events) / 5:.0f} kernels a call, {sum(e.device_time for e in events) / 5:.1f} us of kernel "
+                f"time a call\n{table}\n")
+    print(f"profile {name}: {len(events) / 5:.0f} kernels a call, "
+          f"{sum(e.device_time for e in events) / 5:.1f} us of kernel time a call", flush=True)
 
 
 def bench_end_to_end(dev, dtype, layers: int, smoke: bool):
@@ -227,6 +251,9 @@ def bench_end_to_end(dev, dtype, layers: int, smoke: bool):
             compiled(ids)
             compile_s = time.perf_counter() - t0
             comp = time_us(compiled, sets)
+            if PROFILE_DIR:
+                for name, fn in (("eager", base.graph.gm), ("compile", compiled), ("prunus", fused.graph.gm)):
+                    profile_kernels(name, fn, ids)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(layers=layers if not smoke else model.config.num_hidden_layers, eager=eager, compile=comp,
                 ours=ours, ceiling=weight_bytes / COPY_CEILING * 1e6, err=err, top1=top1, notes=notes,
@@ -287,9 +314,12 @@ def main():
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the script")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--profile-e2e", default=None, help="directory for per-kernel profiles of the end-to-end forward")
     ap.add_argument("--kv-context", type=int, default=1024,
                     help="cache entries of the end-to-end kv_cache decode step (0: skip it)")
     args = ap.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile_e2e
     dev = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     global HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM

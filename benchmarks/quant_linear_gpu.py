@@ -241,6 +241,9 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                     big = bm * bn >= 128 * 128
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if big else 128, SPLIT_K=sk, DEQUANT=dq,
                                     num_warps=8 if big else 4, num_stages=3 if big else 4))
+    if m <= 16:  # 16-row tiles: narrower weight blocks and deeper splits fill the GPU
+        for bn, sk, dq in [(32, 4, 0), (32, 8, 0), (32, 4, 2), (32, 8, 2), (64, 8, 0), (64, 8, 2), (128, 4, 2)]:
+            out.append(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, DEQUANT=dq, num_warps=4, num_stages=4))
     if m <= 64:  # small tiles: narrower weight blocks, deeper splits, other pipeline depths and warp counts
         for bm, bn, bk, sk, dq, warps, stages in [
                 (64, 32, 128, 4, 0, 4, 4), (64, 32, 128, 8, 0, 4, 4), (64, 64, 128, 8, 0, 4, 4),

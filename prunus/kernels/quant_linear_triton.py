@@ -302,7 +302,7 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                      DEQUANT: tl.constexpr = 0):
+                      DEQUANT: tl.constexpr = 0, PREFETCH: tl.constexpr = 1):
     """y^T tile [BLOCK_N, BLOCK_M] = W tile . x^T tile, group by group (BLOCK_K divides GROUP).
 
     DEQUANT = 0: the codes enter the MMA as they are and the scale and zero point apply to the accumulator
@@ -310,7 +310,11 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     x's dtype (the dense fallback's weight exactly), then one MMA: for many rows, where the MMA count matters.
     DEQUANT = 2 (integer zero points only): q - zero, exact in x's 16-bit type, enters one MMA and the scale
     applies to the accumulator: half the MMAs of DEQUANT = 0, a packed subtraction per two codes instead of
-    DEQUANT = 1's fp32 dequantization (offline SASS, 64x64x128 tiles: 8 HGMMA a step against 16)."""
+    DEQUANT = 1's fp32 dequantization (offline SASS, 64x64x128 tiles: 8 HGMMA a step against 16).
+
+    PREFETCH: the next step's scales and zero points load during this step, in registers. Triton's pipeliner
+    stages the word and activation tiles through shared memory (async copies, num_stages deep) but leaves these
+    loads of a few bytes a thread in the loop, where each step would wait out a memory latency for them."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -323,14 +327,23 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     n_blocks = K // BLOCK_K
     per_split = tl.cdiv(n_blocks, SPLIT_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for blk in range(pid_k * per_split, tl.minimum(n_blocks, (pid_k + 1) * per_split)):
+    start = pid_k * per_split
+    stop = tl.minimum(n_blocks, start + per_split)
+    if PREFETCH:
+        # group indices clamped to the last group (an empty split, the step after the last): valid addresses
+        scale_next, zero_next = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn,
+                                              tl.minimum(start * BLOCK_K // GROUP, K // GROUP - 1), n_ok)
+    for blk in range(start, stop):
         k0 = blk * BLOCK_K
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
                         mask=n_ok[:, None], other=0)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=m_ok[None, :], other=0.0)
-        g = k0 // GROUP
-        scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.float32)
+        if PREFETCH:
+            scale, zero = scale_next, zero_next
+            scale_next, zero_next = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn,
+                                                  tl.minimum((k0 + BLOCK_K) // GROUP, K // GROUP - 1), n_ok)
+        else:
+            scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, k0 // GROUP, n_ok)
         if DEQUANT == 1:
             w = ((_nibbles(words, 4, 19, 0x41800000, True) - 16.0 - zero[:, None]) * scale[:, None]).to(dtype)
             if dtype == tl.float32:
@@ -373,6 +386,14 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             acc += scale[:, None] * (part - zero[:, None] * x_sums)
     _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, g, mask):
+    """The scales and zero points (fp32) of group g for the outputs offs_n."""
+    scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=mask, other=0).to(tl.float32)
+    return scale, zero
 
 
 @triton.jit

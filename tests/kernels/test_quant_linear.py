@@ -144,7 +144,8 @@ GEMV_CONFIGS = [None, dict(BLOCK_N=16, GROUPS=1, SPLIT_K=1), dict(BLOCK_N=32, GR
 GEMM_CONFIGS = [None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2),
                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, DEQUANT=1),
-                dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=2, DEQUANT=1)]
+                dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=2, DEQUANT=1),
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2, PREFETCH=0)]
 
 
 @needs_kernels
@@ -174,7 +175,8 @@ def test_int4_gemv_kernel_group_sizes(qt, group, k):
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("config", GEMM_CONFIGS, ids=["autotune", "one-group-blocks", "half-group-split-k",
-                                                    "dequantized-tile", "dequantized-half-group-split-k"])
+                                                    "dequantized-tile", "dequantized-half-group-split-k",
+                                                    "group-params-in-loop"])
 def test_int4_gemm_kernel(qt, m, config):
     q, qw, s, z = int4_weight(40, 64, 32, seed=m, float_zeros=m == 3)
     x, b = torch.randn(m, 64, generator=_gen(13)), torch.randn(40, generator=_gen(14))
