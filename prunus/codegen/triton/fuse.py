@@ -25,6 +25,9 @@ class FuseParams(LossyParams):
     patterns: list[str] = param(list(PATTERNS), "which kinds of region to fuse (default: all)")
     group: bool = param(True, "launch independent sibling regions of one pattern that read a common input "
                               "(RoPE of q and k) as one kernel")
+    share_masks: bool = param(True, "convert a boolean attention mask that several attention calls read to an "
+                                    "additive one once, aligned as the memory-efficient kernel needs it (each "
+                                    "call would convert and pad it again)")
 
     def check(self) -> str | None:
         unknown = [p for p in self.patterns if p not in PATTERNS]
@@ -93,6 +96,56 @@ def replace_region(graph, region, key: str) -> dict:
     return replaced
 
 
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+MASK_ALIGNMENT = 8  # elements: the memory-efficient kernel's bias alignment (ATen's preprocess_mask)
+
+
+def share_attention_masks(graph) -> int:
+    """Give the attention calls that read one boolean mask a shared additive mask, made once; returns how many
+    masks were converted.
+
+    `scaled_dot_product_attention` turns a boolean mask into an additive one in the query's dtype (0 where
+    True, -inf where False) on every call, and its memory-efficient kernel (the CUDA choice when a mask is
+    given) then pads the bias to rows of a multiple of 8 elements unless its strides are aligned: on a
+    decoder, the same conversion and copy once per layer (on an H100, four small kernels a layer). Here they
+    happen once, with ATen's own ops and padding, so every call reads identical values: where(mask, 0,
+    -inf) padded on the last dim by 8 - L % 8 and sliced back to L (a view whose row stride is aligned)."""
+    g = graph.graph
+    readers: dict[tuple, list[torch.fx.Node]] = {}
+    for n in g.nodes:
+        if n.op != "call_function" or n.target is not SDPA:
+            continue
+        mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+        val = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor) and val.dtype == torch.bool and val.dim() >= 1:
+            query = n.args[0].meta["val"]
+            readers.setdefault((mask, query.dtype, query.device), []).append(n)
+    shared = 0
+    for (mask, dtype, device), calls in readers.items():
+        if len(calls) < 2:
+            continue
+        length = mask.meta["val"].shape[-1]
+        with g.inserting_before(calls[0]):
+            neg_inf = g.call_function(torch.ops.aten.scalar_tensor.default, (float("-inf"),),
+                                      dict(dtype=dtype, device=device))
+            bias = g.call_function(torch.ops.aten.where.ScalarSelf, (mask, 0.0, neg_inf))
+            if not isinstance(length, int):  # symbolic: the padding as graph arithmetic
+                length = g.call_function(torch.ops.aten.sym_size.int, (mask, mask.meta["val"].dim() - 1))
+                pad = g.call_function(operator.sub, (MASK_ALIGNMENT, g.call_function(operator.mod, (length,
+                                                                                              MASK_ALIGNMENT))))
+            else:
+                pad = MASK_ALIGNMENT - length % MASK_ALIGNMENT
+            padded = g.call_function(torch.ops.aten.constant_pad_nd.default, (bias, [0, pad]))
+            aligned = g.call_function(torch.ops.aten.slice.Tensor, (padded, -1, 0, length))
+        for call in calls:
+            if len(call.args) > 3:
+                call.args = (*call.args[:3], aligned, *call.args[4:])
+            else:
+                call.kwargs = {**call.kwargs, "attn_mask": aligned}
+        shared += 1
+    return shared
+
+
 @register
 class Fuse(Pass):
     """Fuse chains of elementwise ops and row reductions (norms, SwiGLU, GELU, RoPE, softmax) into Triton kernels."""
@@ -133,10 +186,13 @@ class Fuse(Pass):
             groups += bool(region.parts)
         if counts:
             _topological_sort(graph.graph)
+        masks = share_attention_masks(graph) if self.params.share_masks else 0
         total = sum(counts.values())
         notes = [f"{total} regions fused" + (": " + ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))
                                               if counts else "")]
         notes += [f"{groups} groups of sibling regions launched as one kernel"] if groups else []
         notes += [f"{len(runtime.kernels_of(graph.gm))} distinct kernels"] if counts else []
+        notes += [f"{masks} boolean attention mask(s) converted once for all the attention calls that read them"
+                  ] if masks else []
         notes += [f"not generated: {s}" for s in skipped]
-        return PassResult(modified=total > 0, notes=notes)
+        return PassResult(modified=total > 0 or masks > 0, notes=notes)

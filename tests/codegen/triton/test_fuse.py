@@ -364,3 +364,40 @@ def test_64_bit_indexing_only_past_2_31_and_both_match(monkeypatch):
         monkeypatch.setattr(runtime, "_spans_2_31", lambda inputs, outs, wide=wide: wide)
         for a, b in zip(ref, opt(q, k, cos, sin)):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_one_boolean_attention_mask_converted_once_for_every_layer(tiny_models):
+    """share_masks: the layers' attention calls read one additive mask, aligned for the memory-efficient kernel
+    (no per-call conversion or padding), with the same values SDPA makes itself: outputs equal to the bit."""
+    model, inputs = tiny_models("llama")
+    opt = _fuse(model, inputs, "dce, fuse")
+    plain = _fuse(model, inputs, "dce, fuse(share_masks=false)")
+    assert any("mask(s) converted once" in note for r in opt.report if r.name == "fuse" for note in r.notes)
+    gm = opt.graph.gm
+    calls = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    masks = {n.args[3] for n in calls}
+    assert len(calls) >= 2 and len(masks) == 1
+    assert sum(n.target is aten.where.ScalarSelf for n in gm.graph.nodes) == 1
+    seen = []  # the masks the attention calls receive
+    original = aten.scaled_dot_product_attention.default
+
+    def spy(*args, **kwargs):
+        seen.append(args[3])
+        return original(*args, **kwargs)
+
+    for length in (5, 8):  # 8: a row length that is already a multiple of the alignment
+        ids = torch.randint(0, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
+        seen.clear()
+        for n in calls:
+            n.target = spy
+        gm.recompile()
+        with torch.no_grad():
+            got = opt.graph.gm(ids)[0]
+        for n in calls:
+            n.target = original
+        gm.recompile()
+        assert len(seen) == len(calls) and all(m.dtype == torch.float32 for m in seen)
+        assert all(s % 8 == 0 for m in seen for s in m.stride()[:-1]) and seen[0].stride(-1) == 1
+        assert seen[0].isneginf().any() and set(seen[0].unique().tolist()) == {0.0, float("-inf")}
+        with torch.no_grad():
+            assert torch.equal(got, plain.graph.gm(ids)[0])
