@@ -237,12 +237,13 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
             if bm * bn > 256 * 128:
                 continue
             for sk in (1, 2, 4):
-                for dq in (0, 1, 2):
+                for dq in (0, 1, 2, 3):
                     big = bm * bn >= 128 * 128
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64 if big else 128, SPLIT_K=sk, DEQUANT=dq,
                                     num_warps=8 if big else 4, num_stages=3 if big else 4))
     if m <= 16:  # 16-row tiles: narrower weight blocks and deeper splits fill the GPU
-        for bn, sk, dq in [(32, 4, 0), (32, 8, 0), (32, 4, 2), (32, 8, 2), (64, 8, 0), (64, 8, 2), (128, 4, 2)]:
+        for bn, sk, dq in [(32, 4, 0), (32, 8, 0), (32, 4, 2), (32, 8, 2), (64, 8, 0), (64, 8, 2), (128, 4, 2),
+                           (64, 8, 3), (32, 8, 3)]:
             out.append(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, DEQUANT=dq, num_warps=4, num_stages=4))
     if m <= 64:  # small tiles: narrower weight blocks, deeper splits, other pipeline depths and warp counts
         for bm, bn, bk, sk, dq, warps, stages in [
@@ -252,7 +253,9 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                 (64, 64, 128, 4, 1, 8, 4), (64, 128, 64, 4, 0, 4, 4), (64, 128, 64, 8, 0, 8, 4),
                 (32, 64, 128, 8, 0, 4, 4), (32, 128, 128, 4, 0, 4, 4), (64, 64, 256, 4, 0, 4, 3),
                 (64, 32, 128, 8, 2, 4, 4), (64, 64, 128, 8, 2, 4, 4), (64, 64, 64, 4, 2, 4, 4),
-                (64, 128, 64, 8, 2, 8, 4)]:
+                (64, 128, 64, 8, 2, 8, 4), (64, 64, 64, 4, 3, 4, 4), (64, 64, 64, 2, 3, 4, 4),
+                (64, 64, 64, 4, 2, 4, 3), (64, 64, 64, 4, 3, 4, 3), (64, 32, 64, 4, 3, 4, 4),
+                (64, 64, 128, 4, 3, 4, 3), (64, 128, 64, 4, 3, 8, 3)]:
             if bm <= max(16, m):
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DEQUANT=dq, num_warps=warps,
                                 num_stages=stages))

@@ -310,7 +310,10 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     x's dtype (the dense fallback's weight exactly), then one MMA: for many rows, where the MMA count matters.
     DEQUANT = 2 (integer zero points only): q - zero, exact in x's 16-bit type, enters one MMA and the scale
     applies to the accumulator: half the MMAs of DEQUANT = 0, a packed subtraction per two codes instead of
-    DEQUANT = 1's fp32 dequantization (offline SASS, 64x64x128 tiles: 8 HGMMA a step against 16).
+    DEQUANT = 1's fp32 dequantization (offline SASS, 64x64x128 tiles: 8 HGMMA a step against 16). Its per-step
+    scaling waits for each step's MMA. DEQUANT = 3 (integer zero points, scales in x's dtype): (q - zero) * scale
+    in x's 16-bit type, a packed subtraction and multiplication per two codes, equal to DEQUANT = 1's tile bit for
+    bit (an exact difference, then one correctly rounded product), accumulated by the MMA across steps.
 
     PREFETCH: the next step's scales and zero points load during this step, in registers. Triton's pipeliner
     stages the word and activation tiles through shared memory (async copies, num_stages deep) but leaves these
@@ -364,6 +367,20 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 part = tl.dot(_nibbles(words, 4, 19, 0x41800000, True) - (16.0 + zero)[:, None], xt,
                               input_precision="ieee")
             acc += scale[:, None] * part
+        elif DEQUANT == 3:
+            # (q - zero) * scale by packed 16-bit ops: the difference is exact and the product rounds once,
+            # DEQUANT = 1's weight bit for bit at a third of its instructions; the MMAs accumulate across steps
+            if dtype == tl.bfloat16:
+                w = ((_nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True)
+                      - (zero + 128.0).to(tl.bfloat16)[:, None]) * scale.to(tl.bfloat16)[:, None])
+                acc = tl.dot(w, xt, acc)
+            elif dtype == tl.float16:
+                w = ((_nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True)
+                      - (zero + 1024.0).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None])
+                acc = tl.dot(w, xt, acc)
+            else:
+                w = (_nibbles(words, 4, 19, 0x41800000, True) - (16.0 + zero)[:, None]) * scale[:, None]
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
             # bf16/fp16: the weight enters the MMA as offset + q (16-bit magic number: no conversion at all);
             # the offset joins the zero point below.
@@ -573,6 +590,15 @@ INT8_WEIGHT_GEMM_CONFIGS = INT8_GEMM_CONFIGS + [  # few rows: narrower tiles fil
 ]
 
 
+def _dequant_unfit(dequant: int, x, scales, zeros) -> str | None:
+    """Why a DEQUANT mode cannot serve these tensors (None: it can)."""
+    if dequant in (2, 3) and zeros.dtype.is_floating_point:
+        return f"DEQUANT={dequant} needs integer zero points (q - zero is exact in 16 bits only then)"
+    if dequant == 3 and scales.dtype != x.dtype:
+        return "DEQUANT=3 needs the scales in the activations' dtype (it multiplies in that type)"
+    return None
+
+
 def _fit(configs, named_args, **kwargs):
     """Adapt block sizes to the group size (GEMV: chunks of one group; GEMM: BLOCK_K divides it) and rows."""
     group, rows = kwargs.get("GROUP", named_args.get("GROUP", 0)), max(16, named_args["M_BUCKET"])
@@ -582,8 +608,9 @@ def _fit(configs, named_args, **kwargs):
         if "BLOCK_M" in kw:
             if kw["BLOCK_M"] > rows:
                 continue
-            if kw.get("DEQUANT") == 2 and named_args["z_ptr"].dtype.is_floating_point:
-                continue  # q - zero is exact in 16 bits only for integer zero points
+            if kw.get("DEQUANT") and _dequant_unfit(kw["DEQUANT"], named_args["x_ptr"], named_args["s_ptr"],
+                                                    named_args["z_ptr"]):
+                continue
             if group:
                 kw["BLOCK_K"] = min(kw["BLOCK_K"], group)
         elif "GROUPS" in kw:  # int4 GEMV: whole groups per step, at most 4096 codes (and no more than K holds)
@@ -695,11 +722,12 @@ def _weight_only(x, words, scales, zeros, bias, group, bits, config, gemm: bool)
     if bits == 4 and config is None:
         config = None if INTERPRET or x.device.type != "cuda" else measured_config(
             "int4_gemm" if gemm else "int4_gemv", _device_name(x.device.index or 0), M, N, K, group)
-        if config is not None and config.get("DEQUANT") == 2 and zeros.dtype.is_floating_point:
-            config = None  # measured with integer zero points: autotune over the configs that fit float ones
+        if config is not None and _dequant_unfit(config.get("DEQUANT", 0), x, scales, zeros_arg):
+            config = None  # measured for integer zero points and matching scales: autotune over those that fit
     if gemm:
-        if config is not None and config.get("DEQUANT") == 2 and zeros.dtype.is_floating_point:
-            raise ValueError("DEQUANT=2 needs integer zero points (q - zero is exact in 16 bits only then)")
+        reason = config is not None and _dequant_unfit(config.get("DEQUANT", 0), x, scales, zeros_arg)
+        if reason:
+            raise ValueError(reason)
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), meta["SPLIT_K"])
         _launch(_int4_gemm_kernel, _int4_gemm_tuned, INT4_GEMM_CONFIGS, grid, args, consts, config)

@@ -196,14 +196,20 @@ def test_int4_gemm_kernel_fp16_magic_operand(qt):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32])  # bf16: the interpreter's bf16 is wrong; CUDA test below
 @pytest.mark.parametrize("m, config", [(3, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, DEQUANT=2)),
-                                       (17, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2, DEQUANT=2))],
-                         ids=["codes-minus-zero", "codes-minus-zero-half-groups-split-k"])
+                                       (17, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2, DEQUANT=2)),
+                                       (3, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, DEQUANT=3)),
+                                       (17, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2, DEQUANT=3))],
+                         ids=["codes-minus-zero", "codes-minus-zero-half-groups-split-k", "packed-dequantized",
+                              "packed-dequantized-half-groups-split-k"])
 def test_int4_gemm_codes_minus_zero(qt, m, config, dtype):
     q, qw, s, z = int4_weight(40, 64, 32, seed=m, dtype=dtype)
     x, b = torch.randn(m, 64, generator=_gen(16)).to(dtype), torch.randn(40, generator=_gen(17)).to(dtype)
     y = qt.int4_gemm(*to(DEVICE, x, qw, s, z, b), 32, config)
     ref = ops.linear_int4(x.float(), qw, s.float(), z, b.float(), 32)
     torch.testing.assert_close(y.cpu().float(), ref, rtol=1e-4, atol=1e-4)
+    if config["DEQUANT"] == 3:
+        with pytest.raises(ValueError, match="activations' dtype"):
+            qt.int4_gemm(*to(DEVICE, x, qw, s.half(), z, b), 32, config)
     with pytest.raises(ValueError, match="integer zero points"):
         _, qw, s, zf = int4_weight(40, 64, 32, seed=m, float_zeros=True, dtype=dtype)
         qt.int4_gemm(*to(DEVICE, x, qw, s, zf, b), 32, config)
@@ -349,6 +355,18 @@ def test_measured_config_table_off_and_from_sweep_log(qt, monkeypatch, tmp_path)
         "GPU A": {"int4_gemv": {"4096x4096/g128/m1": {"BLOCK_N": 64}}},
         "GPU B": {"int4_gemv": {"4096x4096/g128/m1": {"BLOCK_N": 16, "GROUPS": 2}},
                   "int4_gemm": {"4096x4096/g128/m64": {"BLOCK_M": 64, "DEQUANT": 2}}}}
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tile", [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_stages=4),
+                                  dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)])
+def test_cuda_packed_dequantization_equals_fp32_dequantization(qt, dtype, tile):
+    """DEQUANT=3 makes DEQUANT=1's weight tile by 16-bit ops: the same outputs, bit for bit."""
+    _, qw, s, z = int4_weight(300, 1024, 128, seed=8, dtype=dtype)
+    x = torch.randn(200, 1024, generator=_gen(28)).to(dtype)
+    ys = [qt.int4_gemm(*to("cuda", x, qw, s, z), None, 128, dict(tile, SPLIT_K=1, DEQUANT=d)) for d in (1, 3)]
+    assert torch.equal(ys[0], ys[1])
 
 
 @needs_cuda
