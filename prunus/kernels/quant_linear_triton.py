@@ -577,6 +577,15 @@ INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=2, num_stages=4),
     _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=2, num_stages=4),
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=2, num_stages=3, num_warps=8),
+    # packed 16-bit dequantization (integer zero points, scales in x's dtype): the H100 sweep's winners at 16 rows
+    # on two shapes, 64 rows on all three, 256 rows on two (`quant_linear_gpu.py --sweep 16,64,256`, 12cfff5)
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, DEQUANT=3, num_stages=4),
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, DEQUANT=3, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, DEQUANT=3, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, DEQUANT=3, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=3, num_stages=4),
+    _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, DEQUANT=3, num_stages=3, num_warps=8),
+    _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=3, num_stages=3, num_warps=8),
 ]
 INT8_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_stages=4),
