@@ -244,7 +244,10 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
     for k in range(len(region.inputs)):
         terms = " + ".join(f"i{d} * in{k}_s{d}" for d in range(rank)) or "row * 0"
         body.append(f"in{k}_off = {terms}")
-    body += e.lines + stores
+    # every load first: they depend on the indices only, so a load that the ops reach after a row reduction
+    # (LayerNorm's weight and bias) does not wait out its memory latency behind the reduction's barriers
+    loads = [line for line in e.lines if line.split(" = ", 1)[1].startswith("tl.load(")]
+    body += loads + [line for line in e.lines if line not in loads] + stores
     meta = {
         "rank": rank,
         "inputs": [inputs.index(n) for n in region.inputs],
