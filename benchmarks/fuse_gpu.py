@@ -190,9 +190,6 @@ def bench_one(name, module, inputs, rows, on_gpu):
         if on_gpu:
             compiled = torch.compile(module)
             comp = time_us(compiled, sets)
-            if PROFILE_DIR:
-                for name, fn in (("eager", base.graph.gm), ("compile", compiled), ("prunus", fused.graph.gm)):
-                    profile_kernels(name, fn, ids)
     ceiling = nbytes / COPY_CEILING * 1e6
     result = dict(pattern=name, rows=rows, nbytes=nbytes, eager=eager, compile=comp, ours=ours,
                   ceiling=ceiling, err=err, correct=correct, fused=fused)
