@@ -405,6 +405,82 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                  pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# int4 GEMM on the MMA layout: words that unpack straight into the MMA's register operand
+
+MMA_TILE = 128  # codes: the repacked layout's unit along K
+
+
+def repack_int4_mma(words: torch.Tensor) -> torch.Tensor:
+    """int4 words [N, K / 8] (the documented layout: word i holds codes 8i..8i+7) -> the MMA layout, the same size.
+
+    Within each tile of 128 codes (16 words), word w holds codes 16 j + w for j = 0..7 in nibble j: nibble j of
+    the tile's 16 words is then the 16-code slice [16 j, 16 j + 16) in order, one MMA operand of K = 16. The
+    tensor-core kernel unpacks each slice with a shift and a mask from words loaded in the MMA's own register
+    layout (`_int4_gemm_mma_kernel`). K a multiple of 128."""
+    n, w = words.shape
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
+    codes = (words[:, :, None] >> shifts) & 0xF  # [N, K / 8, 8]: code 8 i + f
+    codes = codes.reshape(n, w // 16, 8, 16)  # [N, tiles, j, w]: code 16 j + w of the tile
+    packed = (codes.transpose(2, 3).to(torch.int64) << shifts.to(torch.int64)).sum(-1)  # [N, tiles, 16]
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32).reshape(n, w)
+
+
+@triton.jit
+def _int4_gemm_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
+                          stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+                          GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SPLIT_K: tl.constexpr):
+    """y^T tile [BLOCK_N, BLOCK_M] = W tile . x^T tile on the MMA layout (`repack_int4_mma`); integer zero points.
+
+    Per 16-code slice: (q - zero) * scale in x's type (as DEQUANT = 3) from one shift and mask of the tile's
+    words, then an MMA of K = 16 accumulating across slices and steps. The words need no layout change: Triton
+    loads them from shared memory straight into the MMA's register-operand layout (offline TTGIR, Triton 3.6),
+    where `_int4_gemm_kernel`'s unpacked tile goes through shared memory once more. BLOCK_K: a multiple of 128;
+    GROUP: a multiple of 16."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    dtype = x_ptr.dtype.element_ty
+    n_blocks = K // BLOCK_K
+    per_split = tl.cdiv(n_blocks, SPLIT_K)
+    start = pid_k * per_split
+    stop = tl.minimum(n_blocks, start + per_split)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for blk in range(start, stop):
+        for t in tl.static_range(BLOCK_K // 128):
+            kt = blk * BLOCK_K + t * 128
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (kt // 8 + tl.arange(0, 16))[None, :],
+                            mask=n_ok[:, None], other=0)
+            if GROUP >= 128:
+                scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, kt // GROUP, n_ok)
+            for j in tl.static_range(8):
+                if GROUP < 128:
+                    scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, (kt + 16 * j) // GROUP,
+                                                n_ok)
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (kt + 16 * j + tl.arange(0, 16))[:, None],
+                             mask=m_ok[None, :], other=0.0)
+                field = (words >> (4 * j)) & 0xF
+                if dtype == tl.bfloat16:
+                    w = (((field | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                          - (zero + 128.0).to(tl.bfloat16)[:, None]) * scale.to(tl.bfloat16)[:, None])
+                    acc = tl.dot(w, xt, acc)
+                elif dtype == tl.float16:
+                    w = (((field | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                          - (zero + 1024.0).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None])
+                    acc = tl.dot(w, xt, acc)
+                else:
+                    w = (field.to(tl.float32) - zero[:, None]) * scale[:, None]
+                    acc = tl.dot(w, xt, acc, input_precision="ieee")
+    _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
+                 pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
+
+
 @triton.jit
 def _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, g, mask):
     """The scales and zero points (fp32) of group g for the outputs offs_n."""
@@ -758,6 +834,30 @@ def int4_gemv(x, qweight, scales, zeros, bias, group_size: int, config: dict | N
 def int4_gemm(x, qweight, scales, zeros, bias, group_size: int, config: dict | None = None) -> torch.Tensor:
     """x [M, K] times the int4 weight: tensor-core kernel. group_size: a power of two >= 16."""
     return _weight_only(x, _words(qweight), scales, zeros, bias, group_size, 4, config, gemm=True)
+
+
+def int4_gemm_mma(x, words_mma, scales, zeros, bias, group_size: int, config: dict) -> torch.Tensor:
+    """x [M, K] times the int4 weight repacked by `repack_int4_mma` (int32 [N, K / 8]), on tensor cores, with
+    `config` (BLOCK_M, BLOCK_N, BLOCK_K a multiple of 128, SPLIT_K, num_warps, num_stages). Integer zero points,
+    scales in x's dtype, group_size a multiple of 16. Not dispatched yet: `quant_linear_gpu.py --sweep` times it."""
+    x = _contiguous_rows(x)
+    M, K = x.shape
+    N = words_mma.shape[0]
+    if K % MMA_TILE or group_size % 16 or config["BLOCK_K"] % MMA_TILE:
+        raise ValueError(f"the MMA layout needs K and BLOCK_K multiples of {MMA_TILE} and the group size a "
+                         f"multiple of 16 (K={K}, BLOCK_K={config['BLOCK_K']}, group {group_size})")
+    reason = _dequant_unfit(3, x, scales, zeros)
+    if reason:
+        raise ValueError(reason.replace("DEQUANT=3", "the MMA layout"))
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    ws, cnt = _split_k_workspace(x.device, M * N, M * triton.cdiv(N, 8))
+    grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(M, config["BLOCK_M"]), config["SPLIT_K"])
+    _int4_gemm_mma_kernel[grid](x, words_mma, scales, zeros, bias if bias is not None else y, y, ws, cnt, M, N, K,
+                                m_bucket(M), x.stride(0), words_mma.stride(0), scales.stride(0), zeros.stride(0),
+                                y.stride(0), GROUP=group_size, HAS_BIAS=bias is not None, **config)
+    return y
 
 
 def int8_gemv(x, qweight, scales, bias, config: dict | None = None) -> torch.Tensor:

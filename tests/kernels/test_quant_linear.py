@@ -215,6 +215,36 @@ def test_int4_gemm_codes_minus_zero(qt, m, config, dtype):
         qt.int4_gemm(*to(DEVICE, x, qw, s, zf, b), 32, config)
 
 
+def test_mma_layout_repacking(qt):
+    """Nibble j of a 128-code tile's word w is code 16 j + w of the tile (the packed format is otherwise kept)."""
+    q, qw, _, _ = int4_weight(5, 384, 128, seed=9)
+    mma = qt.repack_int4_mma(qt._words(qw))
+    assert mma.shape == (5, 48) and mma.dtype == torch.int32
+    nibbles = torch.stack([(mma >> (4 * j)) & 0xF for j in range(8)], -1)  # [N, words, j]
+    tile_w = torch.arange(48) % 16
+    for j in range(8):
+        k = torch.arange(48) // 16 * 128 + 16 * j + tile_w
+        assert torch.equal(nibbles[:, :, j].to(torch.uint8), q[:, k])
+
+
+@needs_kernels
+@pytest.mark.parametrize("m, group, config", [
+    (3, 128, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)),
+    (17, 32, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2)),
+    (5, 64, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, SPLIT_K=3)),
+], ids=["one-group-tiles", "four-groups-a-tile-split-k", "two-tiles-a-step-empty-split"])
+def test_int4_gemm_on_the_mma_layout(qt, m, group, config):
+    q, qw, s, z = int4_weight(40, 512, group, seed=m)
+    x, b = torch.randn(m, 512, generator=_gen(29)), torch.randn(40, generator=_gen(30))
+    mma = qt.repack_int4_mma(qt._words(qw))
+    y = qt.int4_gemm_mma(*to(DEVICE, x, mma, s, z, b), group, config)
+    torch.testing.assert_close(y.cpu(), ops.linear_int4(x, qw, s, z, b, group), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        qt.int4_gemm_mma(*to(DEVICE, x, mma, s, z, b), group, dict(config, BLOCK_K=64))
+    with pytest.raises(ValueError, match="integer zero points"):
+        qt.int4_gemm_mma(*to(DEVICE, x, mma, s, z.float(), b), group, config)
+
+
 @needs_kernels
 @pytest.mark.parametrize("n, k, group", [(33, 96, 32), (9, 2048, 8)], ids=["one-program-per-row-block", "two-along-k"])
 def test_int4_dequantize_kernel_is_exact(qt, n, k, group):
@@ -347,7 +377,8 @@ def test_measured_config_table_off_and_from_sweep_log(qt, monkeypatch, tmp_path)
     log.write_text("4096->4096 M=1 9.50 {'BLOCK_N': 8, 'GROUPS': 4} 0.0023\n"
                    "4096->4096 M=1 8.25 {'BLOCK_N': 16, 'GROUPS': 2} 0.0023\n"
                    "4096->4096 M=1 inf {'BLOCK_N': 32, 'GROUPS': 2} OutOfResources\n"
-                   "4096->4096 M=64 15.80 {'BLOCK_M': 64, 'DEQUANT': 2} 0.0023\n")
+                   "4096->4096 M=64 15.80 {'BLOCK_M': 64, 'DEQUANT': 2} 0.0023\n"
+                   "4096->4096 M=64 9.00 {'BLOCK_M': 64, 'MMA_LAYOUT': 1} 0.0017\n")  # not dispatched: not kept
     path = tmp_path / "table.json"
     merge_winners(str(path), "GPU A", {("int4_gemv", "4096x4096/g128/m1"): {"BLOCK_N": 64}})
     merge_winners(str(path), "GPU B", table_from_log(str(log)))
@@ -367,6 +398,19 @@ def test_cuda_packed_dequantization_equals_fp32_dequantization(qt, dtype, tile):
     x = torch.randn(200, 1024, generator=_gen(28)).to(dtype)
     ys = [qt.int4_gemm(*to("cuda", x, qw, s, z), None, 128, dict(tile, SPLIT_K=1, DEQUANT=d)) for d in (1, 3)]
     assert torch.equal(ys[0], ys[1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, group, config", [
+    (64, 128, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_stages=4)),
+    (200, 32, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, SPLIT_K=1, num_warps=8, num_stages=3))])
+def test_cuda_int4_gemm_on_the_mma_layout(qt, dtype, m, group, config):
+    q, qw, s, z = int4_weight(300, 1024, group, seed=10, dtype=dtype)
+    x = torch.randn(m, 1024, generator=_gen(31)).to(dtype)
+    mma = qt.repack_int4_mma(qt._words(qw.cuda()))
+    y = qt.int4_gemm_mma(*to("cuda", x, mma, s, z), None, group, config)
+    assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, group).T) < 1e-2
 
 
 @needs_cuda
