@@ -457,10 +457,10 @@ def _int4_gemm_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
             kt = blk * BLOCK_K + t * 128
             words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (kt // 8 + tl.arange(0, 16))[None, :],
                             mask=n_ok[:, None], other=0)
-            if GROUP >= 128:
+            if GROUP % 128 == 0:  # one group over the whole tile
                 scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, kt // GROUP, n_ok)
             for j in tl.static_range(8):
-                if GROUP < 128:
+                if GROUP % 128 != 0:
                     scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, (kt + 16 * j) // GROUP,
                                                 n_ok)
                 xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (kt + 16 * j + tl.arange(0, 16))[:, None],

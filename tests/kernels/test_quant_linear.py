@@ -232,10 +232,12 @@ def test_mma_layout_repacking(qt):
     (3, 128, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)),
     (17, 32, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2)),
     (5, 64, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, SPLIT_K=3)),
-], ids=["one-group-tiles", "four-groups-a-tile-split-k", "two-tiles-a-step-empty-split"])
+    (3, 192, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)),
+], ids=["one-group-tiles", "four-groups-a-tile-split-k", "two-tiles-a-step-empty-split", "groups-across-tiles"])
 def test_int4_gemm_on_the_mma_layout(qt, m, group, config):
-    q, qw, s, z = int4_weight(40, 512, group, seed=m)
-    x, b = torch.randn(m, 512, generator=_gen(29)), torch.randn(40, generator=_gen(30))
+    k = 384 if group == 192 else 512
+    q, qw, s, z = int4_weight(40, k, group, seed=m)
+    x, b = torch.randn(m, k, generator=_gen(29)), torch.randn(40, generator=_gen(30))
     mma = qt.repack_int4_mma(qt._words(qw))
     y = qt.int4_gemm_mma(*to(DEVICE, x, mma, s, z, b), group, config)
     torch.testing.assert_close(y.cpu(), ops.linear_int4(x, qw, s, z, b, group), rtol=1e-4, atol=1e-4)
