@@ -88,6 +88,40 @@ def _field(words, FROM: tl.constexpr, TO: tl.constexpr, BITS: tl.constexpr, MAGI
 
 
 @triton.jit
+def _minus_zero(words, zero, dtype: tl.constexpr, FIELD: tl.constexpr = -1):
+    """q - zero [BLOCK_N, ...], exact, from int4 words: every field in k order (`_nibbles`), or field FIELD of each
+    word alone. In x's 16-bit type for bf16/fp16 (the codes as the magic floats 128 + q / 1024 + q, less the zero
+    point with the same offset: no conversion), else fp32 (16 + q less 16 + zero)."""
+    if dtype == tl.bfloat16:
+        if FIELD < 0:
+            codes = _nibbles(words, 4, 0, 0x4300, False)
+        else:
+            codes = _field(words, 4 * FIELD, 0, 4, 0x4300, False)
+        return codes.to(tl.bfloat16, bitcast=True) - (zero + 128.0).to(tl.bfloat16)[:, None]
+    elif dtype == tl.float16:
+        if FIELD < 0:
+            codes = _nibbles(words, 4, 0, 0x6400, False)
+        else:
+            codes = _field(words, 4 * FIELD, 0, 4, 0x6400, False)
+        return codes.to(tl.float16, bitcast=True) - (zero + 1024.0).to(tl.float16)[:, None]
+    else:
+        if FIELD < 0:
+            codes = _nibbles(words, 4, 19, 0x41800000, True)
+        else:
+            codes = _field(words, 4 * FIELD, 19, 4, 0x41800000, True)
+        return codes - (16.0 + zero)[:, None]
+
+
+@triton.jit
+def _mma(a, b, acc):
+    """tl.dot, in IEEE fp32 for fp32 operands (not TF32: the kernels reproduce the reference op)."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _write_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] (fp32, y transposed) + bias -> y[m, n] in y's dtype."""
     if HAS_BIAS:
@@ -174,8 +208,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     [BLOCK_N, GROUPS] partials, which are summed over groups only once, after the loop. PREFETCH: the next
     step's loads are issued before this step's arithmetic (double buffering in registers).
 
-    Two variants cut the instructions per code (the kernel is issue-bound: BENCHMARKS.md, "int4 GEMV under
-    Nsight Compute"). Counted in the loop of the SASS compiled offline for sm_90 by the GPU machine's Triton 3.6,
+    Two variants cut the instructions per code (Nsight Compute found the kernel busy issuing: BENCHMARKS.md,
+    "int4 GEMV under Nsight Compute"). Counted in the loop of the SASS compiled offline for sm_90 by the GPU machine's Triton 3.6,
     BLOCK_N=8, GROUPS=8: 466 instructions for 64 codes a thread as is, 407 with MASKREG, 394 with PAIRS; at
     BLOCK_N=64, GROUPS=2 (128 codes): 724, 597, 558. MASKREG takes the field mask as the runtime `field_mask`
     (0x780000), so that mask and magic number meet in one LOP3 (with both immediates ptxas emits two). PAIRS
@@ -349,38 +383,14 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, k0 // GROUP, n_ok)
         if DEQUANT == 1:
             w = ((_nibbles(words, 4, 19, 0x41800000, True) - 16.0 - zero[:, None]) * scale[:, None]).to(dtype)
-            if dtype == tl.float32:
-                acc += tl.dot(w, xt, input_precision="ieee")
-            else:
-                acc += tl.dot(w, xt)
+            acc += _mma(w, xt, None)
         elif DEQUANT == 2:
             # q - zero in the MMA's type, exact for integer zero points (|q - zero| <= 15): one MMA, no x sums
-            if dtype == tl.bfloat16:
-                w = (_nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True)
-                     - (zero + 128.0).to(tl.bfloat16)[:, None])
-                part = tl.dot(w, xt)
-            elif dtype == tl.float16:
-                w = (_nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True)
-                     - (zero + 1024.0).to(tl.float16)[:, None])
-                part = tl.dot(w, xt)
-            else:
-                part = tl.dot(_nibbles(words, 4, 19, 0x41800000, True) - (16.0 + zero)[:, None], xt,
-                              input_precision="ieee")
-            acc += scale[:, None] * part
+            acc += scale[:, None] * _mma(_minus_zero(words, zero, dtype), xt, None)
         elif DEQUANT == 3:
             # (q - zero) * scale by packed 16-bit ops: the difference is exact and the product rounds once,
             # DEQUANT = 1's weight bit for bit at a third of its instructions; the MMAs accumulate across steps
-            if dtype == tl.bfloat16:
-                w = ((_nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True)
-                      - (zero + 128.0).to(tl.bfloat16)[:, None]) * scale.to(tl.bfloat16)[:, None])
-                acc = tl.dot(w, xt, acc)
-            elif dtype == tl.float16:
-                w = ((_nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True)
-                      - (zero + 1024.0).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None])
-                acc = tl.dot(w, xt, acc)
-            else:
-                w = (_nibbles(words, 4, 19, 0x41800000, True) - (16.0 + zero)[:, None]) * scale[:, None]
-                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            acc = _mma(_minus_zero(words, zero, dtype) * scale.to(dtype)[:, None], xt, acc)
         else:
             # bf16/fp16: the weight enters the MMA as offset + q (16-bit magic number: no conversion at all);
             # the offset joins the zero point below.
@@ -396,10 +406,7 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             zero = zero + offset
             # the sums of x over the block, as an MMA with ones: [BLOCK_N, BLOCK_M] like `part`, no shuffles (a
             # column sum, tl.sum(xt, 0), measured 10-25% slower at 64 rows: its layout conversion costs more)
-            if dtype == tl.float32:
-                x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt, input_precision="ieee")
-            else:
-                x_sums = tl.dot(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt)
+            x_sums = _mma(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt, None)
             acc += scale[:, None] * (part - zero[:, None] * x_sums)
     _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
@@ -465,18 +472,7 @@ def _int4_gemm_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                                                 n_ok)
                 xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (kt + 16 * j + tl.arange(0, 16))[:, None],
                              mask=m_ok[None, :], other=0.0)
-                field = (words >> (4 * j)) & 0xF
-                if dtype == tl.bfloat16:
-                    w = (((field | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                          - (zero + 128.0).to(tl.bfloat16)[:, None]) * scale.to(tl.bfloat16)[:, None])
-                    acc = tl.dot(w, xt, acc)
-                elif dtype == tl.float16:
-                    w = (((field | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                          - (zero + 1024.0).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None])
-                    acc = tl.dot(w, xt, acc)
-                else:
-                    w = (field.to(tl.float32) - zero[:, None]) * scale[:, None]
-                    acc = tl.dot(w, xt, acc, input_precision="ieee")
+                acc = _mma(_minus_zero(words, zero, dtype, j) * scale.to(dtype)[:, None], xt, acc)
     _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 

@@ -246,8 +246,7 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
         body.append(f"in{k}_off = {terms}")
     # every load first: they depend on the indices only, so a load that the ops reach after a row reduction
     # (LayerNorm's weight and bias) does not wait out its memory latency behind the reduction's barriers
-    loads = [line for line in e.lines if line.split(" = ", 1)[1].startswith("tl.load(")]
-    body += loads + [line for line in e.lines if line not in loads] + stores
+    body += sorted(e.lines, key=lambda line: not line.split(" = ", 1)[1].startswith("tl.load(")) + stores
     meta = {
         "rank": rank,
         "inputs": [inputs.index(n) for n in region.inputs],

@@ -113,6 +113,11 @@ def test_each_pattern_fuses_into_one_kernel_and_matches(pattern):
     for a, b in zip(ref if isinstance(ref, tuple) else (ref,), got if isinstance(got, tuple) else (got,)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert opt.report[-1].kind == "exact" and opt.report[-1].verification["max_abs_error"] < 1e-4
+    # every load before the first computation (LayerNorm's weight and bias not behind its reductions)
+    lines = [line.strip() for line in get_kernel(calls[0].args[1]).source.split("def kernel(")[1].splitlines()]
+    values = [line for line in lines if line.startswith("v")]
+    loads = [i for i, line in enumerate(values) if "tl.load(" in line.split(" = ", 1)[1][:8]]
+    assert loads == list(range(len(loads)))
 
 
 class ScaledScores(torch.nn.Module):
