@@ -14,8 +14,7 @@ compulsory bytes (packed weights + scales + zeros + activations in + outputs out
 device-copy ceiling measured on the H100. `--explore` also times every int4 kernel path (GEMV, tensor-core
 GEMM, dequantize + cuBLAS) at M = 1..1024: the dispatch thresholds in `prunus.kernels.quant_linear` come
 from that table. `--sweep` times every candidate launch config of the int4 GEMV (M = 1) or tensor-core kernel
-(M > 1) explicitly, without the autotuner, and prints the best five per shape and M (with the MMA-layout kernel,
-`int4_gemm_mma`, on repacked copies of the weights; not dispatched by the ops yet): the autotuner's config
+(M > 1) explicitly, without the autotuner, and prints the best five per shape and M: the autotuner's config
 lists in `prunus.kernels.quant_linear_triton` come from it, and `--sweep-table` merges each shape's winner into
 the table of measured configs the ops use as is (`measured_configs.json`, keyed by the GPU's name).
 `--table-from-log` does the same from a `--sweep-log` file, offline.
@@ -260,24 +259,8 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
             if bm <= max(16, m):
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DEQUANT=dq, num_warps=warps,
                                 num_stages=stages))
-    return out
-
-
-def sweep_mma_configs(m: int) -> list[dict]:
-    """Candidate configs of the MMA-layout kernel (`int4_gemm_mma`): BLOCK_K a multiple of 128."""
-    out = []
-    for bm in (16, 32, 64, 128, 256):
-        if bm > max(16, m) or (bm < 64 and m >= 64):
-            continue
-        for bn in (64, 128):
-            for bk in (128, 256):
-                for sk in ((1, 2, 4, 8) if m <= 64 else (1, 2, 4)):
-                    big = bm * bn >= 128 * 128
-                    for stages in ((3,) if big else (3, 4)):
-                        if stages * bk * bm * 2 > 200 * 1024:  # the staged activation tiles alone overflow smem
-                            continue
-                        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=8 if big else 4,
-                                        num_stages=stages))
+    # the weight as the MMA's shared-memory operand (W_AS_B): DEQUANT 1 and 3, 64-row tiles and up
+    out += [dict(cfg, W_AS_B=1) for cfg in out if cfg["DEQUANT"] in (1, 3) and cfg["BLOCK_M"] >= 64]
     return out
 
 
@@ -316,6 +299,7 @@ def table_from_log(log_path: str) -> dict:
         cfg = ast.literal_eval(rest[:rest.rindex("}") + 1])
         k, n = (int(v) for v in shape.split("->"))
         m, t = int(m[2:]), float(t)
+        # MMA_LAYOUT: a removed kernel that logs before 2026-12-06 hold (BENCHMARKS.md, "on the MMA layout")
         if math.isfinite(t) and "MMA_LAYOUT" not in cfg and t < best.get((k, n, m), (math.inf,))[0]:
             best[(k, n, m)] = (t, cfg)
     return dict(winner_entry(k, n, m, cfg) for (k, n, m), (_, cfg) in best.items())
@@ -333,14 +317,8 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None):
             kind = "gemv" if m == 1 else "gemm"
             run = qt.int4_gemv if kind == "gemv" else qt.int4_gemm
             results = []
-            candidates = [(cfg, run) for cfg in sweep_configs(kind, m)]
-            if kind == "gemm":  # the MMA-layout kernel on repacked copies of the same weights (not in the table yet)
-                repacked = {id(w[0]): qt.repack_int4_mma(qt._words(w[0])) for w in case.quant}
-                mma = lambda x, qw, s, z, b, g, cfg: qt.int4_gemm_mma(x, repacked[id(qw)], s, z, b, g, cfg)  # noqa: E731
-                candidates += [(dict(cfg, MMA_LAYOUT=1), mma) for cfg in sweep_mma_configs(m)]
-            for cfg, run in candidates:
-                fn = lambda x, qw, s, z, cfg=cfg, run=run: run(  # noqa: E731
-                    x, qw, s, z, None, GROUP, {key: v for key, v in cfg.items() if key != "MMA_LAYOUT"})
+            for cfg in sweep_configs(kind, m):
+                fn = lambda x, qw, s, z, cfg=cfg: run(x, qw, s, z, None, GROUP, cfg)  # noqa: E731
                 try:
                     t = case.time_quant(fn, m)
                     err = case.error(fn, m)
@@ -351,10 +329,8 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None):
                     print(f"{k}->{n} M={m} {t:.2f} {cfg} {err}", file=log, flush=True)
             t_d = case.time_dense(m)
             results.sort(key=lambda r: r[0])
-            results_table = [r for r in results if "MMA_LAYOUT" not in r[1]]  # the ops cannot run it yet
-            if table_path and results_table and math.isfinite(results_table[0][0]):
-                merge_winners(table_path, torch.cuda.get_device_name(),
-                              dict([winner_entry(k, n, m, results_table[0][1])]))
+            if table_path and results and math.isfinite(results[0][0]):
+                merge_winners(table_path, torch.cuda.get_device_name(), dict([winner_entry(k, n, m, results[0][1])]))
             print(f"\n{k}->{n} M={m}: bf16 {t_d:.1f} µs; best:", flush=True)
             for t, cfg, err in results[:5]:
                 print(f"  {t:.1f} µs ({t_d / t:.2f}x bf16) {cfg} err {err}", flush=True)

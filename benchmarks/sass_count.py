@@ -33,7 +33,7 @@ from prunus.kernels import quant_linear_triton as qt  # noqa: E402
 POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                 cnt_ptr="*i32")
 ALIGNED = {"K", "N", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_ym", "field_mask"}  # multiples of 16
-KERNELS = {"gemv": qt._int4_gemv_kernel, "gemm": qt._int4_gemm_kernel, "gemm_mma": qt._int4_gemm_mma_kernel}
+KERNELS = {"gemv": qt._int4_gemv_kernel, "gemm": qt._int4_gemm_kernel}
 
 
 def compile_kernel(fn, constants: dict, num_warps: int, num_stages: int, arch: int):

@@ -88,28 +88,16 @@ def _field(words, FROM: tl.constexpr, TO: tl.constexpr, BITS: tl.constexpr, MAGI
 
 
 @triton.jit
-def _minus_zero(words, zero, dtype: tl.constexpr, FIELD: tl.constexpr = -1):
-    """q - zero [BLOCK_N, ...], exact, from int4 words: every field in k order (`_nibbles`), or field FIELD of each
-    word alone. In x's 16-bit type for bf16/fp16 (the codes as the magic floats 128 + q / 1024 + q, less the zero
-    point with the same offset: no conversion), else fp32 (16 + q less 16 + zero)."""
+def _minus_zero(words, zero, dtype: tl.constexpr):
+    """q - zero [BLOCK_N, codes], exact, from int4 words (every field in k order, `_nibbles`). In x's 16-bit type
+    for bf16/fp16 (the codes as the magic floats 128 + q / 1024 + q, less the zero point with the same offset: no
+    conversion), else fp32 (16 + q less 16 + zero)."""
     if dtype == tl.bfloat16:
-        if FIELD < 0:
-            codes = _nibbles(words, 4, 0, 0x4300, False)
-        else:
-            codes = _field(words, 4 * FIELD, 0, 4, 0x4300, False)
-        return codes.to(tl.bfloat16, bitcast=True) - (zero + 128.0).to(tl.bfloat16)[:, None]
+        return _nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True) - (zero + 128.0).to(tl.bfloat16)[:, None]
     elif dtype == tl.float16:
-        if FIELD < 0:
-            codes = _nibbles(words, 4, 0, 0x6400, False)
-        else:
-            codes = _field(words, 4 * FIELD, 0, 4, 0x6400, False)
-        return codes.to(tl.float16, bitcast=True) - (zero + 1024.0).to(tl.float16)[:, None]
+        return _nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True) - (zero + 1024.0).to(tl.float16)[:, None]
     else:
-        if FIELD < 0:
-            codes = _nibbles(words, 4, 19, 0x41800000, True)
-        else:
-            codes = _field(words, 4 * FIELD, 19, 4, 0x41800000, True)
-        return codes - (16.0 + zero)[:, None]
+        return _nibbles(words, 4, 19, 0x41800000, True) - (16.0 + zero)[:, None]
 
 
 @triton.jit
@@ -336,7 +324,7 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                      DEQUANT: tl.constexpr = 0, PREFETCH: tl.constexpr = 1):
+                      DEQUANT: tl.constexpr = 0, PREFETCH: tl.constexpr = 1, W_AS_B: tl.constexpr = 0):
     """y^T tile [BLOCK_N, BLOCK_M] = W tile . x^T tile, group by group (BLOCK_K divides GROUP).
 
     DEQUANT = 0: the codes enter the MMA as they are and the scale and zero point apply to the accumulator
@@ -348,6 +336,13 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     scaling waits for each step's MMA. DEQUANT = 3 (integer zero points, scales in x's dtype): (q - zero) * scale
     in x's 16-bit type, a packed subtraction and multiplication per two codes, equal to DEQUANT = 1's tile bit for
     bit (an exact difference, then one correctly rounded product), accumulated by the MMA across steps.
+
+    W_AS_B (DEQUANT = 1 or 3): y tile [BLOCK_M, BLOCK_N] = x tile . W^T tile, transposed once at the end. The
+    dequantized weight is then the MMA's second operand, which Hopper's wgmma reads from shared memory: one store
+    of the tile, then the step's MMAs issue back to back with one wait (offline SASS, Triton 3.6, 64x64x128: 8
+    HGMMA, 1 wait a step). As the first operand it must be in registers in the MMA's layout, so Triton stores the
+    tile, loads it back (LDSM) and waits for each MMA before the next (8 waits a step). H100, 64 rows: 4-12% faster
+    (BENCHMARKS.md, "weight as the MMA's second operand"). Needs 64-row tiles for wgmma.
 
     PREFETCH: the next step's scales and zero points load during this step, in registers. Triton's pipeliner
     stages the word and activation tiles through shared memory (async copies, num_stages deep) but leaves these
@@ -363,7 +358,10 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     dtype = x_ptr.dtype.element_ty
     n_blocks = K // BLOCK_K
     per_split = tl.cdiv(n_blocks, SPLIT_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if W_AS_B:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     start = pid_k * per_split
     stop = tl.minimum(n_blocks, start + per_split)
     if PREFETCH:
@@ -374,7 +372,10 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         k0 = blk * BLOCK_K
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
                         mask=n_ok[:, None], other=0)
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=m_ok[None, :], other=0.0)
+        if W_AS_B:
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok[:, None], other=0.0)
+        else:
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=m_ok[None, :], other=0.0)
         if PREFETCH:
             scale, zero = scale_next, zero_next
             scale_next, zero_next = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn,
@@ -383,10 +384,15 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, k0 // GROUP, n_ok)
         if DEQUANT == 1:
             w = ((_nibbles(words, 4, 19, 0x41800000, True) - 16.0 - zero[:, None]) * scale[:, None]).to(dtype)
-            acc += _mma(w, xt, None)
+            if W_AS_B:
+                acc = _mma(xt, tl.trans(w), acc)
+            else:
+                acc += _mma(w, xt, None)
         elif DEQUANT == 2:
             # q - zero in the MMA's type, exact for integer zero points (|q - zero| <= 15): one MMA, no x sums
             acc += scale[:, None] * _mma(_minus_zero(words, zero, dtype), xt, None)
+        elif DEQUANT == 3 and W_AS_B:
+            acc = _mma(xt, tl.trans(_minus_zero(words, zero, dtype) * scale.to(dtype)[:, None]), acc)
         elif DEQUANT == 3:
             # (q - zero) * scale by packed 16-bit ops: the difference is exact and the product rounds once,
             # DEQUANT = 1's weight bit for bit at a third of its instructions; the MMAs accumulate across steps
@@ -408,71 +414,8 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             # column sum, tl.sum(xt, 0), measured 10-25% slower at 64 rows: its layout conversion costs more)
             x_sums = _mma(tl.full([BLOCK_N, BLOCK_K], 1.0, dtype), xt, None)
             acc += scale[:, None] * (part - zero[:, None] * x_sums)
-    _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
-                 pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# int4 GEMM on the MMA layout: words that unpack straight into the MMA's register operand
-
-MMA_TILE = 128  # codes: the repacked layout's unit along K
-
-
-def repack_int4_mma(words: torch.Tensor) -> torch.Tensor:
-    """int4 words [N, K / 8] (the documented layout: word i holds codes 8i..8i+7) -> the MMA layout, the same size.
-
-    Within each tile of 128 codes (16 words), word w holds codes 16 j + w for j = 0..7 in nibble j: nibble j of
-    the tile's 16 words is then the 16-code slice [16 j, 16 j + 16) in order, one MMA operand of K = 16. The
-    tensor-core kernel unpacks each slice with a shift and a mask from words loaded in the MMA's own register
-    layout (`_int4_gemm_mma_kernel`). K a multiple of 128."""
-    n, w = words.shape
-    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
-    codes = (words[:, :, None] >> shifts) & 0xF  # [N, K / 8, 8]: code 8 i + f
-    codes = codes.reshape(n, w // 16, 8, 16)  # [N, tiles, j, w]: code 16 j + w of the tile
-    packed = (codes.transpose(2, 3).to(torch.int64) << shifts.to(torch.int64)).sum(-1)  # [N, tiles, 16]
-    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32).reshape(n, w)
-
-
-@triton.jit
-def _int4_gemm_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
-                          stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
-                          GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SPLIT_K: tl.constexpr):
-    """y^T tile [BLOCK_N, BLOCK_M] = W tile . x^T tile on the MMA layout (`repack_int4_mma`); integer zero points.
-
-    Per 16-code slice: (q - zero) * scale in x's type (as DEQUANT = 3) from one shift and mask of the tile's
-    words, then an MMA of K = 16 accumulating across slices and steps. The words need no layout change: Triton
-    loads them from shared memory straight into the MMA's register-operand layout (offline TTGIR, Triton 3.6),
-    where `_int4_gemm_kernel`'s unpacked tile goes through shared memory once more. BLOCK_K: a multiple of 128;
-    GROUP: a multiple of 16."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok = offs_n < N
-    m_ok = offs_m < M
-    dtype = x_ptr.dtype.element_ty
-    n_blocks = K // BLOCK_K
-    per_split = tl.cdiv(n_blocks, SPLIT_K)
-    start = pid_k * per_split
-    stop = tl.minimum(n_blocks, start + per_split)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for blk in range(start, stop):
-        for t in tl.static_range(BLOCK_K // 128):
-            kt = blk * BLOCK_K + t * 128
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (kt // 8 + tl.arange(0, 16))[None, :],
-                            mask=n_ok[:, None], other=0)
-            if GROUP % 128 == 0:  # one group over the whole tile
-                scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, kt // GROUP, n_ok)
-            for j in tl.static_range(8):
-                if GROUP % 128 != 0:
-                    scale, zero = _group_params(s_ptr, z_ptr, offs_n, stride_sn, stride_zn, (kt + 16 * j) // GROUP,
-                                                n_ok)
-                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (kt + 16 * j + tl.arange(0, 16))[:, None],
-                             mask=m_ok[None, :], other=0.0)
-                acc = _mma(_minus_zero(words, zero, dtype, j) * scale.to(dtype)[:, None], xt, acc)
+    if W_AS_B:
+        acc = tl.trans(acc)
     _finish_tile(acc, offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 
@@ -658,6 +601,12 @@ INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=3, num_stages=4),
     _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, DEQUANT=3, num_stages=3, num_warps=8),
     _cfg(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, DEQUANT=3, num_stages=3, num_warps=8),
+    # the weight as the MMA's shared-memory operand: the H100 sweep's winners at 64 rows on all three shapes
+    # (`quant_linear_gpu.py --sweep 64,256`), and DEQUANT = 1's best for fractional zero points
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, DEQUANT=3, W_AS_B=1, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, DEQUANT=3, W_AS_B=1, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, DEQUANT=3, W_AS_B=1, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, DEQUANT=1, W_AS_B=1, num_stages=4),
 ]
 INT8_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_stages=4),
@@ -807,6 +756,8 @@ def _weight_only(x, words, scales, zeros, bias, group, bits, config, gemm: bool)
             config = None  # measured for integer zero points and matching scales: autotune over those that fit
     if gemm:
         reason = config is not None and _dequant_unfit(config.get("DEQUANT", 0), x, scales, zeros_arg)
+        if config is not None and config.get("W_AS_B") and config.get("DEQUANT", 0) not in (1, 3):
+            reason = "W_AS_B needs DEQUANT=1 or 3 (a dequantized weight tile that the MMA accumulates)"
         if reason:
             raise ValueError(reason)
         grid = lambda meta: (  # noqa: E731
@@ -830,30 +781,6 @@ def int4_gemv(x, qweight, scales, zeros, bias, group_size: int, config: dict | N
 def int4_gemm(x, qweight, scales, zeros, bias, group_size: int, config: dict | None = None) -> torch.Tensor:
     """x [M, K] times the int4 weight: tensor-core kernel. group_size: a power of two >= 16."""
     return _weight_only(x, _words(qweight), scales, zeros, bias, group_size, 4, config, gemm=True)
-
-
-def int4_gemm_mma(x, words_mma, scales, zeros, bias, group_size: int, config: dict) -> torch.Tensor:
-    """x [M, K] times the int4 weight repacked by `repack_int4_mma` (int32 [N, K / 8]), on tensor cores, with
-    `config` (BLOCK_M, BLOCK_N, BLOCK_K a multiple of 128, SPLIT_K, num_warps, num_stages). Integer zero points,
-    scales in x's dtype, group_size a multiple of 16. Not dispatched yet: `quant_linear_gpu.py --sweep` times it."""
-    x = _contiguous_rows(x)
-    M, K = x.shape
-    N = words_mma.shape[0]
-    if K % MMA_TILE or group_size % 16 or config["BLOCK_K"] % MMA_TILE:
-        raise ValueError(f"the MMA layout needs K and BLOCK_K multiples of {MMA_TILE} and the group size a "
-                         f"multiple of 16 (K={K}, BLOCK_K={config['BLOCK_K']}, group {group_size})")
-    reason = _dequant_unfit(3, x, scales, zeros)
-    if reason:
-        raise ValueError(reason.replace("DEQUANT=3", "the MMA layout"))
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y
-    ws, cnt = _split_k_workspace(x.device, M * N, M * triton.cdiv(N, 8))
-    grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(M, config["BLOCK_M"]), config["SPLIT_K"])
-    _int4_gemm_mma_kernel[grid](x, words_mma, scales, zeros, bias if bias is not None else y, y, ws, cnt, M, N, K,
-                                m_bucket(M), x.stride(0), words_mma.stride(0), scales.stride(0), zeros.stride(0),
-                                y.stride(0), GROUP=group_size, HAS_BIAS=bias is not None, **config)
-    return y
 
 
 def int8_gemv(x, qweight, scales, bias, config: dict | None = None) -> torch.Tensor:
