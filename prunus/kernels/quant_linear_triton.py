@@ -341,7 +341,7 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     dequantized weight is then the MMA's second operand, which Hopper's wgmma reads from shared memory: one store
     of the tile, then the step's MMAs issue back to back with one wait (offline SASS, Triton 3.6, 64x64x128: 8
     HGMMA, 1 wait a step). As the first operand it must be in registers in the MMA's layout, so Triton stores the
-    tile, loads it back (LDSM) and waits for each MMA before the next (8 waits a step). H100, 64 rows: 4-12% faster
+    tile, loads it back (LDSM) and waits for each MMA before the next (8 waits a step). H100, 64 rows: 5-10% faster
     (BENCHMARKS.md, "weight as the MMA's second operand"). Needs 64-row tiles for wgmma.
 
     PREFETCH: the next step's scales and zero points load during this step, in registers. Triton's pipeliner
