@@ -1,6 +1,7 @@
 """Generated fused kernels (`fuse` pass) on the GPU against eager PyTorch, torch.compile and the bandwidth ceiling.
 
     python benchmarks/fuse_gpu.py [--layers N] [--report PATH] [--smoke]
+    python benchmarks/fuse_gpu.py --wide-shapes [--report PATH]
 
 Patterns at Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 / 8 heads of 128), bf16, at 1 row (decode,
 batch 1) and 2048 rows (a 2K-token prefill): each pattern is a small module written as Hugging Face writes
@@ -16,6 +17,10 @@ End to end: a llama-3-8b-shaped model with `--layers` layers (random bf16 weight
 that same graph, and the graph after `fuse`. Then the real decode step (`--kv-context` > 0, default 1024): the
 whole 32-layer model's kv_cache decode graph over a cache of that many entries, unfused, under
 torch.compile, and built from `kv_cache, fuse` (prunus' kernels: fused norms, RoPE, SwiGLU, decode attention).
+
+`--wide-shapes` times the elementwise patterns over rows wider than a program (SwiGLU, GELU with bias over the
+14336-wide MLP activations) at 1 and 2048 rows under several program shapes (columns and warps a program,
+`runtime.WIDE_BLOCK` and `WIDE_WARPS`), next to torch.compile: the defaults come from this table.
 """
 from __future__ import annotations
 
@@ -301,6 +306,44 @@ def bench_kv_decode(dev, dtype, context: int, smoke: bool):
                 notes=fused_notes, capture_s=capture_s, fuse_s=fuse_s, compile_s=compile_s)
 
 
+WIDE_SHAPES = [(1024, 4), (512, 4), (1024, 8), (512, 2), (2048, 4), (2048, 8), (256, 4), (4096, 8)]
+
+
+def bench_wide_shapes(report: str | None) -> None:
+    """SwiGLU and GELU over the MLP width under each program shape of WIDE_SHAPES, with torch.compile (same run)."""
+    from prunus.codegen.triton import runtime
+
+    dev, rows_out = torch.device("cuda"), []
+    default = (runtime.WIDE_BLOCK, runtime.WIDE_WARPS)
+    for rows in (1, 2048):
+        for name, module, inputs in pattern_cases(rows, dev, torch.bfloat16, 2048):
+            if name not in ("swiglu", "gelu"):
+                continue
+            module = module.to(dev, torch.bfloat16).eval()
+            with torch.no_grad():
+                ref = module(*inputs)
+                nbytes = _bytes(inputs) + _bytes([ref]) + sum(p.numel() * p.element_size() for p in module.parameters())
+                sets = [tuple(x.clone() for x in inputs) for _ in range(copies(nbytes, True))]
+                comp = time_us(torch.compile(module), sets)
+                opt = prunus.optimize(module, "fuse", example_inputs=inputs)
+                for block, warps in WIDE_SHAPES:
+                    runtime.WIDE_BLOCK, runtime.WIDE_WARPS = block, warps
+                    err = float((opt(*inputs).float() - ref.float()).abs().max())
+                    t = time_us(opt.graph.gm, sets)
+                    rows_out.append([name, rows, block, warps, f"{block // (32 * warps)}", f"{t:.2f}", f"{comp:.2f}",
+                                     f"{comp / t:.3f}", f"{100 * nbytes / COPY_CEILING / t:.0f}%", f"{err:.1e}",
+                                     "default" if (block, warps) == default else ""])
+                    print(rows_out[-1], flush=True)
+            runtime.WIDE_BLOCK, runtime.WIDE_WARPS = default
+    columns = ["pattern", "rows", "columns a program", "warps", "elements a thread", "prunus us",
+               "torch.compile us", "x compile", "% of ceiling", "max abs err", ""]
+    notes = ("Rows wider than a program run one a program, the column blocks of a row consecutive in one flat "
+             "grid. CUDA-graph replays over copies of the inputs exceeding 3x L2 (2048 rows) or L2-resident (1 row).")
+    print(markdown_table(columns, rows_out))
+    append("Program shapes of the generated kernels over wide rows (SwiGLU, GELU)", columns, rows_out, notes,
+           path=report)
+
+
 def _f(v, fmt="{:.1f}"):
     return "-" if v is None else fmt.format(v)
 
@@ -314,7 +357,11 @@ def main():
     ap.add_argument("--profile-e2e", default=None, help="directory for per-kernel profiles of the end-to-end forward")
     ap.add_argument("--kv-context", type=int, default=1024,
                     help="cache entries of the end-to-end kv_cache decode step (0: skip it)")
+    ap.add_argument("--wide-shapes", action="store_true", help="only: program shapes of the wide-row kernels")
     args = ap.parse_args()
+    if args.wide_shapes:
+        bench_wide_shapes(args.report)
+        return
     global PROFILE_DIR
     PROFILE_DIR = args.profile_e2e
     dev = torch.device("cpu" if args.smoke else "cuda")

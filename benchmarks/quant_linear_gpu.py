@@ -261,6 +261,13 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                                 num_stages=stages))
     # the weight as the MMA's shared-memory operand (W_AS_B): DEQUANT 1 and 3, 64-row tiles and up
     out += [dict(cfg, W_AS_B=1) for cfg in out if cfg["DEQUANT"] in (1, 3) and cfg["BLOCK_M"] >= 64]
+    if m >= 128:  # 128-row W_AS_B tiles on 4 warps: two programs an SM (registers), one dequantizing while the
+        # other's MMAs run; and 128 x 256 tiles on 8 warps
+        for bn, bk, sk, dq, warps, stages in [(128, 64, 1, 3, 4, 3), (128, 64, 2, 3, 4, 3), (128, 64, 4, 3, 4, 3),
+                                              (128, 128, 1, 3, 4, 2), (128, 64, 1, 1, 4, 3), (256, 64, 1, 3, 8, 3),
+                                              (256, 64, 2, 3, 8, 3), (128, 64, 1, 3, 4, 4)]:
+            out.append(dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DEQUANT=dq, W_AS_B=1, num_warps=warps,
+                            num_stages=stages))
     return out
 
 
@@ -305,7 +312,7 @@ def table_from_log(log_path: str) -> dict:
     return dict(winner_entry(k, n, m, cfg) for (k, n, m), (_, cfg) in best.items())
 
 
-def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None):
+def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None):
     """Time every candidate config of the int4 kernels explicitly (no autotuner): the config lists in
     `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M."""
     from prunus.kernels import quant_linear_triton as qt
@@ -318,6 +325,8 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None):
             run = qt.int4_gemv if kind == "gemv" else qt.int4_gemm
             results = []
             for cfg in sweep_configs(kind, m):
+                if any(cfg.get(key) != value for key, value in (only or {}).items()):
+                    continue
                 fn = lambda x, qw, s, z, cfg=cfg: run(x, qw, s, z, None, GROUP, cfg)  # noqa: E731
                 try:
                     t = case.time_quant(fn, m)
@@ -342,6 +351,7 @@ def main() -> None:
     ap.add_argument("--explore", action="store_true", help="also time each int4 kernel path at M = 1..256")
     ap.add_argument("--sweep", default=None, help="time every candidate int4 config at these M (e.g. 1,64) and exit")
     ap.add_argument("--sweep-shapes", default=None, help="only these K,N shapes, e.g. 4096x4096,14336x4096")
+    ap.add_argument("--sweep-only", default=None, help="only the configs with these values, e.g. W_AS_B=1,DEQUANT=3")
     ap.add_argument("--sweep-log", default=None, help="file to append every swept config's time to")
     ap.add_argument("--sweep-table", default=None, help="measured-config table (JSON) to merge each winner into")
     ap.add_argument("--table-from-log", default=None, help="merge the winners of this --sweep-log into --sweep-table")
@@ -359,7 +369,11 @@ def main() -> None:
     if args.sweep:
         shapes = ([tuple(int(d) for d in s.split("x")) for s in args.sweep_shapes.split(",")]
                   if args.sweep_shapes else SHAPES)
-        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table)
+        if args.sweep_only and args.sweep_table:
+            sys.exit("--sweep-only times a subset: merge its log with --table-from-log, not --sweep-table")
+        only = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.sweep_only.split(","))) \
+            if args.sweep_only else None
+        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only)
         return
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",

@@ -235,7 +235,7 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
             "else:",
             "    row = (pid * RB + tl.arange(0, RB))[:, None]",
             "rmask = row < ROWS",
-            "cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]"]
+            "cols = (cb * BLOCK + tl.arange(0, BLOCK))[None, :]"]
     if rank:
         body.append("rest = row")
         for d in reversed(range(1, rank)):  # one division per level: the remainder from the quotient
@@ -260,6 +260,11 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
 
 # launch constants of every generated kernel: rows per program, columns per program, 64-bit indexing
 CONSTS = ["RB: tl.constexpr", "BLOCK: tl.constexpr", "WIDE: tl.constexpr"]
+# one flat grid, the column blocks of a row block consecutive (CB of them, a runtime argument): programs launched
+# together read neighbouring memory, as a row-major sweep does. With the row blocks on grid axis 0 and the column
+# blocks on axis 1 they read rows far apart. H100, SwiGLU over 2048 x 14336 (`benchmarks/fuse_gpu.py`): 64.6 us
+# (0.96x torch.compile) on the two axes with two rows a program, flat with one row a program: BENCHMARKS.md
+PROGRAM = ["    f = tl.program_id(0)", "    pid = f // CB", "    cb = f - pid * CB"]
 
 
 def emit(region: Region) -> tuple[str, str]:
@@ -274,13 +279,14 @@ def emit(region: Region) -> tuple[str, str]:
         "ops": region.ops(),
         "parts": [m for _, _, m in built],
         "wide": True,  # takes WIDE (modules generated before it index in 64 bits always)
+        "flat": True,  # a flat grid and CB (modules generated before it: rows on axis 0, column blocks on axis 1)
     }
     code = []
     if len(parts) == 1:
         params, body, _ = built[0]
         code += ["@triton.jit",
-                 f"def kernel({', '.join(params + CONSTS)}):",
-                 "    pid = tl.program_id(0)",
+                 f"def kernel({', '.join(params + ['CB'] + CONSTS)}):",
+                 *PROGRAM,
                  *("    " + line for line in body)]
     else:
         args, starts, functions, names = [], [], {}, []
@@ -288,7 +294,7 @@ def emit(region: Region) -> tuple[str, str]:
             text = "\n".join(body)
             if text not in functions:  # parts of equal code (q and k RoPE) share one function
                 functions[text] = f"part{len(functions)}"
-                signature = ", ".join(params + ["pid"] + CONSTS)
+                signature = ", ".join(params + ["pid", "cb"] + CONSTS)
                 code += ["@triton.jit",
                          f"def {functions[text]}({signature}):",
                          *("    " + line for line in body), "", ""]
@@ -297,10 +303,10 @@ def emit(region: Region) -> tuple[str, str]:
             starts.append(f"START{i}")
         flat = [a for group in args for a in group]
         code += ["@triton.jit",
-                 f"def kernel({', '.join(flat + starts[1:] + CONSTS)}):",
-                 "    pid = tl.program_id(0)"]
+                 f"def kernel({', '.join(flat + starts[1:] + ['CB'] + CONSTS)}):",
+                 *PROGRAM]
         for i, group in enumerate(args):
-            call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, RB, BLOCK, WIDE)"
+            call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, cb, RB, BLOCK, WIDE)"
             if i == 0:
                 code.append("    if pid < START1:")
             elif i < len(args) - 1:

@@ -42,8 +42,32 @@ def _next_pow2(n: int) -> int:
 TUNE = os.environ.get("PRUNUS_FUSE_TUNE", "0") == "1"
 
 
+# rows wider than a program (SwiGLU and GELU over the MLP width): columns and warps a program, measured on an
+# H100 (`python benchmarks/fuse_gpu.py --wide-shapes`, BENCHMARKS.md "Program shapes of the generated kernels
+# over wide rows"): 8 elements a thread (one 16-byte load of bf16) on 4 warps. 4 elements a thread cost GELU
+# prefill 15%, and wider programs leave decode's single row to fewer SMs
+WIDE_BLOCK, WIDE_WARPS = 1024, 4
+
+
 def _warps(elements: int) -> int:
     return 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+
+
+def launch_shape(reduction: bool, span: int, rows: int, flat: bool) -> tuple[int, int, int]:
+    """(columns, rows, warps) a program of a generated kernel covers by default, for rows of `span` columns.
+
+    A row reduction takes the whole row. Elementwise kernels take up to WIDE_BLOCK columns, and narrower rows
+    several a program (2048 elements); rows wider than that run one a program in row-major program order
+    (flat modules, see `emit.PROGRAM`)."""
+    if reduction:
+        block = _next_pow2(span)
+    else:
+        block = min(_next_pow2(span), WIDE_BLOCK if flat else 1024)
+    if flat and span > block:
+        rb = 1
+    else:
+        rb = min(_next_pow2(rows), max(1, 2048 // block))
+    return block, rb, WIDE_WARPS if flat and span > block else _warps(block * rb)
 
 
 def candidates(rb: int, block: int, rows: int) -> list[tuple[int, int]]:
@@ -175,13 +199,9 @@ class Kernel:
         span = max(spans)
         if max(blocks) == 0 or span == 0:
             return outs
-        if any(p["reduction"] for p in parts):
-            block = _next_pow2(span)
-            col_blocks = 1
-        else:
-            block = min(_next_pow2(span), 1024)
-            col_blocks = -(-span // block)
-        rb = min(_next_pow2(max(blocks)), max(1, 2048 // block))
+        flat = bool(self.meta.get("flat"))
+        block, rb, warps = launch_shape(any(p["reduction"] for p in parts), span, max(blocks), flat)
+        col_blocks = -(-span // block)
         wide = {"WIDE": _spans_2_31(inputs, outs)} if self.meta.get("wide") else {}
 
         def run(rb: int, warps: int):
@@ -191,10 +211,14 @@ class Kernel:
             for rows in blocks:  # each part's programs follow the previous part's
                 starts.append(total)
                 total += -(-rows // rb)
-            self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps,
-                                                    enable_fp_fusion=False, **wide)
+            if flat:
+                self.module.kernel[(total * col_blocks,)](*args, *starts[1:], col_blocks, RB=rb, BLOCK=block,
+                                                         num_warps=warps, enable_fp_fusion=False, **wide)
+            else:
+                self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps,
+                                                        enable_fp_fusion=False, **wide)
 
-        choice = (rb, _warps(block * rb))
+        choice = (rb, warps)
         if device.type == "cuda" and TUNE:
             shape = (_next_pow2(max(blocks)), block, col_blocks)
             best = self._best.get(shape)

@@ -135,6 +135,29 @@ def test_generated_kernel_handles_other_shapes_than_captured():
         torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_rows_wider_than_a_program_in_row_major_program_order(monkeypatch):
+    """Rows wider than 512 columns: one flat grid, the column blocks of a row consecutive (CB of them); a partial
+    last block. A module generated before the flat grid (rows on axis 0, column blocks on axis 1) still runs."""
+    from prunus.codegen.triton import runtime
+
+    g = torch.Generator().manual_seed(4)
+    gate, up = torch.randn(3, 1100, generator=g), torch.randn(3, 1100, generator=g)  # 3 blocks: 512, 512, 76
+    opt = _fuse(SwiGLU(), (gate, up))
+    kernel = get_kernel(fused_nodes(opt.graph.gm)[0].args[1])
+    assert kernel.meta["flat"] and "pid = f // CB" in kernel.source
+    launched = []
+    real = runtime.Kernel.launch
+    monkeypatch.setattr(runtime.Kernel, "launch", lambda self, inputs: launched.append(self) or real(self, inputs))
+    torch.testing.assert_close(opt(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    assert launched == [kernel]
+    old = kernel.source.replace(", 'flat': True", "").replace(", CB, RB", ", RB").replace(
+        "    f = tl.program_id(0)\n    pid = f // CB\n    cb = f - pid * CB", "    pid = tl.program_id(0)").replace(
+        "cols = (cb * BLOCK", "cols = (tl.program_id(1) * BLOCK")
+    assert old != kernel.source and "CB" not in old
+    legacy = runtime.Kernel("legacy" + kernel.key, old)
+    torch.testing.assert_close(legacy([gate, up])[0], F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
 def test_gelu_exact_and_bert_style_post_norm():
     model = GeluBias(approximate="none")
     x = torch.randn(2, 5, 48)
