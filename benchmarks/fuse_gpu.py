@@ -331,7 +331,7 @@ def bench_wide_shapes(report: str | None) -> None:
                     err = float((opt(*inputs).float() - ref.float()).abs().max())
                     t = time_us(opt.graph.gm, sets)
                     rows_out.append([name, rows, block, warps, f"{block // (32 * warps)}", f"{t:.2f}", f"{comp:.2f}",
-                                     f"{comp / t:.3f}", f"{100 * nbytes / COPY_CEILING / t:.0f}%", f"{err:.1e}",
+                                     f"{comp / t:.3f}", f"{100 * nbytes / COPY_CEILING * 1e6 / t:.0f}%", f"{err:.1e}",
                                      "default" if (block, warps) == default else ""])
                     print(rows_out[-1], flush=True)
             runtime.WIDE_BLOCK, runtime.WIDE_WARPS = default

@@ -260,11 +260,12 @@ def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
 
 # launch constants of every generated kernel: rows per program, columns per program, 64-bit indexing
 CONSTS = ["RB: tl.constexpr", "BLOCK: tl.constexpr", "WIDE: tl.constexpr"]
-# one flat grid, the column blocks of a row block consecutive (CB of them, a runtime argument): programs launched
-# together read neighbouring memory, as a row-major sweep does. With the row blocks on grid axis 0 and the column
-# blocks on axis 1 they read rows far apart. H100, SwiGLU over 2048 x 14336 (`benchmarks/fuse_gpu.py`): 64.6 us
-# (0.96x torch.compile) on the two axes with two rows a program, flat with one row a program: BENCHMARKS.md
-PROGRAM = ["    f = tl.program_id(0)", "    pid = f // CB", "    cb = f - pid * CB"]
+# the column blocks of a row block on grid axis 0, the row blocks on axes 1 and 2 (axis 1 holds at most 65535):
+# programs launched together read neighbouring memory, as a row-major sweep does, with no division to find a
+# program's place. With the row blocks on axis 0 and the column blocks on axis 1, as modules before "flat" did,
+# they read rows far apart. H100, SwiGLU over 2048 x 14336 (`benchmarks/fuse_gpu.py`): 64.6 us (0.96x
+# torch.compile) on those axes with two rows a program, 62.2 us (1.00x) row-major with one row a program
+PROGRAM = ["    cb = tl.program_id(0)", "    pid = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)"]
 
 
 def emit(region: Region) -> tuple[str, str]:
@@ -279,13 +280,13 @@ def emit(region: Region) -> tuple[str, str]:
         "ops": region.ops(),
         "parts": [m for _, _, m in built],
         "wide": True,  # takes WIDE (modules generated before it index in 64 bits always)
-        "flat": True,  # a flat grid and CB (modules generated before it: rows on axis 0, column blocks on axis 1)
+        "flat": True,  # column blocks on grid axis 0, row blocks on 1 and 2 (before it: rows on 0, columns on 1)
     }
     code = []
     if len(parts) == 1:
         params, body, _ = built[0]
         code += ["@triton.jit",
-                 f"def kernel({', '.join(params + ['CB'] + CONSTS)}):",
+                 f"def kernel({', '.join(params + CONSTS)}):",
                  *PROGRAM,
                  *("    " + line for line in body)]
     else:
@@ -303,7 +304,7 @@ def emit(region: Region) -> tuple[str, str]:
             starts.append(f"START{i}")
         flat = [a for group in args for a in group]
         code += ["@triton.jit",
-                 f"def kernel({', '.join(flat + starts[1:] + ['CB'] + CONSTS)}):",
+                 f"def kernel({', '.join(flat + starts[1:] + CONSTS)}):",
                  *PROGRAM]
         for i, group in enumerate(args):
             call = f"{names[i]}({', '.join(group)}, pid{f' - START{i}' if i else ''}, cb, RB, BLOCK, WIDE)"

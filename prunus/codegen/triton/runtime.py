@@ -47,6 +47,7 @@ TUNE = os.environ.get("PRUNUS_FUSE_TUNE", "0") == "1"
 # over wide rows"): 8 elements a thread (one 16-byte load of bf16) on 4 warps. 4 elements a thread cost GELU
 # prefill 15%, and wider programs leave decode's single row to fewer SMs
 WIDE_BLOCK, WIDE_WARPS = 1024, 4
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 def _warps(elements: int) -> int:
@@ -211,9 +212,11 @@ class Kernel:
             for rows in blocks:  # each part's programs follow the previous part's
                 starts.append(total)
                 total += -(-rows // rb)
-            if flat:
-                self.module.kernel[(total * col_blocks,)](*args, *starts[1:], col_blocks, RB=rb, BLOCK=block,
-                                                         num_warps=warps, enable_fp_fusion=False, **wide)
+            if flat:  # column blocks fastest, then row blocks over axes 1 and 2
+                slices = -(-total // MAX_GRID_Y)
+                grid = (col_blocks, -(-total // slices), slices)
+                self.module.kernel[grid](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps,
+                                         enable_fp_fusion=False, **wide)
             else:
                 self.module.kernel[(total, col_blocks)](*args, *starts[1:], RB=rb, BLOCK=block, num_warps=warps,
                                                         enable_fp_fusion=False, **wide)

@@ -136,24 +136,33 @@ def test_generated_kernel_handles_other_shapes_than_captured():
 
 
 def test_rows_wider_than_a_program_in_row_major_program_order(monkeypatch):
-    """Rows wider than 512 columns: one flat grid, the column blocks of a row consecutive (CB of them); a partial
-    last block. A module generated before the flat grid (rows on axis 0, column blocks on axis 1) still runs."""
+    """Rows wider than a program: one row a program, the column blocks on grid axis 0 and the row blocks on axes 1
+    and 2 (here at most 2 on axis 1: 3 row blocks over 2 x 2, one program past the last row); a partial last
+    column block. A module generated before (rows on axis 0, column blocks on axis 1) still runs."""
     from prunus.codegen.triton import runtime
 
     g = torch.Generator().manual_seed(4)
-    gate, up = torch.randn(3, 1100, generator=g), torch.randn(3, 1100, generator=g)  # 3 blocks: 512, 512, 76
+    gate, up = torch.randn(3, 1100, generator=g), torch.randn(3, 1100, generator=g)  # 1024 + 76 columns
     opt = _fuse(SwiGLU(), (gate, up))
     kernel = get_kernel(fused_nodes(opt.graph.gm)[0].args[1])
-    assert kernel.meta["flat"] and "pid = f // CB" in kernel.source
-    launched = []
-    real = runtime.Kernel.launch
-    monkeypatch.setattr(runtime.Kernel, "launch", lambda self, inputs: launched.append(self) or real(self, inputs))
+    assert kernel.meta["flat"] and "cb = tl.program_id(0)" in kernel.source
+    assert runtime.launch_shape(False, 1100, 3, True) == (runtime.WIDE_BLOCK, 1, runtime.WIDE_WARPS)
+    grids = []
+    real = kernel.module.kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+    monkeypatch.setattr(kernel.module, "kernel", Spy())
+    monkeypatch.setattr(runtime, "MAX_GRID_Y", 2)
     torch.testing.assert_close(opt(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
-    assert launched == [kernel]
-    old = kernel.source.replace(", 'flat': True", "").replace(", CB, RB", ", RB").replace(
-        "    f = tl.program_id(0)\n    pid = f // CB\n    cb = f - pid * CB", "    pid = tl.program_id(0)").replace(
-        "cols = (cb * BLOCK", "cols = (tl.program_id(1) * BLOCK")
-    assert old != kernel.source and "CB" not in old
+    assert grids == [(2, 2, 2)]
+    monkeypatch.undo()
+    old = kernel.source.replace(", 'flat': True", "").replace(
+        "    cb = tl.program_id(0)\n    pid = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)",
+        "    pid = tl.program_id(0)").replace("cols = (cb * BLOCK", "cols = (tl.program_id(1) * BLOCK")
+    assert "flat" not in old and "cb" not in old
     legacy = runtime.Kernel("legacy" + kernel.key, old)
     torch.testing.assert_close(legacy([gate, up])[0], F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
