@@ -264,7 +264,7 @@ CONSTS = ["RB: tl.constexpr", "BLOCK: tl.constexpr", "WIDE: tl.constexpr"]
 # programs launched together read neighbouring memory, as a row-major sweep does, with no division to find a
 # program's place. With the row blocks on axis 0 and the column blocks on axis 1, as modules before "flat" did,
 # they read rows far apart. H100, SwiGLU over 2048 x 14336 (`benchmarks/fuse_gpu.py`): 64.6 us (0.96x
-# torch.compile) on those axes with two rows a program, 62.2 us (1.00x) row-major with one row a program
+# torch.compile) on those axes with two rows a program, 62.0 us (1.00x) row-major with one row a program
 PROGRAM = ["    cb = tl.program_id(0)", "    pid = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)"]
 
 
