@@ -11,12 +11,13 @@ are fast when the packed weights are read once and unpacked in registers):
   GROUPS of them per step), int8 over chunks (per-channel scale, applied once at the end).
 - `_int4_gemm_kernel`: more rows. Tensor-core `tl.dot` of the unpacked weight tile [BLOCK_N, BLOCK_K] with
   the activations transposed [BLOCK_K, BLOCK_M] ("swap AB": the weight fills the MMA's M side, so a
-  skinny batch still maps onto full-size instructions).
+  skinny batch still maps onto full-size instructions); from 64-row tiles also the other way round (W_AS_B),
+  where Hopper's wgmma reads the weight tile from shared memory and issues a step's MMAs back to back.
 - `_int4_dequant_kernel`: int4 -> dense weight, for the many-row fallback (dense matmul by cuBLAS).
 - `_quantize_rows_kernel` + `_int8_gemm_kernel`: W8A8 (per-token dynamic int8 activations, int32 MMA,
   the scales in the epilogue); the row quantizer also makes the e4m3 activations of the fp8 op.
 - `_int8_gemm_kernel` also serves int8 weight-only with more rows: the int8 tile converted exactly to x's dtype
-  in registers, a tensor-core `tl.dot`, the per-channel scale on the accumulator.
+  in registers, a tensor-core `tl.dot`, the per-channel scale on the accumulator; split-K for few rows.
 
 Two tricks keep the unpacking cheap (no int -> float conversion instructions, which run at 1/8 rate):
 - the float "magic number": a field v OR-ed into the top mantissa bits of 2^BITS is the float 2^BITS + v
@@ -487,18 +488,24 @@ def _smoothed(row_ptr, smooth_ptr, offs, K, HAS_SMOOTH: tl.constexpr):
 
 
 @triton.jit
-def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
+def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET,
                       stride_am, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr = 1):
     """y = (a @ w_int8^T) * scales[None, :] + bias, for both int8-weight ops.
 
     W8A8: `a` int8 (per-token quantized), an int8 x int8 -> int32 MMA, the rows scaled by a_scale[:, None].
     Weight-only: `a` is x itself; the int8 tile converts exactly to x's dtype (|q| <= 128 fits bf16's 8
     significant bits) and goes straight into the MMA (a_scale_ptr unused). The scales multiply the accumulator
-    once at the end.
+    once at the end. The weight is the MMA's second operand, read from shared memory.
+
+    SPLIT_K: each program covers 1/SPLIT_K of K and adds its scaled partial to the fp32 workspace (see the module
+    doc): for few rows, where the output tiles alone leave most SMs idle (4096 outputs at 64 rows: 64 tiles of
+    64 x 64 for 132 SMs).
     """
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -507,7 +514,8 @@ def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    for k0 in range(pid_k * per_split, tl.minimum(K, (pid_k + 1) * per_split), BLOCK_K):
         k_ok = k0 + offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :],
                     mask=(offs_m < M)[:, None] & k_ok[None, :], other=0)
@@ -525,7 +533,8 @@ def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M
     else:
         y = acc * scale[None, :]
     # y^T orientation for the shared epilogue
-    _write_tile(tl.trans(y), offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, HAS_BIAS)
+    _finish_tile(tl.trans(y), offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
+                 pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -613,10 +622,18 @@ INT8_GEMM_CONFIGS = [
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128),
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8), _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8),
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+    # split-K (not yet timed on a GPU: the autotuner measures them beside the others): few rows fill the SMs
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=8),
 ]
 INT8_WEIGHT_GEMM_CONFIGS = INT8_GEMM_CONFIGS + [  # few rows: narrower tiles fill the GPU
     _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_stages=4), _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_stages=3),
     _cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, num_stages=3),
+    _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=8, num_stages=4),
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_stages=4),
 ]
 
 
@@ -834,9 +851,11 @@ def _int8_gemm(a, a_scale, qweight, scales, bias, out_dtype, tuned, configs, con
     if M == 0:
         return y
     qweight = qweight.contiguous()
+    ws, cnt = _split_k_workspace(a.device, M * N, M * triton.cdiv(N, 8))
     args = dict(a_ptr=a, a_scale_ptr=a_scale, w_ptr=qweight, s_ptr=scales, b_ptr=bias if bias is not None else y,
-                y_ptr=y, M=M, N=N, K=K, M_BUCKET=m_bucket(M), stride_am=a.stride(0), stride_wn=qweight.stride(0),
-                stride_ym=y.stride(0))
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+                y_ptr=y, ws_ptr=ws, cnt_ptr=cnt, M=M, N=N, K=K, M_BUCKET=m_bucket(M), stride_am=a.stride(0),
+                stride_wn=qweight.stride(0), stride_ym=y.stride(0))
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), meta.get("SPLIT_K", 1))
     _launch(_int8_gemm_kernel, tuned, configs, grid, args, dict(HAS_BIAS=bias is not None), config)
     return y

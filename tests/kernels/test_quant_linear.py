@@ -236,8 +236,14 @@ def test_int8_gemv_kernel(qt, m, config):
     torch.testing.assert_close(y.cpu(), ops.linear_int8(x, q, s, b), rtol=1e-4, atol=1e-4)
 
 
+INT8_GEMM_TEST_CONFIGS = [(3, None), (17, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)),
+                          (17, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)),  # 2 + 1 blocks of K
+                          (5, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=4))]  # one block each, one empty
+INT8_GEMM_TEST_IDS = ["autotune", "one-pass", "split-k", "split-k-empty-split"]
+
+
 @needs_kernels
-@pytest.mark.parametrize("m, config", [(3, None), (17, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))])
+@pytest.mark.parametrize("m, config", INT8_GEMM_TEST_CONFIGS, ids=INT8_GEMM_TEST_IDS)
 def test_int8_weight_only_gemm_kernel(qt, m, config):
     q, s = int8_weight(40, 96, seed=m)  # K = 96: the second 64-wide block is half past K
     x, b = torch.randn(m, 96, generator=_gen(30)), torch.randn(40, generator=_gen(31))
@@ -258,7 +264,7 @@ def test_quantize_rows_kernel_matches_reference_exactly(qt):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m, config", [(3, None), (17, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))])
+@pytest.mark.parametrize("m, config", INT8_GEMM_TEST_CONFIGS, ids=INT8_GEMM_TEST_IDS)
 def test_int8_gemm_kernel(qt, m, config):
     q, s = int8_weight(40, 96, seed=m)
     x, b = torch.randn(m, 96, generator=_gen(20)), torch.randn(40, generator=_gen(21))
@@ -288,6 +294,30 @@ def _tuned_configs():
 
     return ([("gemv", c) for c in qt.INT4_GEMV_CONFIGS] + [("gemm", c) for c in qt.INT4_GEMM_CONFIGS]
             if CUDA else [])
+
+
+def _int8_tuned_configs():
+    from prunus.kernels import quant_linear_triton as qt
+
+    return ([("weight-only", c) for c in qt.INT8_WEIGHT_GEMM_CONFIGS] + [("w8a8", c) for c in qt.INT8_GEMM_CONFIGS]
+            if CUDA else [])
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind, config", _int8_tuned_configs(), ids=lambda v: v if isinstance(v, str) else
+                         str(v.kwargs))
+def test_cuda_every_autotuned_int8_gemm_config_is_correct(qt, kind, config):
+    """bf16 weight-only and W8A8 on the tensor-core int8 kernel, each autotuned config (split-K included)."""
+    q, s = int8_weight(300, 1024, seed=12, dtype=torch.bfloat16)
+    x = torch.randn(max(16, config.kwargs["BLOCK_M"]) + 3, 1024, generator=_gen(34)).bfloat16()
+    cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    ref = x.float() @ (q.float() * s.float()[:, None]).T
+    if kind == "weight-only":
+        y = qt.int8_gemm_weight_only(*to("cuda", x, q, s), None, cfg)
+    else:
+        xq, a_scale = qt.quantize_rows(x.cuda(), None, torch.int8)
+        y = qt.int8_gemm(xq, a_scale, *to("cuda", q, s), None, torch.bfloat16, cfg)
+    assert rel_err(y.cpu(), ref) < 2e-2
 
 
 @needs_cuda
