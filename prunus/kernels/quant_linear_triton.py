@@ -94,9 +94,11 @@ def _minus_zero(words, zero, dtype: tl.constexpr):
     for bf16/fp16 (the codes as the magic floats 128 + q / 1024 + q, less the zero point with the same offset: no
     conversion), else fp32 (16 + q less 16 + zero)."""
     if dtype == tl.bfloat16:
-        return _nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True) - (zero + 128.0).to(tl.bfloat16)[:, None]
+        codes = _nibbles(words, 4, 0, 0x4300, False).to(tl.bfloat16, bitcast=True)
+        return codes - (zero + 128.0).to(tl.bfloat16)[:, None]
     elif dtype == tl.float16:
-        return _nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True) - (zero + 1024.0).to(tl.float16)[:, None]
+        codes = _nibbles(words, 4, 0, 0x6400, False).to(tl.float16, bitcast=True)
+        return codes - (zero + 1024.0).to(tl.float16)[:, None]
     else:
         return _nibbles(words, 4, 19, 0x41800000, True) - (16.0 + zero)[:, None]
 
