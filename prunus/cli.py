@@ -1,4 +1,4 @@
-"""The `prunus` command line: optimize, dump, eval, passes.
+"""The `prunus` command line: optimize, dump, eval, passes, bench.
 
 Every mistake a user can make ends in a one-line error and exit status 2, never a traceback.
 """
@@ -141,6 +141,53 @@ def _passes(args) -> int:
     return 0
 
 
+def benchmarks_dir() -> str:
+    """The checkout's `benchmarks/` folder, beside the `prunus` package (an editable install, as `make setup`)."""
+    import prunus
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(prunus.__file__))), "benchmarks")
+
+
+def _suites() -> dict[str, tuple[str, str]]:
+    """name -> (script path, what it measures: the first paragraph of its docstring), read without importing."""
+    import ast
+
+    folder = benchmarks_dir()
+    if not os.path.isdir(folder):
+        raise CLIError(f"prunus bench runs the suites of a source checkout, and there is no benchmarks/ folder at "
+                       f"{folder}: clone the repository and install it with `pip install -e .` (or `make setup`)")
+    suites = {}
+    for entry in sorted(os.listdir(folder)):
+        if entry.endswith(".py") and not entry.startswith("_"):
+            path = os.path.join(folder, entry)
+            with open(path) as f:
+                doc = ast.get_docstring(ast.parse(f.read())) or ""
+            suites[entry[:-3]] = (path, " ".join(doc.split("\n\n")[0].split()))
+    return suites
+
+
+def _bench(args) -> int:
+    import subprocess
+
+    suites = _suites()
+    if args.suite is None:
+        table = Table(title="prunus bench SUITE [ARGS...]: the suites (ARGS go to the suite; see SUITE --help)")
+        table.add_column("suite")
+        table.add_column("measures")
+        for name, (_, doc) in suites.items():
+            table.add_row(name, doc)
+        console.print(table)
+        return 0
+    name = args.suite.removesuffix(".py").replace("-", "_")
+    if name not in suites:
+        raise CLIError(f"unknown suite '{args.suite}': one of {', '.join(suites)} (`prunus bench` lists them)")
+    root = os.path.dirname(benchmarks_dir())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    # run from the checkout: each suite appends its table to the checkout's BENCHMARKS.md, with the command
+    return subprocess.run([sys.executable, os.path.relpath(suites[name][0], root), *args.args], cwd=root,
+                          env=env).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunus", description="a compiler for cheaper transformer inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_dump)
 
     sub.add_parser("passes", help="list the registered passes with their params").set_defaults(func=_passes)
+
+    p = sub.add_parser("bench", help="run a benchmark suite of benchmarks/ (none given: list them)")
+    p.add_argument("suite", nargs="?", help="e.g. quant_linear_gpu or fuse-gpu")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the suite's own arguments (SUITE --help shows them)")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -81,3 +81,24 @@ def test_eval_on_an_artifact_uses_its_source_tokenizer(tmp_path, capsys):
     assert main(["eval", str(art), "--task", "fidelity"]) == 0
     out = capsys.readouterr().out
     assert "top1 vs smollm2-135m" in out and "1" in out
+
+
+def test_bench_lists_the_suites_and_runs_one(capfd):
+    assert main(["bench"]) == 0
+    out = capfd.readouterr().out
+    assert "quant_linear_gpu" in out and "fuse_gpu" in out and "_report" not in out
+    assert "Quantized linear ops on the GPU" in out  # each suite's docstring says what it measures
+    assert main(["bench", "fuse-gpu", "--help"]) == 0  # a suite's own arguments pass through
+    assert "--wide-shapes" in capfd.readouterr().out
+
+
+def test_bench_errors(tmp_path, monkeypatch, capsys):
+    from prunus import cli
+
+    assert main(["bench", "no_such_suite"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'no_such_suite'" in err.splitlines()[0] and "quant_linear_gpu" in err
+    assert main(["bench", "sass_count", "--no-such-flag"]) == 2  # the suite's own usage error, its exit status
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: str(tmp_path / "benchmarks"))
+    assert main(["bench"]) == 2
+    assert "source checkout" in capsys.readouterr().err
