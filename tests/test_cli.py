@@ -13,6 +13,19 @@ def test_passes_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name in ("dce", "fold_constants", "simplify_masks"):
         assert name in out
+    assert "[[layer, keep]" in out and "<class" not in out  # drop_tokens' schedule: its doc text, its type named
+
+
+def test_report_table_prints_pass_text_with_brackets():
+    from types import SimpleNamespace
+
+    import prunus
+
+    record = SimpleNamespace(spec="drop_tokens(schedule=[[layer, keep]])", kind="lossy", seconds=0.5,
+                             params_before=10, params_after=10, weight_bytes_before=1e6, weight_bytes_after=1e6,
+                             flops_before=2e9, flops_after=1e9, verification={"top1": 0.9}, notes=["kept [bold] text"])
+    text = str(prunus.report_table(SimpleNamespace(pipeline=record.spec, report=[record])))
+    assert "schedule=[[layer, keep]]" in text and "kept [bold] text" in text
 
 
 @pytest.mark.parametrize("argv, fragment", [
