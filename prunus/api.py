@@ -184,7 +184,7 @@ def load(path: str) -> OptimizedModel:
 def report_table(opt: OptimizedModel, *, title: str | None = None):
     """The report as a `rich` table: `print()` renders it as text, a rich console renders it in colour."""
     from rich.console import Console
-    from rich.markup import escape
+    from rich.text import Text
     from rich.table import Table
 
     class ReportTable(Table):
@@ -199,10 +199,10 @@ def report_table(opt: OptimizedModel, *, title: str | None = None):
         table.add_column(col, justify="right" if col in numeric else "left")
     for r in opt.report:
         ver = ", ".join(f"{k}={v:.3g}" for k, v in r.verification.items() if isinstance(v, (int, float)))
-        table.add_row(escape(r.spec), r.kind, f"{r.seconds:.2f}", _delta(r.params_before, r.params_after, "{:,}"),
+        table.add_row(Text(r.spec), r.kind, f"{r.seconds:.2f}", _delta(r.params_before, r.params_after, "{:,}"),
                       _delta(r.weight_bytes_before / 1e6, r.weight_bytes_after / 1e6, "{:.2f}"),
                       _delta(r.flops_before / 1e9, r.flops_after / 1e9, "{:.4f}"), ver,
-                      escape("; ".join(r.notes)))  # pass text such as schedule=[[layer, keep]] is not markup
+                      Text("; ".join(r.notes)))  # pass text such as schedule=[[layer, keep]] is not markup
     return table
 
 

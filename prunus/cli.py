@@ -9,7 +9,7 @@ import os
 import sys
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -137,7 +137,7 @@ def _passes(args) -> int:
             continue
         params = "\n".join(f"{f.name}: {cls.describe_param(f)} - {f.metadata.get('doc', '')}"
                            for f in cls.param_fields()) or "-"
-        table.add_row(name, cls.kind, escape(params), escape(cls.doc()))  # "[layer, keep]" is text, not markup
+        table.add_row(name, cls.kind, Text(params), Text(cls.doc()))  # "[layer, keep]" is text, not markup
     console.print(table)
     return 0
 
@@ -176,7 +176,7 @@ def _bench(args) -> int:
         table.add_column("suite")
         table.add_column("measures")
         for name, (_, doc) in suites.items():
-            table.add_row(name, escape(doc))
+            table.add_row(name, Text(doc))
         console.print(table)
         return 0
     name = args.suite.removesuffix(".py").replace("-", "_")
