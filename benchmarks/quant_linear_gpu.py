@@ -22,6 +22,7 @@ the table of measured configs the ops use as is (`measured_configs.json`, keyed 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import statistics
@@ -262,11 +263,10 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
     # the weight as the MMA's shared-memory operand (W_AS_B): DEQUANT 1 and 3, 64-row tiles and up
     out += [dict(cfg, W_AS_B=1) for cfg in out if cfg["DEQUANT"] in (1, 3) and cfg["BLOCK_M"] >= 64]
     if m >= 128:  # 128-row W_AS_B tiles on 4 warps: two programs an SM (registers), one dequantizing while the
-        # other's MMAs run; and 128 x 256 tiles on 8 warps
-        for bn, bk, sk, dq, warps, stages in [(128, 64, 1, 3, 4, 3), (128, 64, 2, 3, 4, 3), (128, 64, 4, 3, 4, 3),
-                                              (128, 128, 1, 3, 4, 2), (128, 64, 1, 1, 4, 3), (256, 64, 1, 3, 8, 3),
-                                              (256, 64, 2, 3, 8, 3), (128, 64, 1, 3, 4, 4)]:
-            out.append(dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DEQUANT=dq, W_AS_B=1, num_warps=warps,
+        # other's MMAs run
+        for bn, bk, sk, dq, stages in [(128, 64, 1, 3, 3), (128, 64, 2, 3, 3), (128, 64, 4, 3, 3), (128, 128, 1, 3, 2),
+                                       (128, 64, 1, 1, 3), (128, 64, 1, 3, 4)]:
+            out.append(dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DEQUANT=dq, W_AS_B=1, num_warps=4,
                             num_stages=stages))
     return out
 
@@ -324,8 +324,10 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None):
             kind = "gemv" if m == 1 else "gemm"
             run = qt.int4_gemv if kind == "gemv" else qt.int4_gemm
             results = []
+            kernel = qt._int4_gemv_kernel if kind == "gemv" else qt._int4_gemm_kernel
+            defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
             for cfg in sweep_configs(kind, m):
-                if any(cfg.get(key) != value for key, value in (only or {}).items()):
+                if any(cfg.get(key, defaults.get(key)) != value for key, value in (only or {}).items()):
                     continue
                 fn = lambda x, qw, s, z, cfg=cfg: run(x, qw, s, z, None, GROUP, cfg)  # noqa: E731
                 try:
@@ -336,6 +338,9 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None):
                 results.append((t, cfg, err))
                 if log:
                     print(f"{k}->{n} M={m} {t:.2f} {cfg} {err}", file=log, flush=True)
+            if not results:
+                print(f"\n{k}->{n} M={m}: no {kind} config has {only}", flush=True)
+                continue
             t_d = case.time_dense(m)
             results.sort(key=lambda r: r[0])
             if table_path and results and math.isfinite(results[0][0]):

@@ -76,8 +76,9 @@ def loop_counts(sass: str) -> collections.Counter:
 
 def fused_counts(arch: int, fp_fusion: bool = False) -> None:
     """Static SASS size of each generated kernel of `benchmarks/fuse_gpu.py`'s patterns (bf16, small widths:
-    the code does not depend on them), launched as the runtime would at 4096-wide rows (reductions: one row
-    of 4096 a program) or 1024-wide column blocks (two rows a program)."""
+    the code does not depend on them), launched as the runtime would at llama-3-8b widths: reductions one
+    4096-wide row a program on 8 warps, elementwise kernels over wide rows one row of `runtime.WIDE_BLOCK`
+    columns a program on `runtime.WIDE_WARPS` warps."""
     import fuse_gpu
     import torch
 
@@ -90,7 +91,8 @@ def fused_counts(arch: int, fp_fusion: bool = False) -> None:
         for key in runtime.kernels_of(opt.graph.gm):
             kernel = runtime.get_kernel(key)
             reduction = any(part["reduction"] for part in kernel.parts())
-            constants = dict(RB=1 if reduction else 2, BLOCK=4096 if reduction else 1024, WIDE=0)
+            constants = dict(RB=1, BLOCK=4096 if reduction else runtime.WIDE_BLOCK, WIDE=0)
+            warps = runtime._warps(4096) if reduction else runtime.WIDE_WARPS
             fn = kernel.module.kernel
             signature, values, attrs = {}, {}, {}
             for i, p in enumerate(fn.params):
@@ -103,7 +105,7 @@ def fused_counts(arch: int, fp_fusion: bool = False) -> None:
                     attrs[(i,)] = [["tt.divisibility", 16]]
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs),
                                       target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=8, enable_fp_fusion=fp_fusion))
+                                      options=dict(num_warps=warps, enable_fp_fusion=fp_fusion))
             sass = _sass(compiled, "/tmp/prunus_fused.cubin")
             ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
             print(f"{name}: {len(ops)} instructions ({kernel.meta['pattern']}, {constants})")

@@ -193,7 +193,7 @@ def report_table(opt: OptimizedModel, *, title: str | None = None):
             console.print(self)
             return console.export_text().rstrip("\n")
 
-    table = ReportTable(title=title or f"prunus: {opt.pipeline}")
+    table = ReportTable(title=Text(title or f"prunus: {opt.pipeline}"))  # quantize(exclude=[lm_head]) is text
     numeric = ("seconds", "params", "weights MB", "GFLOPs/token")
     for col in ("pass", "kind", *numeric, "verification", "notes"):
         table.add_column(col, justify="right" if col in numeric else "left")

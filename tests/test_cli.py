@@ -25,7 +25,8 @@ def test_report_table_prints_pass_text_with_brackets():
                              params_before=10, params_after=10, weight_bytes_before=1e6, weight_bytes_after=1e6,
                              flops_before=2e9, flops_after=1e9, verification={"top1": 0.9}, notes=["kept [bold] text"])
     table = prunus.report_table(SimpleNamespace(pipeline=record.spec, report=[record]))
-    assert "schedule=[[layer, keep]]" in str(table) and "kept [bold] text" in str(table)
+    assert str(table).splitlines()[0].strip() == "prunus: drop_tokens(schedule=[[layer, keep]])"
+    assert "schedule=[[layer, keep]]" in str(table).split("\n", 1)[1] and "kept [bold] text" in str(table)
     from prunus.dump.text import _render  # prunus dump prints the same table on a console without markup
 
     assert "schedule=[[layer, keep]]" in _render(table) and "\\[" not in _render(table)

@@ -33,7 +33,9 @@ L2 flushes between calls and picked configs up to 10% slower than the sweep's wi
 
 Split-K: with few output blocks, the K range is split over SPLIT_K programs whose fp32 partials meet in a
 workspace by atomic adds; the last program of a tile to arrive (a counter says which) writes the output
-and zeroes its workspace and counter for the next launch, so one launch does the whole op.
+and zeroes its workspace and counter for the next launch, so one launch does the whole op. The partials arrive
+in no fixed order, so a split-K result can differ from run to run in the last bits of fp32 (int8 W8A8 included:
+each split's int32 sum is scaled to fp32 before the atomic add).
 """
 from __future__ import annotations
 
@@ -319,7 +321,7 @@ def _field_masked(words, FROM: tl.constexpr, mask):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# int4 GEMM: tensor cores, weight tile as the MMA's left operand
+# int4 GEMM: tensor cores, the weight tile as the MMA's first operand (or, W_AS_B, its second)
 
 
 @triton.jit

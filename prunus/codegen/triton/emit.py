@@ -211,7 +211,8 @@ def _width_meta(w: str):
 
 def _part(region: Region, inputs: list) -> tuple[list, list, dict]:
     """(params, body, meta) of one region's row template; `inputs` are the kernel's inputs, which the region's
-    inputs index into (a group's parts share them). The body starts from `pid`, its block of rows."""
+    inputs index into (a group's parts share them). The body starts from `pid`, its block of rows, and
+    `cb`, its block of columns (see PROGRAM)."""
     e = _Emitter(region)
     rank = len(region.rows)
     out_widths = [e.width(o) for o in region.outputs]

@@ -71,10 +71,10 @@ def launch_shape(reduction: bool, span: int, rows: int, flat: bool) -> tuple[int
     return block, rb, WIDE_WARPS if flat and span > block else _warps(block * rb)
 
 
-def candidates(rb: int, block: int, rows: int) -> list[tuple[int, int]]:
-    """Launch shapes to try: the default (rb rows per program, warps by elements), half and twice the rows,
-    and half and twice the warps; rows per program stay within the rows and a 16K-element tile."""
-    default = (rb, _warps(block * rb))
+def candidates(rb: int, warps: int, block: int, rows: int) -> list[tuple[int, int]]:
+    """Launch shapes to try: the default (rb rows per program on `warps` warps, from `launch_shape`), half and
+    twice the rows, and half and twice the warps; rows per program stay within the rows and a 16K-element tile."""
+    default = (rb, warps)
     out = [default]
     for r in (rb // 2, rb * 2):
         if 1 <= r <= _next_pow2(rows) and r * block <= 16384:
@@ -226,7 +226,7 @@ class Kernel:
             shape = (_next_pow2(max(blocks)), block, col_blocks)
             best = self._best.get(shape)
             if best is None and not torch.cuda.is_current_stream_capturing():
-                best = self._best[shape] = _fastest(run, candidates(rb, block, max(blocks)))
+                best = self._best[shape] = _fastest(run, candidates(rb, warps, block, max(blocks)))
             choice = best or choice
         run(*choice)
         return outs

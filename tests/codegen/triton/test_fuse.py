@@ -351,15 +351,23 @@ def test_sibling_regions_launch_as_one_kernel(tiny_models):
     torch.testing.assert_close(main_output(opt(*inputs)), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_launch_shape_candidates():
-    from prunus.codegen.triton.runtime import candidates
+def test_launch_shape_candidates(monkeypatch):
+    from prunus.codegen.triton import runtime
+    from prunus.codegen.triton.runtime import candidates, launch_shape
 
     # RoPE prefill: 128-wide rows, 16 per program by default (4 warps); half and twice the rows, other warps
-    assert candidates(16, 128, 65536) == [(16, 4), (8, 4), (32, 8), (16, 2), (16, 8)]
+    assert launch_shape(False, 128, 65536, True) == (128, 16, 4)
+    assert candidates(16, 4, 128, 65536) == [(16, 4), (8, 4), (32, 8), (16, 2), (16, 8)]
     # one 4096-wide row (decode norm): no other row count fits; 8 warps by default, also 4 and 16
-    assert candidates(1, 4096, 1) == [(1, 8), (1, 4), (1, 16)]
+    assert launch_shape(True, 4096, 1, True) == (4096, 1, 8)
+    assert candidates(1, 8, 4096, 1) == [(1, 8), (1, 4), (1, 16)]
     # a tile never exceeds 16K elements
-    assert all(r * 8192 <= 16384 for r, _ in candidates(2, 8192, 64))
+    assert all(r * 8192 <= 16384 for r, _ in candidates(2, 4, 8192, 64))
+    # rows wider than a program: the default the tuner starts from is launch_shape's, warps included
+    monkeypatch.setattr(runtime, "WIDE_WARPS", 2)
+    block, rb, warps = launch_shape(False, 14336, 2048, True)
+    assert (block, rb, warps) == (runtime.WIDE_BLOCK, 1, 2) and candidates(rb, warps, block, 2048)[0] == (1, 2)
+    assert launch_shape(False, 14336, 2048, False) == (1024, 2, 4)  # a module from before "flat": as it was
 
 
 class TwoSoftmaxes(torch.nn.Module):  # row reductions in both parts, rows of different counts, a shared mask
