@@ -15,8 +15,11 @@ head, so a kernel that parallelises over heads alone leaves most of the GPU idle
   unnormalised fp32 partial output with its running max and sum (log2 domain).
 - `_reduce_kernel`: one program per (group, row) merges the partials (log-sum-exp weights) into `out`,
   and optionally the row's log2-sum-exp (for the scores kernel).
-- `_scores_kernel`: decode_attention_scores' `probs`: recomputes q.k per entry with the final log-sum-exp and
-  sums the probabilities over the group's rows (reads K again, not V).
+- `_probs_kernel`: decode_attention_scores' `probs` from the scores stage 1 stored (RAW): 2^(s - lse) summed
+  over the group's rows. Decoding has a few rows a KV group (4 for Llama-3-8B at one token), so the stored
+  scores are 16 bytes an entry where its key is 256.
+- `_scores_kernel`: the same `probs` by recomputing q.k per entry with the final log-sum-exp (reads K again,
+  not V): for many rows a KV group, where storing their scores would cost more than the key.
 The past and new K/V stay separate tensors (no concatenation); any strides on the batch, head and sequence
 dims are accepted (the last dim must be contiguous), so a preallocated cache can be passed as a slice.
 Head dims are padded to powers of two (>= 16, for `tl.dot`) with masks.
@@ -71,8 +74,10 @@ def _online_softmax(m_i, l_i, s, visible):
 @triton.jit
 def _scan(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, tok, qk_scale,
           CAUSAL: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Attend entries lo..hi-1 of one K/V source; CAUSAL: entry j is visible to a row of new token i iff j <= i."""
+          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, raw_rows, raw_ok, raw_offset, RAW: tl.constexpr):
+    """Attend entries lo..hi-1 of one K/V source; CAUSAL: entry j is visible to a row of new token i iff j <= i.
+    RAW: also store each row's scaled scores (log2 domain) at raw_rows [BLOCK_H, 1] + raw_offset + j (rows where
+    raw_ok), for `_probs_kernel`."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -81,6 +86,8 @@ def _scan(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, tok, q
         valid = j < hi
         k = _tile(k_base, j, valid, stride_kn, offs_d, D, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if RAW:
+            tl.store(raw_rows + (raw_offset + j)[None, :], s, mask=raw_ok & valid[None, :])
         visible = valid[None, :]
         if CAUSAL:
             visible = visible & (j[None, :] <= tok[:, None])
@@ -115,12 +122,13 @@ def _stage1_program(HK, group, t, BLOCK_H: tl.constexpr):
 @triton.jit
 def _stage1_finish(acc, m_i, l_i, q, kn_base, vn_base, sknn, svnn, split, bg, rows, row_ok, M, t, tok, o_ptr,
                    ml_ptr, ML_STRIDE, qk_scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The last split attends the t new tokens (causal); every split then stores its partial."""
+                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, raw_rows, n, RAW: tl.constexpr):
+    """The last split attends the t new tokens (causal; RAW: their scores stored after the n past entries'); every
+    split then stores its partial."""
     splits = tl.num_programs(0)
     if split == splits - 1:
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kn_base, vn_base, sknn, svnn, 0, t, tok, qk_scale, True, D, DV,
-                              BLOCK_D, BLOCK_DV, BLOCK_N)
+                              BLOCK_D, BLOCK_DV, BLOCK_N, raw_rows, row_ok[:, None], n, RAW)
     offs_dv = tl.arange(0, BLOCK_DV)
     _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, splits, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
                    offs_dv < DV, True)
@@ -131,12 +139,15 @@ def _stage1_finish(acc, m_i, l_i, q, kn_base, vn_base, sknn, svnn, split, bg, ro
 
 
 @triton.jit
-def _stage1_kernel(q_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, len_ptr, o_ptr, ml_ptr,
-                   n, t, group, HK, S, split_len, ML_STRIDE, qk_scale, LEN_BUCKET,
+def _stage1_kernel(q_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, len_ptr, o_ptr, ml_ptr, raw_ptr,
+                   n, t, group, HK, S, split_len, ML_STRIDE, RAW_STRIDE, qk_scale, LEN_BUCKET,
                    sqb, sqh, sqt, skpb, skph, skpn, svpb, svph, svpn, sknb, sknh, sknn, svnb, svnh, svnn, slb, slh,
                    HAS_LENGTHS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, RAW: tl.constexpr):
+    """RAW: each row's scaled scores also go to raw [b * HK, M, RAW_STRIDE] (entry j of the past at column j, new
+    token j at n + j), which `_probs_kernel` turns into the entries' probabilities without reading K again."""
     split, bg, b, g, M, rows, row_ok, tok = _stage1_program(HK, group, t, BLOCK_H)
+    raw_rows = raw_ptr + (bg * M + rows)[:, None].to(tl.int64) * RAW_STRIDE
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
@@ -149,9 +160,11 @@ def _stage1_kernel(q_ptr, kp_ptr, vp_ptr, kn_ptr, vn_ptr, len_ptr, o_ptr, ml_ptr
         lo = split * split_len
         hi = tl.minimum(lo + split_len, length)
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kp_ptr + b * skpb + g * skph, vp_ptr + b * svpb + g * svph,
-                              skpn, svpn, lo, hi, tok, qk_scale, False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
+                              skpn, svpn, lo, hi, tok, qk_scale, False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                              raw_rows, row_ok[:, None], 0, RAW)
     _stage1_finish(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh, sknn, svnn, split,
-                   bg, rows, row_ok, M, t, tok, o_ptr, ml_ptr, ML_STRIDE, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
+                   bg, rows, row_ok, M, t, tok, o_ptr, ml_ptr, ML_STRIDE, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                   raw_rows, n, RAW)
 
 
 @triton.jit
@@ -239,6 +252,42 @@ def _scores_kernel(q_ptr, kp_ptr, kn_ptr, len_ptr, lse_ptr, probs_ptr, n, t, gro
     tl.store(probs_ptr + b * spb + g * sph + out_j, total, mask=out_ok)
 
 
+@triton.jit
+def _probs_kernel(raw_ptr, len_ptr, lse_ptr, probs_ptr, n, t, group, HK, past_blocks, RAW_STRIDE, slb, slh, spb, sph,
+                  HAS_LENGTHS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_scores_kernel`'s probs from the scores stage 1 stored (RAW): 2^(raw - lse_row) summed over the group's
+    rows, reading M fp32 scores an entry instead of its key (4 M bytes against 2 D for bf16 keys)."""
+    blk = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // HK
+    g = bg % HK
+    M = group * t
+    if blk < past_blocks:
+        j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        length = n
+        if HAS_LENGTHS:
+            length = tl.minimum(tl.load(len_ptr + b * slb + g * slh).to(tl.int32), n)
+        valid = j < length  # stage 1 stops at the head's length: nothing is stored past it
+        col = j
+        out_ok = j < n
+    else:
+        j = (blk - past_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = j < t
+        col = n + j
+        out_ok = valid
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, M, BLOCK_H):
+        rows = r0 + tl.arange(0, BLOCK_H)
+        row_ok = rows < M
+        seen = (col[None, :] < n) | (j[None, :] <= (rows % t)[:, None])  # new token j: by rows of tokens >= j
+        visible = row_ok[:, None] & valid[None, :] & seen
+        s = tl.load(raw_ptr + (bg * M + rows)[:, None].to(tl.int64) * RAW_STRIDE + col[None, :], mask=visible,
+                    other=float("-inf"))
+        lse = tl.load(lse_ptr + bg * M + rows, mask=row_ok, other=0.0)
+        total += tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), axis=0)
+    tl.store(probs_ptr + b * spb + g * sph + col, total, mask=out_ok)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # configs and launchers
 
@@ -249,8 +298,8 @@ def _cfg(block_n, num_warps, num_stages):
 
 STAGE1_CONFIGS = [_cfg(64, 4, 2), _cfg(64, 4, 3), _cfg(64, 4, 4), _cfg(32, 4, 4), _cfg(128, 4, 2), _cfg(128, 8, 3),
                   _cfg(64, 8, 3), _cfg(32, 2, 4)]
-_stage1_tuned = triton.autotune(configs=STAGE1_CONFIGS, key=["LEN_BUCKET", "D", "DV", "BLOCK_H", "HAS_LENGTHS"])(
-    _stage1_kernel)
+_stage1_tuned = triton.autotune(configs=STAGE1_CONFIGS,
+                                key=["LEN_BUCKET", "D", "DV", "BLOCK_H", "HAS_LENGTHS", "RAW"])(_stage1_kernel)
 
 
 def _pow2(v: int, least: int = 16) -> int:
@@ -313,8 +362,9 @@ def launch(kernel, tuned, grid, args: dict, consts: dict, config: dict | None):
 
 
 def decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths=None, config: dict | None = None,
-                     num_splits: int | None = None, want_lse: bool = False):
-    """The op on the kernels: out [b, h, t, dv] (and the rows' log2-sum-exp when `want_lse`)."""
+                     num_splits: int | None = None, want_lse: bool = False, raw: torch.Tensor | None = None):
+    """The op on the kernels: out [b, h, t, dv] (and the rows' log2-sum-exp when `want_lse`). `raw` (fp32, at
+    least b * hk * group * t * (n + t) elements): stage 1 also stores the rows' scaled scores there."""
     q, k_past, v_past, k_new, v_new = map(_last_contiguous, (q, k_past, v_past, k_new, v_new))
     b, h, t, d = q.shape
     hk, n, dv = k_past.shape[1], k_past.shape[2], v_past.shape[-1]
@@ -329,34 +379,46 @@ def decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths
     lengths = past_lengths if past_lengths is not None else o
     ls = past_lengths.stride() if past_lengths is not None else (0, 0)
     args = dict(q_ptr=q, kp_ptr=k_past, vp_ptr=v_past, kn_ptr=k_new, vn_ptr=v_new, len_ptr=lengths, o_ptr=o,
-                ml_ptr=ml, n=n, t=t, group=group, HK=hk, S=S, split_len=split_len, ML_STRIDE=ml.numel() // 2,
-                qk_scale=scale * LOG2E, LEN_BUCKET=_pow2(split_len), sqb=q.stride(0), sqh=q.stride(1), sqt=q.stride(2),
+                ml_ptr=ml, raw_ptr=raw if raw is not None else o, n=n, t=t, group=group, HK=hk, S=S,
+                split_len=split_len, ML_STRIDE=ml.numel() // 2, RAW_STRIDE=n + t, qk_scale=scale * LOG2E, LEN_BUCKET=_pow2(split_len), sqb=q.stride(0), sqh=q.stride(1), sqt=q.stride(2),
                 skpb=k_past.stride(0), skph=k_past.stride(1), skpn=k_past.stride(2),
                 svpb=v_past.stride(0), svph=v_past.stride(1), svpn=v_past.stride(2),
                 sknb=k_new.stride(0), sknh=k_new.stride(1), sknn=k_new.stride(2),
                 svnb=v_new.stride(0), svnh=v_new.stride(1), svnn=v_new.stride(2), slb=ls[0], slh=ls[1])
     consts = dict(HAS_LENGTHS=past_lengths is not None, D=d, DV=dv, BLOCK_H=block_h, BLOCK_D=_pow2(d),
-                  BLOCK_DV=_pow2(dv))
+                  BLOCK_DV=_pow2(dv), RAW=raw is not None)
     launch(_stage1_kernel, _stage1_tuned, (programs, b * hk, row_blocks), args, consts, config)
     lse = reduce(o, ml, out, programs, group, hk, want_lse)
     return (out, lse) if want_lse else out
 
 
 def decode_attention_scores(q, k_past, v_past, k_new, v_new, scale: float, past_lengths=None,
-                            config: dict | None = None, num_splits: int | None = None):
-    """(out, probs fp32 [b, hk, n + t]): the attention each entry received, summed over its group's rows."""
-    out, lse = decode_attention(q, k_past, v_past, k_new, v_new, scale, past_lengths, config, num_splits,
-                                want_lse=True)
-    q, k_past, k_new = map(_last_contiguous, (q, k_past, k_new))
+                            config: dict | None = None, num_splits: int | None = None, raw_scores: bool | None = None):
+    """(out, probs fp32 [b, hk, n + t]): the attention each entry received, summed over its group's rows.
+
+    raw_scores: stage 1 stores the rows' scores and `_probs_kernel` reads them back (4 bytes a row and entry),
+    or `_scores_kernel` reads the keys again and recomputes them (2 D bytes an entry for bf16 keys). None: the
+    one that reads fewer bytes; for decoding (a few rows a KV group) the stored scores, by far."""
     b, h, t, d = q.shape
     hk, n = k_past.shape[1], k_past.shape[2]
     group = h // hk
+    if raw_scores is None:
+        raw_scores = 4 * group * t < d * k_past.element_size()
+    raw = torch.empty(b * hk * group * t * (n + t), dtype=torch.float32, device=q.device) if raw_scores else None
+    out, lse = decode_attention(q, k_past, v_past, k_new, v_new, scale, past_lengths, config, num_splits,
+                                want_lse=True, raw=raw)
+    q, k_past, k_new = map(_last_contiguous, (q, k_past, k_new))
     block_n = 64 if not INTERPRET else 16
     probs = torch.empty(b, hk, n + t, dtype=torch.float32, device=q.device)
     past_blocks = triton.cdiv(n, block_n)
     lengths = past_lengths if past_lengths is not None else probs
     ls = past_lengths.stride() if past_lengths is not None else (0, 0)
     grid = (past_blocks + triton.cdiv(t, block_n), b * hk)
+    if raw_scores:
+        _probs_kernel[grid](raw, lengths, lse, probs, n, t, group, hk, past_blocks, n + t, ls[0], ls[1],
+                            probs.stride(0), probs.stride(1), HAS_LENGTHS=past_lengths is not None,
+                            BLOCK_H=_rows_block(group * t), BLOCK_N=block_n)
+        return out, probs
     _scores_kernel[grid](q, k_past, k_new, lengths, lse, probs, n, t, group, hk, past_blocks, scale * LOG2E,
                          q.stride(0), q.stride(1), q.stride(2), k_past.stride(0), k_past.stride(1), k_past.stride(2),
                          k_new.stride(0), k_new.stride(1), k_new.stride(2), ls[0], ls[1],

@@ -124,9 +124,11 @@ def _quant_stage1_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, 
         q = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, offs_d, offs_d < D)
         acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kr_ptr + b * skrb + g * skrh, vr_ptr + b * svrb + g * svrh,
-                              skrn, svrn, 0, r, tok, qk_scale, False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
+                              skrn, svrn, 0, r, tok, qk_scale, False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                              None, None, 0, False)
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh,
-                              sknn, svnn, 0, t, tok, qk_scale, True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
+                              sknn, svnn, 0, t, tok, qk_scale, True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                              None, None, 0, False)
         _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, S + 1, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
                        offs_dv < DV, True)
 

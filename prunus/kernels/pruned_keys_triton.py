@@ -45,13 +45,15 @@ def _pruned_stage1_kernel(q_ptr, ch_ptr, kp_ptr, kr_ptr, vp_ptr, kn_ptr, vn_ptr,
         channels = tl.load(ch_ptr + b * scb + g * sch + offs_k, mask=kept, other=0)
         q_kept = _load_rows(q_ptr, rows, row_ok, b, g, t, group, sqb, sqh, sqt, channels, kept)
         acc, m_i, l_i = _scan(acc, m_i, l_i, q_kept, kp_ptr + b * skpb + g * skph, vp_base, skpn, svpn,
-                              lo, tl.minimum(hi, n_p), tok, qk_scale, False, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N)
+                              lo, tl.minimum(hi, n_p), tok, qk_scale, False, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N,
+                              None, None, 0, False)
         # recent entry i is past entry n_p + i: its key in k_recent, its value n_p rows into v_past
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kr_ptr + b * skrb + g * skrh, vp_base + n_p * svpn, skrn, svpn,
                               tl.maximum(lo, n_p) - n_p, hi - n_p, tok, qk_scale, False, D, DV, BLOCK_D,
-                              BLOCK_DV, BLOCK_N)
+                              BLOCK_DV, BLOCK_N, None, None, 0, False)
     _stage1_finish(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh, sknn, svnn, split,
-                   bg, rows, row_ok, M, t, tok, o_ptr, ml_ptr, ML_STRIDE, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N)
+                   bg, rows, row_ok, M, t, tok, o_ptr, ml_ptr, ML_STRIDE, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                   None, n_p + n_r, False)
 
 
 def _scores(q, k_past, k_new, lse, probs, n: int, scale: float, with_new: bool):

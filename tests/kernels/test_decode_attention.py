@@ -93,12 +93,16 @@ KERNEL_CASES = [  # b, h, hk, t, n, d, dv, ragged, splits: GQA 1/2/4 groups, n =
 
 
 @needs_kernels
+@pytest.mark.parametrize("raw_scores", [True, False], ids=["stored-scores", "keys-read-again"])
 @pytest.mark.parametrize("b, h, hk, t, n, d, dv, ragged, splits", KERNEL_CASES)
-def test_kernel_matches_reference(dt, b, h, hk, t, n, d, dv, ragged, splits):
+def test_kernel_matches_reference(dt, monkeypatch, b, h, hk, t, n, d, dv, ragged, splits, raw_scores):
     args = make(b, h, hk, t, n, d, dv, seed=n + t, lengths=ragged)
     scale = da.default_scale(d)
     dev = [None if a is None else a.to(DEVICE) for a in args]
-    out, probs = dt.decode_attention_scores(*dev[:5], scale, dev[5], config=SMALL, num_splits=splits)
+    unused = "_scores_kernel" if raw_scores else "_probs_kernel"
+    monkeypatch.setattr(dt, unused, None)  # the probabilities come from the other path alone
+    out, probs = dt.decode_attention_scores(*dev[:5], scale, dev[5], config=SMALL, num_splits=splits,
+                                            raw_scores=raw_scores)
     ref, ref_probs = da.decode_attention_reference(*args[:5], scale, args[5], return_probs=True)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(probs.cpu(), ref_probs, rtol=1e-5, atol=1e-5)
