@@ -380,7 +380,8 @@ def decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths
     ls = past_lengths.stride() if past_lengths is not None else (0, 0)
     args = dict(q_ptr=q, kp_ptr=k_past, vp_ptr=v_past, kn_ptr=k_new, vn_ptr=v_new, len_ptr=lengths, o_ptr=o,
                 ml_ptr=ml, raw_ptr=raw if raw is not None else o, n=n, t=t, group=group, HK=hk, S=S,
-                split_len=split_len, ML_STRIDE=ml.numel() // 2, RAW_STRIDE=n + t, qk_scale=scale * LOG2E, LEN_BUCKET=_pow2(split_len), sqb=q.stride(0), sqh=q.stride(1), sqt=q.stride(2),
+                split_len=split_len, ML_STRIDE=ml.numel() // 2, RAW_STRIDE=n + t, qk_scale=scale * LOG2E,
+                LEN_BUCKET=_pow2(split_len), sqb=q.stride(0), sqh=q.stride(1), sqt=q.stride(2),
                 skpb=k_past.stride(0), skph=k_past.stride(1), skpn=k_past.stride(2),
                 svpb=v_past.stride(0), svph=v_past.stride(1), svpn=v_past.stride(2),
                 sknb=k_new.stride(0), sknh=k_new.stride(1), sknn=k_new.stride(2),

@@ -46,7 +46,8 @@ def _type_name(tp) -> str:
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
         return f"list of {_type_name(inner)}"
-    names = {type(None): "none", bool: "true/false", int: "int", float: "float", str: "name", list: "list", Any: "value"}
+    names = {type(None): "none", bool: "true/false", int: "int", float: "float", str: "name", list: "list",
+             Any: "value"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
