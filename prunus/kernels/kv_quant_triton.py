@@ -10,9 +10,11 @@ Values: when a token's channels form one group (G >= dv) the per-token scale fol
 ((p * scale) @ v_int + p . min); otherwise values are dequantized in registers. 4-bit codes are never
 interleaved back: the low nibbles are the even channels and the high nibbles the odd ones, so the query is
 split into even and odd channels for the scores, and the output accumulates even and odd channels apart.
-`_quant_scores_kernel` (decode_attention_quantized_scores, for policies that evict by attention over a quantized
-cache) recomputes each entry's probability with the rows' log-sum-exp from the reduce: key blocks of the packed
-codes, then the residual, then the new tokens (causal), summed over the group's rows.
+decode_attention_quantized_scores (for policies that evict by attention over a quantized cache) takes each entry's
+probability, summed over the group's rows, from the scores the attention kernel stored (RAW, read back by
+`decode_attention_triton._probs_kernel`: 4 bytes a row and entry), or for many rows a group from
+`_quant_scores_kernel`, which recomputes them with the rows' log-sum-exp from the reduce: key blocks of the
+packed codes, then the residual, then the new tokens (causal).
 """
 from __future__ import annotations
 
@@ -62,13 +64,16 @@ def _values(p, vq, vs_base, vm_base, j, valid, stride_vs, cols, VG: tl.constexpr
 
 @triton.jit
 def _quant_stage1_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, kr_ptr, vr_ptr, kn_ptr, vn_ptr,
-                         o_ptr, ml_ptr, n_q, r, t, group, HK, S, split_len, ML_STRIDE, qk_scale,
+                         o_ptr, ml_ptr, raw_ptr, n_q, r, t, group, HK, S, split_len, ML_STRIDE, RAW_STRIDE, qk_scale,
                          sqb, sqh, sqt, skqb, skqh, skqn, sksb, sksh, sksg, svqb, svqh, svqn, svsb, svsh, svsn,
                          skrb, skrh, skrn, svrb, svrh, svrn, sknb, sknh, sknn, svnb, svnh, svnn,
                          BITS: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, RAW: tl.constexpr = False):
+    """RAW: the rows' scaled scores also go to raw [b * HK, M, RAW_STRIDE] (quantized entry j at column j, residual
+    entry j at n_q + j, new token j at n_q + r + j), as in `decode_attention_triton._stage1_kernel`."""
     split, bg, b, g, M, rows, row_ok, tok = _stage1_program(HK, group, t, BLOCK_H)
+    raw_rows = raw_ptr + (bg * M + rows)[:, None].to(tl.int64) * RAW_STRIDE
     DT: tl.constexpr = q_ptr.dtype.element_ty
     LANES: tl.constexpr = 8 // BITS  # channels per byte
     BD: tl.constexpr = BLOCK_D // LANES
@@ -103,7 +108,10 @@ def _quant_stage1_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, 
             else:
                 s = (_key_scores(q_lo, kb & 0xF, ks_ptr + meta, km_ptr + meta, cd * 2, cd * 2 < D, DT)
                      + _key_scores(q_hi, kb >> 4, ks_ptr + meta, km_ptr + meta, cd * 2 + 1, cd * 2 + 1 < D, DT))
-            p, alpha, m_i, l_i = _online_softmax(m_i, l_i, s * qk_scale, valid[None, :])
+            s = s * qk_scale
+            if RAW:
+                tl.store(raw_rows + j[None, :], s, mask=row_ok[:, None] & valid[None, :])
+            p, alpha, m_i, l_i = _online_softmax(m_i, l_i, s, valid[None, :])
             vb = _tile(vq_base, j, valid, svqn, cdv, DV // LANES, BDV)
             if BITS == 8:
                 acc_lo = acc_lo * alpha[:, None] + _values(p, vb, vs_base, vm_base, j, valid, svsn, cdv, VG,
@@ -125,10 +133,10 @@ def _quant_stage1_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, 
         acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kr_ptr + b * skrb + g * skrh, vr_ptr + b * svrb + g * svrh,
                               skrn, svrn, 0, r, tok, qk_scale, False, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                              None, None, 0, False)
+                              raw_rows, row_ok[:, None], n_q, RAW)
         acc, m_i, l_i = _scan(acc, m_i, l_i, q, kn_ptr + b * sknb + g * sknh, vn_ptr + b * svnb + g * svnh,
                               sknn, svnn, 0, t, tok, qk_scale, True, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                              None, None, 0, False)
+                              raw_rows, row_ok[:, None], n_q + r, RAW)
         _store_partial(o_ptr, ml_ptr, acc, m_i, l_i, bg, split, S + 1, rows, row_ok, M, ML_STRIDE, DV, offs_dv,
                        offs_dv < DV, True)
 
@@ -199,9 +207,11 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor):
 
 def decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
                                scale: float, bits: int, group_size: int, config: dict | None = None,
-                               num_splits: int | None = None, want_lse: bool = False):
+                               num_splits: int | None = None, want_lse: bool = False,
+                               raw: torch.Tensor | None = None):
     """The op on the kernel (shapes checked by the op); group_size a power of two >= 16. With `want_lse`,
-    (out, the rows' log2-sum-exp [b * hk, group * t])."""
+    (out, the rows' log2-sum-exp [b * hk, group * t]). `raw` (fp32, b * hk * group * t * (n_q + r + t) elements):
+    the rows' scaled scores are stored there too."""
     q, k_q, v_q, k_res, v_res, k_new, v_new = map(dat._last_contiguous, (q, k_q, v_q, k_res, v_res, k_new, v_new))
     k_scale, k_min = _same_strides(k_scale, k_min)
     v_scale, v_min = _same_strides(v_scale, v_min)
@@ -219,29 +229,42 @@ def decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_re
     lanes = 8 // bits
     _quant_stage1_kernel[(S + 1, b * hk, row_blocks)](
         q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new, o, ml,
-        n_q, r, t, group, hk, S, split_len, ml.numel() // 2, scale * dat.LOG2E,
+        raw if raw is not None else o, n_q, r, t, group, hk, S, split_len, ml.numel() // 2, n_q + r + t,
+        scale * dat.LOG2E,
         *q.stride()[:3], *k_q.stride()[:3], *k_scale.stride()[:3], *v_q.stride()[:3], *v_scale.stride()[:3],
         *k_res.stride()[:3], *v_res.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
         BITS=bits, G=group_size, VG=min(group_size, dv), D=d, DV=dv, BLOCK_H=block_h,
-        BLOCK_D=dat._pow2(d, 16 * lanes), BLOCK_DV=dat._pow2(dv, 16 * lanes), **config)
+        BLOCK_D=dat._pow2(d, 16 * lanes), BLOCK_DV=dat._pow2(dv, 16 * lanes), RAW=raw is not None, **config)
     lse = dat.reduce(o, ml, out, S + 1, group, hk, want_lse)
     return (out, lse) if want_lse else out
 
 
 def decode_attention_quantized_scores(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
                                       scale: float, bits: int, group_size: int, config: dict | None = None,
-                                      num_splits: int | None = None):
+                                      num_splits: int | None = None, raw_scores: bool | None = None):
     """(out, probs fp32 [b, hk, n_q + r + t]): the attention, then each entry's probability summed over its
-    group's rows, recomputed from the packed keys with the rows' log-sum-exp (reads K again, not V)."""
+    group's rows. raw_scores: from the scores the attention kernel stored (`dat._probs_kernel`, 4 bytes a row and
+    entry), or recomputed from the packed keys with the rows' log-sum-exp (reads K again, not V: D * bits / 8
+    bytes an entry and its group's scale and minimum). None: the one that reads fewer bytes."""
     q, k_q, k_res, k_new = map(dat._last_contiguous, (q, k_q, k_res, k_new))
     k_scale, k_min = _same_strides(k_scale, k_min)
-    out, lse = decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
-                                          scale, bits, group_size, config, num_splits, want_lse=True)
     b, h, t, d = q.shape
     hk, n_q, r = k_q.shape[1], k_q.shape[2], k_res.shape[2]
     group = h // hk
+    total = n_q + r + t
+    if raw_scores is None:
+        raw_scores = 4 * group * t < d * bits // 8
+    raw = torch.empty(b * hk * group * t * total, dtype=torch.float32, device=q.device) if raw_scores else None
+    out, lse = decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
+                                          scale, bits, group_size, config, num_splits, want_lse=True, raw=raw)
     block_n = min(16 if dat.INTERPRET else 64, group_size)
-    probs = torch.empty(b, hk, n_q + r + t, dtype=torch.float32, device=q.device)
+    probs = torch.empty(b, hk, total, dtype=torch.float32, device=q.device)
+    if raw_scores:  # the quantized entries and the residual are one past of n_q + r entries
+        past_blocks = triton.cdiv(n_q + r, block_n)
+        dat._probs_kernel[(past_blocks + triton.cdiv(t, block_n), b * hk)](
+            raw, probs, lse, probs, n_q + r, t, group, hk, past_blocks, total, 0, 0, probs.stride(0),
+            probs.stride(1), HAS_LENGTHS=False, BLOCK_H=dat._rows_block(group * t), BLOCK_N=block_n)
+        return out, probs
     q_blocks, r_blocks = triton.cdiv(n_q, block_n), triton.cdiv(r, block_n)
     _quant_scores_kernel[(q_blocks + r_blocks + triton.cdiv(t, block_n), b * hk)](
         q, k_q, k_scale, k_min, k_res, k_new, lse, probs, n_q, r, t, group, hk, q_blocks, r_blocks,

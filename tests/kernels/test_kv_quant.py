@@ -117,11 +117,20 @@ def test_kernel_matches_reference(kt, b, h, hk, t, n_q, r, d, dv, bits, group, s
 
 
 @needs_kernels
+@pytest.mark.parametrize("raw_scores", [True, False], ids=["stored-scores", "keys-read-again"])
 @pytest.mark.parametrize("b, h, hk, t, n_q, r, d, dv, bits, group, splits", KERNEL_CASES)
-def test_scores_kernel_matches_reference(kt, b, h, hk, t, n_q, r, d, dv, bits, group, splits):
+def test_scores_kernel_matches_reference(kt, monkeypatch, b, h, hk, t, n_q, r, d, dv, bits, group, splits,
+                                         raw_scores):
+    from prunus.kernels import decode_attention_triton as dat
+
     q, K, V, rest, _ = cache(b, h, hk, t, n_q, r, d, dv, bits, group, seed=n_q + r + 1)
     args = [x.to(DEVICE) for x in (q, *K, *V, *rest)]
-    out, probs = kt.decode_attention_quantized_scores(*args, 0.25, bits, group, config=SMALL, num_splits=splits)
+    if raw_scores:  # the probabilities come from the stored scores alone
+        monkeypatch.setattr(kt, "_quant_scores_kernel", None)
+    else:
+        monkeypatch.setattr(dat, "_probs_kernel", None)
+    out, probs = kt.decode_attention_quantized_scores(*args, 0.25, bits, group, config=SMALL, num_splits=splits,
+                                                      raw_scores=raw_scores)
     ref_out, ref_probs = kq.decode_attention_quantized_scores_reference(q, *K, *V, *rest, 0.25, bits, group)
     assert probs.shape == (b, hk, n_q + r + t)
     torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-5, atol=1e-5)
