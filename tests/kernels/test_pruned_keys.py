@@ -33,10 +33,14 @@ CASES = [  # b, h, hk, t, n_p, n_r, d, kept, splits
 
 
 @needs_kernels
+@pytest.mark.parametrize("raw_scores", [True, False], ids=["stored-scores", "keys-read-again"])
 @pytest.mark.parametrize("b, h, hk, t, n_p, n_r, d, kept, splits", CASES)
-def test_kernel_matches_reference(pk, b, h, hk, t, n_p, n_r, d, kept, splits):
+def test_kernel_matches_reference(pk, monkeypatch, b, h, hk, t, n_p, n_r, d, kept, splits, raw_scores):
+    from prunus.kernels import decode_attention_triton as dat
+
     x = [a.to(DEVICE) for a in inputs(b, h, hk, t, n_p, n_r, d, kept, seed=n_p + n_r)]
-    out, probs = pk.decode_attention_pruned_keys(*x, 0.3, config=SMALL, num_splits=splits)
+    monkeypatch.setattr(dat, "_scores_kernel" if raw_scores else "_probs_kernel", None)  # the other path alone
+    out, probs = pk.decode_attention_pruned_keys(*x, 0.3, config=SMALL, num_splits=splits, raw_scores=raw_scores)
     ref_out, ref_probs = reference(*[a.cpu() for a in x], 0.3)
     assert out.shape == (b, h, t, d) and probs.shape == (b, hk, n_p + n_r + t)
     torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-5, atol=1e-5)
