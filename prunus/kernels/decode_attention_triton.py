@@ -393,21 +393,42 @@ def decode_attention(q, k_past, v_past, k_new, v_new, scale: float, past_lengths
     return (out, lse) if want_lse else out
 
 
+def score_buffer(b: int, hk: int, rows: int, total: int, key_bytes: int, device, raw_scores: bool | None = None):
+    """Where stage 1 stores its rows' scaled scores (fp32 [b * hk, rows, total]) for `probs_from_scores`, or None
+    to compute the probabilities by reading the keys again. raw_scores None: the one that reads fewer bytes, 4 a
+    row and entry against `key_bytes` an entry (decoding, a few rows a KV group: the stored scores by far)."""
+    if raw_scores is None:
+        raw_scores = 4 * rows < key_bytes
+    return torch.empty(b * hk * rows * total, dtype=torch.float32, device=device) if raw_scores else None
+
+
+def probs_from_scores(raw, lse, b: int, hk: int, n: int, t: int, group: int, past_lengths=None) -> torch.Tensor:
+    """probs fp32 [b, hk, n + t] from the scores stage 1 stored in `raw` (`_probs_kernel`); n past entries."""
+    block_n = 64 if not INTERPRET else 16
+    probs = torch.empty(b, hk, n + t, dtype=torch.float32, device=raw.device)
+    past_blocks = triton.cdiv(n, block_n)
+    lengths = past_lengths if past_lengths is not None else probs
+    ls = past_lengths.stride() if past_lengths is not None else (0, 0)
+    _probs_kernel[(past_blocks + triton.cdiv(t, block_n), b * hk)](
+        raw, lengths, lse, probs, n, t, group, hk, past_blocks, n + t, ls[0], ls[1], probs.stride(0),
+        probs.stride(1), HAS_LENGTHS=past_lengths is not None, BLOCK_H=_rows_block(group * t), BLOCK_N=block_n)
+    return probs
+
+
 def decode_attention_scores(q, k_past, v_past, k_new, v_new, scale: float, past_lengths=None,
                             config: dict | None = None, num_splits: int | None = None, raw_scores: bool | None = None):
     """(out, probs fp32 [b, hk, n + t]): the attention each entry received, summed over its group's rows.
 
-    raw_scores: stage 1 stores the rows' scores and `_probs_kernel` reads them back (4 bytes a row and entry),
-    or `_scores_kernel` reads the keys again and recomputes them (2 D bytes an entry for bf16 keys). None: the
-    one that reads fewer bytes; for decoding (a few rows a KV group) the stored scores, by far."""
+    raw_scores: stage 1 stores the rows' scores and `_probs_kernel` reads them back, or `_scores_kernel` reads the
+    keys again and recomputes them; None: the one that reads fewer bytes (`score_buffer`)."""
     b, h, t, d = q.shape
     hk, n = k_past.shape[1], k_past.shape[2]
     group = h // hk
-    if raw_scores is None:
-        raw_scores = 4 * group * t < d * k_past.element_size()
-    raw = torch.empty(b * hk * group * t * (n + t), dtype=torch.float32, device=q.device) if raw_scores else None
+    raw = score_buffer(b, hk, group * t, n + t, d * k_past.element_size(), q.device, raw_scores)
     out, lse = decode_attention(q, k_past, v_past, k_new, v_new, scale, past_lengths, config, num_splits,
                                 want_lse=True, raw=raw)
+    if raw is not None:
+        return out, probs_from_scores(raw, lse, b, hk, n, t, group, past_lengths)
     q, k_past, k_new = map(_last_contiguous, (q, k_past, k_new))
     block_n = 64 if not INTERPRET else 16
     probs = torch.empty(b, hk, n + t, dtype=torch.float32, device=q.device)
@@ -415,11 +436,6 @@ def decode_attention_scores(q, k_past, v_past, k_new, v_new, scale: float, past_
     lengths = past_lengths if past_lengths is not None else probs
     ls = past_lengths.stride() if past_lengths is not None else (0, 0)
     grid = (past_blocks + triton.cdiv(t, block_n), b * hk)
-    if raw_scores:
-        _probs_kernel[grid](raw, lengths, lse, probs, n, t, group, hk, past_blocks, n + t, ls[0], ls[1],
-                            probs.stride(0), probs.stride(1), HAS_LENGTHS=past_lengths is not None,
-                            BLOCK_H=_rows_block(group * t), BLOCK_N=block_n)
-        return out, probs
     _scores_kernel[grid](q, k_past, k_new, lengths, lse, probs, n, t, group, hk, past_blocks, scale * LOG2E,
                          q.stride(0), q.stride(1), q.stride(2), k_past.stride(0), k_past.stride(1), k_past.stride(2),
                          k_new.stride(0), k_new.stride(1), k_new.stride(2), ls[0], ls[1],

@@ -251,20 +251,13 @@ def decode_attention_quantized_scores(q, k_q, k_scale, k_min, v_q, v_scale, v_mi
     b, h, t, d = q.shape
     hk, n_q, r = k_q.shape[1], k_q.shape[2], k_res.shape[2]
     group = h // hk
-    total = n_q + r + t
-    if raw_scores is None:
-        raw_scores = 4 * group * t < d * bits // 8
-    raw = torch.empty(b * hk * group * t * total, dtype=torch.float32, device=q.device) if raw_scores else None
+    raw = dat.score_buffer(b, hk, group * t, n_q + r + t, d * bits // 8, q.device, raw_scores)
     out, lse = decode_attention_quantized(q, k_q, k_scale, k_min, v_q, v_scale, v_min, k_res, v_res, k_new, v_new,
                                           scale, bits, group_size, config, num_splits, want_lse=True, raw=raw)
+    if raw is not None:  # the quantized entries and the residual are one past of n_q + r entries
+        return out, dat.probs_from_scores(raw, lse, b, hk, n_q + r, t, group)
     block_n = min(16 if dat.INTERPRET else 64, group_size)
-    probs = torch.empty(b, hk, total, dtype=torch.float32, device=q.device)
-    if raw_scores:  # the quantized entries and the residual are one past of n_q + r entries
-        past_blocks = triton.cdiv(n_q + r, block_n)
-        dat._probs_kernel[(past_blocks + triton.cdiv(t, block_n), b * hk)](
-            raw, probs, lse, probs, n_q + r, t, group, hk, past_blocks, total, 0, 0, probs.stride(0),
-            probs.stride(1), HAS_LENGTHS=False, BLOCK_H=dat._rows_block(group * t), BLOCK_N=block_n)
-        return out, probs
+    probs = torch.empty(b, hk, n_q + r + t, dtype=torch.float32, device=q.device)
     q_blocks, r_blocks = triton.cdiv(n_q, block_n), triton.cdiv(r, block_n)
     _quant_scores_kernel[(q_blocks + r_blocks + triton.cdiv(t, block_n), b * hk)](
         q, k_q, k_scale, k_min, k_res, k_new, lse, probs, n_q, r, t, group, hk, q_blocks, r_blocks,

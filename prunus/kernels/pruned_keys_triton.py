@@ -98,24 +98,17 @@ def decode_attention_pruned_keys(q, channels, k_pruned, k_recent, v_past, k_new,
     out = torch.empty(b, h, t, dv, dtype=q.dtype, device=q.device)
     o, ml = dat.partials(b * hk, programs, rows, dv, q.device)
     config = dict(config or DEFAULT_CONFIG)
-    if raw_scores is None:
-        raw_scores = 4 * rows < kept * k_pruned.element_size()
-    raw = torch.empty(b * hk * rows * (n + t), dtype=torch.float32, device=q.device) if raw_scores else None
+    raw = dat.score_buffer(b, hk, rows, n + t, kept * k_pruned.element_size(), q.device, raw_scores)
     _pruned_stage1_kernel[(programs, b * hk, row_blocks)](
         q, channels, k_pruned, k_recent, v_past, k_new, v_new, o, ml, raw if raw is not None else o, n_p, n_r, t,
         group, hk, S, split_len, ml.numel() // 2, n + t, scale * dat.LOG2E, *q.stride()[:3], *channels.stride()[:2],
         *k_pruned.stride()[:3], *k_recent.stride()[:3], *v_past.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
         D=d, DK=kept, DV=dv, BLOCK_H=block_h, BLOCK_D=dat._pow2(d), BLOCK_DK=dat._pow2(kept),
-        BLOCK_DV=dat._pow2(dv), RAW=raw_scores, **config)
+        BLOCK_DV=dat._pow2(dv), RAW=raw is not None, **config)
     lse = dat.reduce(o, ml, out, programs, group, hk, True)
+    if raw is not None:
+        return out, dat.probs_from_scores(raw, lse, b, hk, n, t, group)
     probs = torch.empty(b, hk, n + t, dtype=torch.float32, device=q.device)
-    if raw_scores:
-        block_n = 16 if dat.INTERPRET else 64
-        past_blocks = triton.cdiv(n, block_n)
-        dat._probs_kernel[(past_blocks + triton.cdiv(t, block_n), b * hk)](
-            raw, probs, lse, probs, n, t, group, hk, past_blocks, n + t, 0, 0, probs.stride(0), probs.stride(1),
-            HAS_LENGTHS=False, BLOCK_H=block_h, BLOCK_N=block_n)
-        return out, probs
     # the pruned entries' probabilities: the query's kept channels (a few KB) against the pruned keys
     index = channels.repeat_interleave(group, dim=1)[:, :, None, :].expand(b, h, t, kept)
     _scores(q.gather(3, index).contiguous(), k_pruned, k_new, lse, probs, n_p, scale, with_new=False)

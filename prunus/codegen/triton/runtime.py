@@ -45,7 +45,7 @@ TUNE = os.environ.get("PRUNUS_FUSE_TUNE", "0") == "1"
 # rows wider than a program (SwiGLU and GELU over the MLP width): columns and warps a program, measured on an
 # H100 (`python benchmarks/fuse_gpu.py --wide-shapes`, BENCHMARKS.md "Program shapes of the generated kernels
 # over wide rows"): 8 elements a thread (one 16-byte load of bf16) on 4 warps. With 4 elements a thread GELU
-# prefill ran 6-8% slower; with 2048 columns a program decode's single row (14 programs) ran 35% slower
+# prefill ran 6-8% slower; with 2048 columns a program decode's single row (7 programs) ran 20-35% slower
 WIDE_BLOCK, WIDE_WARPS = 1024, 4
 MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 
