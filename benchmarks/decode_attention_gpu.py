@@ -252,9 +252,11 @@ def main() -> None:
              "group's query heads (`decode_attention_scores`: h2o, tova, snapkv, ... over a bf16 cache; "
              "`decode_attention_quantized_scores`: the same over a 4-bit KIVI cache, group 128, residual 127; "
              "`decode_attention_pruned_keys`: ThinK, keys older than the 32-entry window keep 64 of 128 channels, "
-             "probabilities included). The probabilities are a second kernel that reads the keys again with the "
-             "rows' log-sum-exp; GB/s counts every cache byte once (so the second key read is not counted). Same "
-             "timing as the table above; err: output against the fp32 reference.")
+             "probabilities included). The attention kernel also stores each row's scaled scores (4 bytes a row and "
+             "entry), and a second kernel turns them into probabilities with the rows' log-sum-exp (it re-reads "
+             "the keys instead where that moves fewer bytes: many query rows a group); GB/s counts every cache "
+             "byte once and not the stored scores. Same timing as the table above; err: output against the fp32 "
+             "reference.")
     append("Decode attention with per-entry probabilities (scoring policies, kv_quant, think)", columns, table, notes,
            path=args.report)
     print("\n" + markdown_table(columns, table), flush=True)

@@ -27,8 +27,9 @@ Any strides on the batch, head and sequence dims are accepted (the last dim cont
 buffer can be passed as a slice `[:, :, :n_q]`.
 
 On CUDA both ops run the flash-decoding kernel of `kv_quant_triton`, which reads the packed bytes directly
-(no dequantized copy in memory; the scores op then a second kernel recomputing each entry's probability from the
-packed keys); elsewhere, and for shapes the kernels do not take, the reference.
+(no dequantized copy in memory; for the scores op it also stores each row's scores, and a second kernel turns them
+into the entries' probabilities, or recomputes them from the packed keys where that reads fewer bytes); elsewhere,
+and for shapes the kernels do not take, the reference.
 """
 from __future__ import annotations
 

@@ -143,4 +143,6 @@ def test_cuda_ops_bf16(t, n, ragged):
     assert out.dtype == torch.bfloat16
     assert ((out.float().cpu() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     torch.testing.assert_close(probs.cpu(), ref_probs, rtol=2e-2, atol=2e-3)
-    torch.testing.assert_close(ops.decode_attention(*dev[:5], 128 ** -0.5, dev[5]), out)
+    # the scores variant is tuned on its own (RAW is in the autotune key): a different split or block may
+    # round differently, within one bf16 step of the output's largest entries
+    torch.testing.assert_close(ops.decode_attention(*dev[:5], 128 ** -0.5, dev[5]), out, rtol=2e-2, atol=1e-3)
