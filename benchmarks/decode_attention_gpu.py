@@ -221,15 +221,41 @@ def explore(gen):
     return lines
 
 
+def explore_splits(gen, shapes=((1, 1024), (1, 2048), (8, 1024), (8, 2048))):
+    """Short caches (what eviction keeps): every split count and stage-1 config against the default plan (µs)."""
+    lines = []
+    for b, n in shapes:
+        first = attention_inputs(b, n, gen)
+        sets = [first] + [attention_inputs(b, n, gen) for _ in range(copies(nbytes(*first)) - 1)]
+        default = graph_us(prunus_op, sets)
+        plan = dat.plan_splits(n, b * HK, first[0].device)[0]
+        results = []
+        for splits in (1, 2, 3, 4, 6, 8, 12, 16):
+            for cfg in dat.STAGE1_CONFIGS:
+                config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                us = graph_us(lambda *a: dat.decode_attention(*a, SCALE, config=config, num_splits=splits), sets)
+                results.append((us, splits, config))
+        results.sort(key=lambda r: r[0])
+        lines.append(f"b{b} n{n}: default ({plan} splits, autotuned) {default:.1f} us; best "
+                     + "; ".join(f"{us:.1f} us S={sp} {cfg}" for us, sp, cfg in results[:4]))
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--explore", action="store_true", help="also sweep split targets and quantized-kernel blocks")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     ap.add_argument("--scores-only", action="store_true", help="only the table of the ops with probabilities")
+    ap.add_argument("--splits-only", action="store_true",
+                    help="only sweep split counts and stage-1 configs over short caches (1K, 2K entries)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.splits_only:
+        explore_splits(gen)
+        return
     columns = ["batch", "cache", "SDPA µs (peer)", "prunus µs", "prunus GB/s (of 3.0 TB/s)", "vs SDPA", "rel err",
                "kept 1K µs (vs SDPA full)", "kept 2K µs (vs SDPA full)", "int8 g128: µs, GB/s, err",
                "int4 g128: µs, GB/s, err", "int4 g32: µs, GB/s, err"]

@@ -7,6 +7,11 @@ new_v [b, hk, 1, dv], new_pos and new_score [b, hk, 1] (any strides), cast to th
 positions below `sink` or from `recent_from` on are protected; among the others the first lowest score goes
 (torch.argmin's rule), and slot 0 when all are protected.
 
+The scores can first be updated by the step (`decay`, `add` [b, hk, n], any strides): score * decay + add (add
+alone where decay is 0), written back before ranking; `new_score` None scores the new entry by its position. A
+policy whose decode scores take that form (streaming, h2o, snapkv, tova, knorm: `Policy.decode_update`) then
+pays one launch a layer for the whole eviction, not one for each term of its score.
+
 On CUDA one Triton kernel per call (`kv_evict_triton`); the reference launches about ten (mask, argmin, four
 scatters), which a decode step pays per layer. A plain function, not a torch.library op: it runs between
 decode steps, never inside a graph.
@@ -18,8 +23,15 @@ import functools
 import torch
 
 
-def replace_lowest_reference(score, pos, k, v, new_k, new_v, new_pos, new_score, sink: int, recent_from: int):
+def replace_lowest_reference(score, pos, k, v, new_k, new_v, new_pos, new_score, sink: int, recent_from: int,
+                             decay: float = 1.0, add: torch.Tensor | None = None):
     """Plain torch for any device: the definition the kernel is tested against."""
+    if decay == 0:
+        score.copy_(add)
+    elif decay != 1 or add is not None:
+        score.copy_(score * decay if add is None else score * decay + add)
+    if new_score is None:
+        new_score = new_pos
     ranked = score.masked_fill((pos < sink) | (pos >= recent_from), float("inf"))
     slot = ranked.argmin(dim=-1, keepdim=True)  # [b, hk, 1]
     for old, new in ((k, new_k), (v, new_v), (pos, new_pos), (score, new_score)):
@@ -38,9 +50,7 @@ def _kernels():
 
 
 def replace_lowest(score: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, new_k: torch.Tensor,
-                   new_v: torch.Tensor, new_pos: torch.Tensor, new_score: torch.Tensor, sink: int,
-                   recent_from: int) -> None:
-    if score.is_cuda and _kernels() is not None:
-        _kernels().replace_lowest(score, pos, k, v, new_k, new_v, new_pos, new_score, sink, recent_from)
-    else:
-        replace_lowest_reference(score, pos, k, v, new_k, new_v, new_pos, new_score, sink, recent_from)
+                   new_v: torch.Tensor, new_pos: torch.Tensor, new_score: torch.Tensor | None, sink: int,
+                   recent_from: int, decay: float = 1.0, add: torch.Tensor | None = None) -> None:
+    fn = _kernels().replace_lowest if score.is_cuda and _kernels() is not None else replace_lowest_reference
+    fn(score, pos, k, v, new_k, new_v, new_pos, new_score, sink, recent_from, decay, add)

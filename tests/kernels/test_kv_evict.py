@@ -48,7 +48,7 @@ def test_kernel_matches_reference(ke, n, block_n, sink):
     cache, new = make(n, seed=n)
     recent_from = n - 3
     expected = reference(cache, new, sink, recent_from)
-    ke.replace_lowest(*cache, *new, sink, recent_from, block_n)
+    ke.replace_lowest(*cache, *new, sink, recent_from, block_n=block_n)
     assert_equal(cache, expected)
     assert (cache[1] == n).sum() == 4  # one slot per (sequence, head) took the new entry
 
@@ -66,7 +66,7 @@ def test_first_unprotected_minimum_wins(ke, block_n):
     score[..., [n - 1, n - 2, 0, 3]] = -5.0  # positions 0, 1 (sinks) and n - 1, n - 4 (recent)
     expected = reference(cache, new, 2, n - 4)
     assert (expected[1][..., 40] == n).all()
-    ke.replace_lowest(*cache, *new, 2, n - 4, block_n)
+    ke.replace_lowest(*cache, *new, 2, n - 4, block_n=block_n)
     assert_equal(cache, expected)
 
 
@@ -153,3 +153,61 @@ def test_h2o_decode_steps_with_the_kernel(ke, monkeypatch):
     for got, ref in zip(got, expected, strict=True):
         assert got.length == 20
         assert_equal([got.score, got.pos, got.k, got.v], [ref.score, ref.pos, ref.k, ref.v])
+
+
+@pytest.mark.parametrize("decay, with_add", [(0.75, True), (1.0, True), (0.0, True), (0.5, False)])
+@pytest.mark.parametrize("block_n", [None, 16])
+def test_score_update_in_the_scan(ke, decay, with_add, block_n):
+    """The step's score update (score * decay + add, add alone at decay 0) written back in the ranking pass, add
+    a bf16 slice of a wider tensor (the decode graph's probabilities); the new entry scored by its position."""
+    n = 300
+    cache, new = make(n, seed=8)
+    g = torch.Generator().manual_seed(9)
+    wide = (torch.randint(0, 4, (2, 2, n + 1), generator=g) * 0.25).to(torch.bfloat16).to(DEVICE)
+    add = wide[..., :n] if with_add else None
+    expected = [x.clone() for x in cache]
+    kv_evict.replace_lowest_reference(*expected, *new[:3], None, 2, n - 3, decay, add)
+    ke.replace_lowest(*cache, *new[:3], None, 2, n - 3, decay, add, block_n=block_n)
+    assert_equal(cache, expected)
+    slot = (cache[1] == n).nonzero()[:, 2].view(2, 2, 1)  # the new entry's slot: scored by its position
+    assert torch.equal(cache[0].gather(2, slot), torch.full((2, 2, 1), float(n), device=DEVICE))
+
+
+@pytest.mark.parametrize("name", ["streaming", "h2o", "tova", "snapkv", "vatp", "knorm"])
+def test_fused_decode_update_keeps_what_the_unfused_step_keeps(ke, monkeypatch, name):
+    """At the budget a policy's `decode_update` runs inside the eviction kernel; the same steps through
+    `decode_score`, append and shrink (no in-place path) keep the same entries with the same scores."""
+    from prunus.passes.kv.policies import POLICIES, Policy
+
+    b, s, d, steps, budget = 2, 30, 16, 4, 20
+    heads = [2, 4]
+
+    def run():
+        g = torch.Generator().manual_seed(6)
+        rand = lambda *shape: torch.rand(*shape, generator=g).to(DEVICE)  # noqa: E731
+        policy = POLICIES[name](budget=budget, sink=2, window=4, num_layers=len(heads))
+        pos = torch.arange(s, device=DEVICE)
+        caches = [LayerCache(rand(b, hk, s, d), rand(b, hk, s, d), pos.expand(b, hk, s)) for hk in heads]
+        policy.after_prefill(caches, [rand(b, hk, s) for hk in heads], s)
+        for step in range(steps):
+            # each entry's probability a function of its position: the two paths hold entries in other slots
+            probs = [torch.cat([torch.sin(c.pos * 1.7 + step).abs(), torch.full((b, c.pos.shape[1], 1), 0.5,
+                                                                                 device=DEVICE)], dim=-1)
+                     for c in caches] if policy.decode_probs else None
+            policy.after_step(caches, [(rand(b, hk, 1, d), rand(b, hk, 1, d)) for hk in heads], probs,
+                              s + step + 1)
+        return caches
+
+    monkeypatch.setattr(storage, "replace_lowest", ke.replace_lowest)
+    fused = run()
+    with monkeypatch.context() as m:
+        m.setattr(Policy, "_in_place", lambda *a: False)
+        unfused = run()
+    for got, ref in zip(fused, unfused, strict=True):
+        assert got.length == ref.length == budget
+        order, ref_order = got.pos.argsort(-1), ref.pos.argsort(-1)
+        for a, r in ((got.pos, ref.pos), (got.score, ref.score)):
+            torch.testing.assert_close(a.gather(2, order), r.gather(2, ref_order), rtol=1e-6, atol=0)
+        for a, r in ((got.k, ref.k), (got.v, ref.v)):
+            idx, ref_idx = (o[..., None].expand(*o.shape, d) for o in (order, ref_order))
+            assert torch.equal(a.gather(2, idx), r.gather(2, ref_idx))

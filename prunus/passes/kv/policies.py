@@ -119,8 +119,20 @@ class Policy:
         raise NotImplementedError
 
     def decode_score(self, i: int, cache: LayerCache, probs_old, k_new, v_new, probs_new, pos_new):
-        """(updated scores of the cached entries, scores of the new entries)."""
-        raise NotImplementedError
+        """(updated scores of the cached entries, scores of the new entries); by default from `decode_update`."""
+        update = self.decode_update(i, cache, probs_old, k_new, v_new, probs_new, pos_new)
+        if update is None:
+            raise NotImplementedError
+        decay, add, fresh = update
+        old = add if decay == 0 else cache.score * decay if add is None else cache.score * decay + add
+        return old, pos_new.float() if fresh is None else fresh
+
+    def decode_update(self, i: int, cache: LayerCache, probs_old, k_new, v_new, probs_new, pos_new):
+        """A decode step's scores as (decay, add, fresh): the cached entries' become score * decay + add (no
+        term where add is None; add alone where decay is 0), the new entries' `fresh` (None: their positions).
+        At the budget the in-place eviction applies it in the pass that ranks the entries, one launch a layer
+        (`LayerCache.replace`). None where a policy's scores take another form (it overrides `decode_score`)."""
+        return None
 
     # -- driving --------------------------------------------------------------------------------
     def after_prefill(self, caches: list[LayerCache], scores: list | None, context: int,
@@ -143,15 +155,23 @@ class Policy:
                 continue
             n = cache.length
             p = probs[i] if probs else None
-            old, fresh = self.decode_score(i, cache, None if p is None else p[..., :n], k, v,
-                                           None if p is None else p[..., n:], pos)
+            scored = (i, cache, None if p is None else p[..., :n], k, v, None if p is None else p[..., n:], pos)
+            if self._in_place(cache, k, self.budgets[i]) and (update := self.decode_update(*scored)) is not None:
+                decay, add, fresh = update
+                cache.replace(k, v, pos, fresh, self.sink, self.recent_from(position), decay, add)
+                continue
+            old, fresh = self.decode_score(*scored)
             cache.score = old.float()
             self._add(cache, k, v, pos, fresh.float(), self.budgets[i], position)
+
+    def _in_place(self, cache: LayerCache, k, budget: int) -> bool:
+        """Whether a step's entry replaces an evicted one in place: one new token at the budget."""
+        return k.shape[2] == 1 and not self.slack and cache.length == budget and type(cache) is LayerCache
 
     def _add(self, cache: LayerCache, k, v, pos, score, budget: int, position: int) -> None:
         """Append new entries and evict back to `budget`; at the budget, one entry in and one out, the new one
         overwrites the evicted slot in place (`LayerCache.replace`) instead of a cat and a gather of the cache."""
-        if k.shape[2] == 1 and not self.slack and cache.length == budget and type(cache) is LayerCache:
+        if self._in_place(cache, k, budget):
             cache.replace(k, v, pos, score, self.sink, self.recent_from(position))
             return
         cache.append(k, v, pos, score)
@@ -185,8 +205,8 @@ class Streaming(Policy):
     def prefill_score(self, i, cache, scores):
         return cache.pos.float()
 
-    def decode_score(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
-        return cache.score, pos_new.float()
+    def decode_update(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
+        return 1.0, None, None
 
 
 class H2O(Policy):
@@ -196,8 +216,8 @@ class H2O(Policy):
     def prefill_score(self, i, cache, scores):
         return scores
 
-    def decode_score(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
-        return cache.score + probs_old, probs_new
+    def decode_update(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
+        return 1.0, probs_old, probs_new
 
 
 class TOVA(Policy):
@@ -214,8 +234,8 @@ class TOVA(Policy):
     def prefill_score(self, i, cache, scores):
         return self._head_mean(scores)
 
-    def decode_score(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
-        return self._head_mean(probs_old), self._head_mean(probs_new)
+    def decode_update(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
+        return 0.0, self._head_mean(probs_old), self._head_mean(probs_new)
 
 
 class SnapKV(Policy):
@@ -236,9 +256,8 @@ class SnapKV(Policy):
     def prefill_score(self, i, cache, scores):
         return self.pooled(scores)
 
-    def decode_score(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
-        decay = 1.0 - 1.0 / max(self.window, 1)
-        return cache.score * decay + probs_old, probs_new
+    def decode_update(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
+        return 1.0 - 1.0 / max(self.window, 1), probs_old, probs_new
 
 
 class PyramidKV(SnapKV):
@@ -276,18 +295,17 @@ class VATP(SnapKV):
     def prefill_score(self, i, cache, scores):
         return self.pooled(scores) * cache.v.float().abs().sum(-1)
 
-    def decode_score(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
-        decay = 1.0 - 1.0 / max(self.window, 1)
-        return (cache.score * decay + probs_old * cache.v.float().abs().sum(-1),
-                probs_new * v_new.float().abs().sum(-1))
+    def decode_update(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
+        decay, _, _ = super().decode_update(i, cache, probs_old, k_new, v_new, probs_new, pos_new)
+        return decay, probs_old * cache.v.float().abs().sum(-1), probs_new * v_new.float().abs().sum(-1)
 
 
 class KNorm(Policy):
     def prefill_score(self, i, cache, scores):
         return -cache.k.float().norm(dim=-1)
 
-    def decode_score(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
-        return cache.score, -k_new.float().norm(dim=-1)
+    def decode_update(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
+        return 1.0, None, -k_new.float().norm(dim=-1)
 
 
 class KVzip(SnapKV):

@@ -74,18 +74,21 @@ class LayerCache:
         """Keep the `budget` entries ranked highest (`ranked` [b, hk, n]: scores, inf where protected)."""
         self.keep(ranked.topk(budget, dim=-1).indices)
 
-    def replace(self, k, v, pos, score, sink: int, recent_from: int) -> None:
+    def replace(self, k, v, pos, score, sink: int, recent_from: int, decay: float = 1.0, add=None) -> None:
         """Write one new entry (k [b, hk, 1, d], v, pos, score) over each head's lowest-scored entry among those
         not protected (positions below `sink` or from `recent_from` on), in place (`kernels.replace_lowest`): the
         entries `append` then `shrink` back to n keep, at O(b hk d) instead of copying the cache twice. The
         entries stop being in position order; attention does not depend on their order, and nothing reads it
-        (positions travel in `pos`)."""
+        (positions travel in `pos`). The scores become score * decay + add first (add alone where decay is 0),
+        in the same pass; a `score` of None scores the new entry by its position."""
         for name in ("k", "v", "pos", "score"):
             old = getattr(self, name)
             # broadcast bookkeeping from the prefill, or a view another layer may share: written in place below
             if old.stride(2) == 0 or not old.is_contiguous() or old._base is not None:
                 setattr(self, name, old.clone(memory_format=torch.contiguous_format))
-        replace_lowest(self.score, self.pos, self.k, self.v, k, v, pos, score, sink, recent_from)
+        if self.score.dtype != torch.float32:
+            self.score = self.score.float()
+        replace_lowest(self.score, self.pos, self.k, self.v, k, v, pos, score, sink, recent_from, decay, add)
 
     def graph_inputs(self) -> tuple:
         """The tensors the decode graph takes for this layer's cache."""

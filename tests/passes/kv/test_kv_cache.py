@@ -94,8 +94,13 @@ def test_in_place_eviction_keeps_what_append_and_shrink_keep(llama_kv, policy, m
     assert all(n == 20 for step in lengths for n in step)
     assert len(calls) == 16 * len(fast.caches)  # every decode step of every layer went through replace
 
-    def copying(self, k, v, pos, score, sink, recent_from):
+    def copying(self, k, v, pos, score, sink, recent_from, decay=1.0, add=None):
         n = self.length
+        if decay == 0:
+            self.score = add.float()
+        elif decay != 1 or add is not None:
+            self.score = (self.score * decay + (0 if add is None else add)).float()
+        score = pos.float() if score is None else score
         ranked = self.score.masked_fill((self.pos < sink) | (self.pos >= recent_from), float("inf"))
         self.append(k, v, pos, score)
         self.shrink(torch.cat([ranked, torch.full_like(ranked[..., :1], float("inf"))], dim=-1), n)
