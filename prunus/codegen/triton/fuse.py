@@ -13,6 +13,7 @@ import torch.fx
 
 from prunus.codegen.triton import runtime
 from prunus.codegen.triton.emit import Unsupported, emit
+from prunus.codegen.triton.linears import merge_linears
 from prunus.codegen.triton.partition import PATTERNS, classify, group_siblings, partition, worth_fusing
 from prunus.passes.base import LossyParams, Pass, PassResult, param
 from prunus.passes.cleanup.dce import METADATA_ASSERTS
@@ -25,6 +26,8 @@ class FuseParams(LossyParams):
     patterns: list[str] = param(list(PATTERNS), "which kinds of region to fuse (default: all)")
     group: bool = param(True, "launch independent sibling regions of one pattern that read a common input "
                               "(RoPE of q and k) as one kernel")
+    merge_linears: bool = param(True, "run linears that read one input (q, k and v projections; gate and up) "
+                                      "as one matmul over their weights concatenated, its output split")
     share_masks: bool = param(True, "convert a boolean attention mask that several attention calls read to an "
                                     "additive one once, aligned as the memory-efficient kernel needs it (each "
                                     "call would convert and pad it again)")
@@ -163,6 +166,10 @@ class Fuse(Pass):
                      torch.float16) for n in graph.graph.nodes)
         self.kind = "lossy" if narrow else "exact"
         wanted = set(self.params.patterns)
+        merged = merge_linears(graph) if self.params.merge_linears else 0
+        if merged:
+            graph.gm.recompile()
+            graph.propagate_shapes(self.name)  # the merged matmuls' shapes, which partition and emit read
         counts: dict[str, int] = {}
         skipped, replaced, groups = [], {}, 0
         chosen = [r for r in partition(graph.gm) if worth_fusing(r) and classify(r) in wanted]
@@ -195,5 +202,7 @@ class Fuse(Pass):
         notes += [f"{len(runtime.kernels_of(graph.gm))} distinct kernels"] if counts else []
         notes += [f"{masks} boolean attention mask(s) converted once for all the attention calls that read them"
                   ] if masks else []
+        notes += [f"{merged} linears merged into the matmul of a sibling that reads the same input"
+                  ] if merged else []
         notes += [f"not generated: {s}" for s in skipped]
-        return PassResult(modified=total > 0 or masks > 0, notes=notes)
+        return PassResult(modified=total > 0 or masks > 0 or merged > 0, notes=notes)

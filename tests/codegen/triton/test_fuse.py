@@ -446,3 +446,61 @@ def test_one_boolean_attention_mask_converted_once_for_every_layer(tiny_models):
         assert seen[0].isneginf().any() and set(seen[0].unique().tolist()) == {0.0, float("-inf")}
         with torch.no_grad():
             assert torch.equal(got, plain.graph.gm(ids)[0])
+
+
+def test_sibling_linears_run_as_one_matmul(tiny_models):
+    """q/k/v and gate/up of each layer: one linear over the concatenated weights, split after; same outputs,
+    same parameter count, the separate weights gone from the graph, the user's model untouched."""
+    model, inputs = tiny_models("llama")
+    q_weight = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    opt = _fuse(model, inputs, "dce, fuse")
+    plain = _fuse(model, inputs, "dce, fuse(merge_linears=false)")
+    layers = model.config.num_hidden_layers
+    notes = [note for r in opt.report if r.name == "fuse" for note in r.notes]
+    assert f"{3 * layers} linears merged into the matmul of a sibling that reads the same input" in notes
+    gm = opt.graph.gm
+    linears = [n for n in gm.graph.nodes if n.target is aten.linear.default]
+    assert len(linears) == len([n for n in plain.graph.gm.graph.nodes if n.target is aten.linear.default]) - 3 * layers
+    splits = [n for n in gm.graph.nodes if n.target is aten.split_with_sizes.default]
+    attn = model.config
+    head = attn.hidden_size // attn.num_attention_heads
+    assert sorted(tuple(n.args[1]) for n in splits) == sorted(
+        [(attn.hidden_size, attn.num_key_value_heads * head, attn.num_key_value_heads * head)] * layers
+        + [(attn.intermediate_size, attn.intermediate_size)] * layers)
+    names = dict(gm.named_parameters())
+    assert "model_layers_0_self_attn_merged_weight" in names and "model_layers_0_mlp_merged_weight" in names
+    assert not any("q_proj" in name or "gate_proj" in name for name in names)
+    merged = names["model_layers_0_self_attn_merged_weight"]
+    assert torch.equal(merged[:attn.hidden_size], q_weight)
+    assert opt.report[-1].params_after == plain.report[-1].params_after
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_weight)
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(opt(*inputs)), main_output(plain(*inputs)), rtol=1e-5, atol=1e-5)
+
+
+class _Siblings(torch.nn.Module):
+    """Three linears on one input: a and b with biases, c without; c's weight also read by a matmul (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(16, 24)
+        self.c, self.d = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 4, bias=False)
+
+    def forward(self, x):
+        return self.a(x) * 2, self.b(x) + 1, self.c(x) @ self.c.weight, self.d(x) - 1
+
+
+def test_sibling_linears_with_biases_and_a_shared_weight():
+    """a and b (both with a bias) merge, bias concatenated too; c (its weight read elsewhere) stays, so d, the
+    one bias-free linear left, has no sibling."""
+    torch.manual_seed(0)
+    model, x = _Siblings(), (torch.randn(2, 3, 16),)
+    opt = _fuse(model, x, "fuse(patterns=[elementwise])")
+    gm = opt.graph.gm
+    merged = [n for n in gm.graph.nodes if n.target is aten.linear.default and "merged" in str(n.args[1])]
+    assert len(merged) == 1 and len(merged[0].args) == 3
+    assert [list(n.args[1]) for n in gm.graph.nodes if n.target is aten.split_with_sizes.default] == [[8, 24]]
+    assert any(n.op == "get_attr" and n.target == "c.weight" for n in gm.graph.nodes)
+    with torch.no_grad():
+        for got, ref in zip(opt(*x), model(*x), strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
