@@ -156,3 +156,27 @@ def test_quantized_artifact_round_trips(llama, tmp_path):
     xs = example_inputs(model, batch=2, seq=5, seed=3)
     torch.testing.assert_close(loaded(*xs).logits, opt(*xs).logits)
     assert loaded.graph.num_parameters() == opt.graph.num_parameters()
+
+
+@pytest.mark.parametrize("scheme", ["int4_weight", "int8_weight", "w8a8", "fp8"])
+def test_fuse_merges_quantized_siblings(llama, scheme, tmp_path):
+    """`quantize, fuse`: q/k/v and gate/up of each layer become one quantized call over the rows of the packed
+    tensors concatenated (every format stores one row per output channel); same outputs, same parameter count;
+    the int4 group lowers to one MatMulNBits for onnxruntime, which reproduces it."""
+    model, x, _ = llama
+    spec = f"quantize(scheme={scheme}, method=rtn, group_size=32), fuse"
+    opt = prunus.optimize(model, spec, example_inputs=x)
+    plain = prunus.optimize(model, spec.replace("fuse", "fuse(merge_linears=false)"), example_inputs=x)
+    assert len(_quant_nodes(opt.graph)) == len(_quant_nodes(plain.graph)) - 2 * 3  # 7 -> 2 + 1 + 1 a layer
+    assert opt.report[-1].params_after == plain.report[-1].params_after
+    assert opt.graph.weight_bytes() == plain.graph.weight_bytes()
+    xs = example_inputs(model, batch=2, seq=7, seed=5)
+    torch.testing.assert_close(opt(*xs).logits, plain(*xs).logits, rtol=1e-5, atol=1e-5)
+    if scheme == "int4_weight":
+        path = opt.export_onnx(str(tmp_path / "q.onnx"))
+        import onnx
+
+        nbits = [n for n in onnx.load(path).graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == 2 * 4
+        got = run_onnx(path, list(xs), ["input_ids"])[0]
+        np.testing.assert_allclose(got, opt(*xs).logits.numpy(), rtol=2e-3, atol=2e-3)
