@@ -234,7 +234,7 @@ def explore_splits(gen, shapes=((1, 1024), (1, 2048), (8, 1024), (8, 2048))):
             for cfg in dat.STAGE1_CONFIGS:
                 config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 us = graph_us(lambda *a: dat.decode_attention(*a, SCALE, config=config, num_splits=splits), sets)
-                results.append((us, splits, config))
+                results.append((us, dat.plan_splits(n, b * HK, first[0].device, splits)[0], config))
         results.sort(key=lambda r: r[0])
         lines.append(f"b{b} n{n}: default ({plan} splits, autotuned) {default:.1f} us; best "
                      + "; ".join(f"{us:.1f} us S={sp} {cfg}" for us, sp, cfg in results[:4]))

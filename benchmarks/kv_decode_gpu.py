@@ -7,8 +7,8 @@ The model (random bf16 weights, all 32 layers) is captured by `prunus.optimize(m
 `kv_graphs` gives its decode graph: one new token per sequence, attention through
 `torch.ops.prunus.decode_attention` (the Triton flash-decoding kernel) over the cache passed as tensors.
 Caches are fabricated (random bf16 [b, 8, n, 128] per layer and K/V) instead of prefilling 32K tokens: a
-step's cost depends on the cache's shape, not its values. Every figure is the median of 20 replays of a
-CUDA graph of one whole step (no Python or launch overhead, the same way for every row):
+step's cost depends on the cache's shape, not its values. Every step figure is the median of 20 replays of
+a CUDA graph of one whole step (no Python or launch overhead, the same way for every row):
 
 - full cache, SDPA (the baseline): the same decode graph with each attention replaced by what a static
   cache does in Hugging Face: write the new K/V into a preallocated [b, 8, n + 1, 128] buffer and run
@@ -17,15 +17,16 @@ CUDA graph of one whole step (no Python or launch overhead, the same way for eve
 - compacted cache of `budget` entries, prunus: the policy's decode graph over [b, 8, budget, 128] caches
   (snapkv's graph also returns each layer's attention probabilities, which it scores with), reported
   without eviction ("step") and, separately, the eviction that follows every step: the policy's
-  `after_step` (score; at the budget, each head's lowest-ranked slot takes the new entry in place),
-  captured and replayed the same way.
+  `after_step` (at the budget one kernel a layer: the scores updated, then each head's lowest-ranked
+  slot takes the new entry in place), captured and replayed the same way.
   A compacted step reads `budget` entries whatever the context was, so it is measured once per batch and
   budget (at position = the longest context) and compared with every context.
 
 Ideal ratio: bytes one step must read, full over compacted: the weights (all but the embedding table, of
 which a step reads b rows) plus every cached K/V byte. Kernel bandwidth: `decode_attention` alone on one
 layer's cache (bytes: K, V, q, new K/V, output) over rotating copies larger than 3x L2, against the copy
-ceiling measured in the same run (`dst.copy_(src)` of 2 GiB, bytes read + written over time).
+ceiling measured in the same run (`dst.copy_(src)` of 2 GiB, 20 copies timed with events outside a CUDA
+graph, bytes read + written over time).
 """
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ def replace_lowest_reference(score, pos, k, v, new_k, new_v, new_pos, new_score,
                              decay: float = 1.0, add: torch.Tensor | None = None):
     """Plain torch for any device: the definition the kernel is tested against."""
     if decay == 0:
+        if add is None:
+            raise ValueError("decay 0 replaces the scores by `add`: pass it")
         score.copy_(add)
     elif decay != 1 or add is not None:
         score.copy_(score * decay if add is None else score * decay + add)

@@ -41,7 +41,9 @@ def _replace_lowest_kernel(score_ptr, pos_ptr, k_ptr, v_ptr, nk_ptr, nv_ptr, np_
                 if HAS_ADD:
                     score += tl.load(add_ptr + b * sab + h * sah + j * san, mask=valid).to(tl.float32)
         if UPDATE != 0:
-            tl.store(score_base + j * ssn, score.to(score_ptr.dtype.element_ty), mask=valid)
+            score = score.to(score_ptr.dtype.element_ty)  # ranked as stored
+            tl.store(score_base + j * ssn, score, mask=valid)
+            score = score.to(tl.float32)
         pos = tl.load(pos_base + j * spn, mask=valid)
         ranked = tl.where(valid & (pos >= sink) & (pos < recent_from), score, float("inf"))
         low, at = tl.min(ranked, axis=0, return_indices=True, return_indices_tie_break_left=True)
@@ -73,6 +75,8 @@ def replace_lowest(score, pos, k, v, new_k, new_v, new_pos, new_score, sink: int
     b, hk, n = score.shape
     d, dv = k.shape[-1], v.shape[-1]
     block_n = block_n or min(triton.next_power_of_2(n), MAX_BLOCK_N)
+    if decay == 0 and add is None:
+        raise ValueError("decay 0 replaces the scores by `add`: pass it")
     update = 2 if decay == 0 else int(decay != 1 or add is not None)
     added = add if add is not None else score  # a placeholder pointer where there is nothing to add
     fresh = new_score if new_score is not None else new_pos

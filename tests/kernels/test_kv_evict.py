@@ -211,3 +211,60 @@ def test_fused_decode_update_keeps_what_the_unfused_step_keeps(ke, monkeypatch, 
         for a, r in ((got.k, ref.k), (got.v, ref.v)):
             idx, ref_idx = (o[..., None].expand(*o.shape, d) for o in (order, ref_order))
             assert torch.equal(a.gather(2, idx), r.gather(2, ref_idx))
+
+
+def test_decay_zero_needs_scores_to_add(ke):
+    cache, new = make(8, seed=1)
+    for fn in (kv_evict.replace_lowest_reference, ke.replace_lowest):
+        with pytest.raises(ValueError, match="decay 0"):
+            fn(*cache, *new, 0, 8, 0.0, None)
+
+
+def test_decode_scores_keep_each_policy_rule():
+    """Each policy's step scores, written out as the policy defines them (not through `decode_update`)."""
+    from prunus.passes.kv.policies import POLICIES
+
+    g = torch.Generator().manual_seed(3)
+    b, hk, n, d = 2, 4, 10, 8
+    cache = LayerCache(torch.randn(b, hk, n, d, generator=g), torch.randn(b, hk, n, d, generator=g),
+                       torch.arange(n).expand(b, hk, n), torch.rand(b, hk, n, generator=g))
+    probs_old, probs_new = torch.rand(b, hk, n, generator=g), torch.rand(b, hk, 1, generator=g)
+    k_new, v_new = torch.randn(b, hk, 1, d, generator=g), torch.randn(b, hk, 1, d, generator=g)
+    pos_new = torch.full((b, hk, 1), n)
+    decay = 1 - 1 / 8
+    expected = {
+        "streaming": (cache.score, pos_new.float()),
+        "h2o": (cache.score + probs_old, probs_new),
+        "tova": (probs_old.mean(1, keepdim=True).expand_as(probs_old), probs_new.mean(1, keepdim=True).expand_as(
+            probs_new)),
+        "snapkv": (cache.score * decay + probs_old, probs_new),
+        "vatp": (cache.score * decay + probs_old * cache.v.abs().sum(-1), probs_new * v_new.abs().sum(-1)),
+        "knorm": (cache.score, -k_new.norm(dim=-1)),
+    }
+    for name, (old, fresh) in expected.items():
+        policy = POLICIES[name](budget=8, sink=1, window=8, num_layers=1)
+        got_old, got_fresh = policy.decode_score(0, cache, probs_old, k_new, v_new, probs_new, pos_new)
+        torch.testing.assert_close(got_old, old, msg=name)
+        torch.testing.assert_close(got_fresh, fresh, msg=name)
+
+
+def test_a_policy_with_its_own_decode_score_is_not_bypassed(monkeypatch):
+    """A subclass overriding `decode_score` only keeps its rule at the budget (no inherited `decode_update`)."""
+    from prunus.passes.kv.policies import SnapKV
+
+    class Inverted(SnapKV):
+        def decode_score(self, i, cache, probs_old, k_new, v_new, probs_new, pos_new):
+            return -cache.score - probs_old, -probs_new
+
+    b, hk, s, d = 1, 2, 12, 4
+    g = torch.Generator().manual_seed(2)
+    policy = Inverted(budget=8, sink=1, window=2, num_layers=1)
+    caches = [LayerCache(torch.randn(b, hk, s, d, generator=g), torch.randn(b, hk, s, d, generator=g),
+                         torch.arange(s).expand(b, hk, s))]
+    policy.after_prefill(caches, [torch.rand(b, hk, s, generator=g)], s)
+    before = caches[0].score.clone()
+    probs = torch.rand(b, hk, 9, generator=g)
+    policy.after_step(caches, [(torch.randn(b, hk, 1, d, generator=g), torch.randn(b, hk, 1, d, generator=g))],
+                      [probs], s + 1)
+    kept = caches[0].pos != s  # the entries that were there before the step
+    assert torch.equal(caches[0].score[kept].sort().values, (-before - probs[..., :8])[kept].sort().values)

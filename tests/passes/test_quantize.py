@@ -27,6 +27,10 @@ def _quant_nodes(graph):
     return [n for n in graph.graph.nodes if n.op == "call_function" and str(n.target).startswith("prunus.")]
 
 
+def _quant_linears(graph):
+    return [n for n in _quant_nodes(graph) if str(n.target).startswith("prunus.linear_")]
+
+
 @pytest.mark.parametrize("scheme, method", CASES)
 def test_quantize_every_scheme_and_method(llama, scheme, method):
     model, x, calib = llama
@@ -167,7 +171,7 @@ def test_fuse_merges_quantized_siblings(llama, scheme, tmp_path):
     spec = f"quantize(scheme={scheme}, method=rtn, group_size=32), fuse"
     opt = prunus.optimize(model, spec, example_inputs=x)
     plain = prunus.optimize(model, spec.replace("fuse", "fuse(merge_linears=false)"), example_inputs=x)
-    assert len(_quant_nodes(opt.graph)) == len(_quant_nodes(plain.graph)) - 2 * 3  # 7 -> 2 + 1 + 1 a layer
+    assert len(_quant_linears(opt.graph)) == len(_quant_linears(plain.graph)) - 2 * 3  # 7 -> 2 + 1 + 1 a layer
     assert opt.report[-1].params_after == plain.report[-1].params_after
     assert opt.graph.weight_bytes() == plain.graph.weight_bytes()
     xs = example_inputs(model, batch=2, seq=7, seed=5)
@@ -180,3 +184,17 @@ def test_fuse_merges_quantized_siblings(llama, scheme, tmp_path):
         assert len(nbits) == 2 * 4
         got = run_onnx(path, list(xs), ["input_ids"])[0]
         np.testing.assert_allclose(got, opt(*xs).logits.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_quantize_after_fuse_selects_merged_linears_by_their_members(llama):
+    """`fuse, quantize(exclude=[q_proj])`: the merged q/k/v call answers for q_proj (left in bf16), the merged
+    gate/up and down are quantized; include needs every member of a merged call."""
+    model, x, _ = llama
+    opt = prunus.optimize(model, "fuse, quantize(scheme=int8_weight, exclude=[q_proj])", example_inputs=x)
+    quantized = _quant_linears(opt.graph)
+    assert len(quantized) == 2 * 3  # per layer: gate/up, down, o
+    assert not any("self_attn" in p and "o_proj" not in p for n in quantized for p in n.meta.get("merged_paths", []))
+    only_q = prunus.optimize(model, "fuse, quantize(scheme=int8_weight, include=[q_proj])", example_inputs=x)
+    assert not _quant_linears(only_q.graph)  # q_proj is one part of a merged call: nothing to quantize alone
+    both = prunus.optimize(model, "fuse, quantize(scheme=int8_weight, include=[self_attn])", example_inputs=x)
+    assert len(_quant_linears(both.graph)) == 2 * 2  # the merged q/k/v and o of each layer

@@ -27,7 +27,8 @@ class FuseParams(LossyParams):
     group: bool = param(True, "launch independent sibling regions of one pattern that read a common input "
                               "(RoPE of q and k) as one kernel")
     merge_linears: bool = param(True, "run linears that read one input (q, k and v projections; gate and up) "
-                                      "as one matmul over their weights concatenated, its output split")
+                                      "as one matmul over their weights concatenated, its output split (the "
+                                      "concatenated weights are new tensors beside the model's own)")
     share_masks: bool = param(True, "convert a boolean attention mask that several attention calls read to an "
                                     "additive one once, aligned as the memory-efficient kernel needs it (each "
                                     "call would convert and pad it again)")

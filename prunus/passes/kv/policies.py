@@ -156,7 +156,9 @@ class Policy:
             n = cache.length
             p = probs[i] if probs else None
             scored = (i, cache, None if p is None else p[..., :n], k, v, None if p is None else p[..., n:], pos)
-            if self._in_place(cache, k, self.budgets[i]) and (update := self.decode_update(*scored)) is not None:
+            fusable = type(self).decode_score is Policy.decode_score  # a decode_score of its own is the rule
+            if fusable and self._in_place(cache, k, self.budgets[i]) and \
+                    (update := self.decode_update(*scored)) is not None:
                 decay, add, fresh = update
                 cache.replace(k, v, pos, fresh, self.sink, self.recent_from(position), decay, add)
                 continue

@@ -97,10 +97,12 @@ def linear_targets(graph, include: list[str], exclude: list[str], include_head: 
         if n.target == aten.addmm.default and not (isinstance(n.args[2], torch.fx.Node)
                                                      and graph.is_parameter(n.args[2])):
             continue
-        path = module_path(n)
-        if include and not _matches(path, include):
+        # a linear `fuse(merge_linears=true)` made of siblings answers for each of them: all must be included,
+        # none excluded (part of one matmul cannot be quantized apart)
+        paths = n.meta.get("merged_paths") or [module_path(n)]
+        if include and not all(_matches(path, include) for path in paths):
             continue
-        if exclude and _matches(path, exclude):
+        if exclude and any(_matches(path, exclude) for path in paths):
             continue
         found.append(n)
     return found
