@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -23,31 +22,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._report import append, markdown_table  # noqa: E402
+from benchmarks.fuse_gpu import time_us  # noqa: E402
 from prunus.kernels import quant_linear  # noqa: E402,F401 - torch.ops.prunus.linear_int4
 from prunus.passes.quant.encode import encode  # noqa: E402
 
 COPY_CEILING = 3.0e12
 GROUPS = {"q, k, v": (4096, 1024, 1024), "gate, up": (14336, 14336)}
-
-
-def graph_us(fn, sets, reps: int = 30) -> float:
-    for args in sets:
-        fn(*args)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in sets:
-            fn(*args)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(sets))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -99,13 +79,13 @@ def measure(scheme: str, m: int, name: str, sizes: tuple, gen) -> list:
     copies = max(2, -(-150_000_000 // nbytes))
     sets = [(torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, generator=gen),
              *[weights(scheme, n, gen) for n in sizes]) for _ in range(copies)]
-    separate = graph_us(lambda x, *ws: [call(scheme, x, w) for w in ws], sets)
+    separate = time_us(lambda x, *ws: [call(scheme, x, w) for w in ws], sets, reps=30)
     merged_sets = [(x, tuple(torch.cat(parts) for parts in zip(*ws))) for x, *ws in sets]
     x, *ws = sets[0]
     err = max((a.float() - b.float()).abs().max().item() for a, b in zip(
         call(scheme, x, merged_sets[0][1]).split(list(sizes), -1), [call(scheme, x, w) for w in ws]))
     del sets
-    merged = graph_us(lambda x, w: call(scheme, x, w).split(list(sizes), -1), merged_sets)
+    merged = time_us(lambda x, w: call(scheme, x, w).split(list(sizes), -1), merged_sets, reps=30)
     del merged_sets
     torch.cuda.empty_cache()
     gbs = [nbytes / t / 1e3 for t in (separate, merged)]
