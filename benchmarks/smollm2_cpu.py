@@ -1,7 +1,11 @@
 """SmolLM2-135M on the CPU: perplexity on the default corpus, and prefill latency in PyTorch and in
 ONNX Runtime for the fp32, int8-weight and int4-weight graphs.
 
-    python benchmarks/smollm2_cpu.py [--tokens 4096] [--window 512] [--prefill 256] [--repeats 10]
+    python benchmarks/smollm2_cpu.py [--tokens 4096] [--window 512] [--prefill 256] [--repeats 10] [--fuse]
+
+--fuse adds each variant again with `fuse` after it: q/k/v and gate/up of each layer merged into one matmul
+(MatMul, MatMulNBits or DequantizeLinear + MatMul over the concatenated rows in the ONNX graph); the fused
+elementwise regions export as the ops they came from and run their reference ops in PyTorch on the CPU.
 """
 from __future__ import annotations
 
@@ -42,7 +46,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--fuse", action="store_true", help="also every variant with fuse after it (merged linears)")
     args = ap.parse_args()
+    variants = VARIANTS + ([(f"{label}, fuse", f"{pipeline}, fuse") for label, pipeline in VARIANTS]
+                           if args.fuse else [])
     import onnxruntime as ort
 
     model, tok = prunus.models.load("smollm2-135m")
@@ -54,7 +61,7 @@ def main() -> None:
     ppl_model = prunus.eval.perplexity(model, tok, seq_len=args.window, max_tokens=args.tokens)
     rows = [["original (PyTorch eager)", f"{ppl_model:.3f}", f"{t_eager * 1e3:.1f}", "-", "1.00x", "-", "-", "-"]]
     t_ort_fp32 = None
-    for label, pipeline in VARIANTS:
+    for label, pipeline in variants:
         opt = prunus.optimize(model, pipeline, example_inputs=example)
         ppl = prunus.eval.perplexity(opt, tok, seq_len=args.window, max_tokens=args.tokens)
         with torch.no_grad():
@@ -80,7 +87,10 @@ def main() -> None:
              "CPUExecutionProvider with default threads. Last column: ONNX file size and the largest relative "
              "|onnxruntime - PyTorch| of the logits. `ORT 1-token ms`: a one-token forward (median of "
              f"{5 * args.repeats}), the weight-bound shape of a decode step. int4 lowers to MatMulNBits with packed "
-             "integer zero points, int8 to DequantizeLinear + MatMul.")
+             "integer zero points, int8 to DequantizeLinear + MatMul."
+             + (" ', fuse' rows: the same pipeline then `fuse` (q/k/v and gate/up merged into one matmul a layer; "
+                "the fused elementwise regions export as their original ops and run their reference ops in "
+                "PyTorch on the CPU)." if args.fuse else ""))
     print(append("SmolLM2-135M on the CPU: perplexity, PyTorch and ONNX Runtime prefill",
                  ["model", "perplexity", "PyTorch ms", "ORT ms", "ORT vs eager", "ORT vs ORT fp32",
                   "ORT 1-token ms", "ONNX size, parity"], rows, notes))
