@@ -148,6 +148,7 @@ class Policy:
     def after_step(self, caches: list[LayerCache], new: list, probs: list | None, position: int) -> None:
         """Append each layer's new (k, v) entries at positions before `position`, then evict to the budget."""
         positions = new_positions(position)
+        fusable = type(self).decode_score is Policy.decode_score  # a decode_score of its own is the rule
         for i, (cache, (k, v)) in enumerate(zip(caches, new)):
             pos = positions(*k.shape[:3], k.device)
             if self.budgets[i] is None:
@@ -156,7 +157,6 @@ class Policy:
             n = cache.length
             p = probs[i] if probs else None
             scored = (i, cache, None if p is None else p[..., :n], k, v, None if p is None else p[..., n:], pos)
-            fusable = type(self).decode_score is Policy.decode_score  # a decode_score of its own is the rule
             if fusable and self._in_place(cache, k, self.budgets[i]) and \
                     (update := self.decode_update(*scored)) is not None:
                 decay, add, fresh = update
