@@ -230,6 +230,12 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                                       (128, 2, 4, 8), (256, 1, 4, 8), (256, 1, 8, 8), (32, 4, 2, 4)]:
             for pf in (0, 1):
                 out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, PAIRS=1, num_warps=warps))
+        # ASM: the fields and their FMAs in one PTX block a word (fewest instructions a code offline)
+        for bn, groups, sk, warps in [(8, 4, 1, 4), (16, 4, 1, 4), (32, 2, 4, 4), (64, 1, 4, 4), (64, 2, 4, 4),
+                                      (64, 2, 1, 4), (128, 1, 2, 4), (128, 1, 4, 4), (128, 1, 8, 4), (128, 2, 4, 8),
+                                      (256, 1, 4, 8), (256, 1, 8, 8), (32, 4, 2, 4)]:
+            for pf in (0, 1):
+                out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, ASM=1, num_warps=warps))
         return out
     for bm in (16, 32, 64, 128, 256):
         if bm > max(16, m) or (bm == 16 and m >= 64):

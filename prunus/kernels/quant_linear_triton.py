@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+PTX = tl.constexpr(not INTERPRET and torch.version.hip is None)  # inline PTX runs (else its Triton equivalent)
 
 # ---------------------------------------------------------------------------------------------------------
 # shared device functions
@@ -192,7 +193,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       stride_xm, stride_wn, stride_sn, stride_zn, stride_ym, field_mask,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                      MASKREG: tl.constexpr = 0, PAIRS: tl.constexpr = 0):
+                      MASKREG: tl.constexpr = 0, PAIRS: tl.constexpr = 0, ASM: tl.constexpr = 0):
     """int4 y[m, n] for one row m and BLOCK_N outputs, GROUPS whole groups per step (K a multiple of GROUP).
 
     A step reads a [BLOCK_N, GROUPS, GROUP / 8] block of words (GROUPS * GROUP / 2 contiguous bytes per
@@ -210,7 +211,10 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     activations, exact products for 16-bit ones). On the H100 they gain less than the counts promise (the
     kernel is issue-bound only in part): 4096->14336 at 1 row 19.0 µs with PAIRS (3.7 instructions a code)
     against 20.2 for the best plain config; 14336->4096 20.3 with MASKREG against 21.1 (`quant_linear_gpu.py
-    --sweep 1`, BENCHMARKS.md).
+    --sweep 1`, BENCHMARKS.md). ASM (`_dot8_asm`) goes further: a word's fields and FMAs in one inline PTX block
+    (3.5 instructions a code at BLOCK_N=128, GROUPS=1, against PAIRS' 3.66) with the sums of x taken among a row's
+    threads only; H100: 17.6 µs at 4096->14336, 19.3 at 14336->4096. On the interpreter (and non-NVIDIA GPUs) ASM
+    runs the same fields and products in Triton ops (`_dot8_fields`).
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -229,13 +233,13 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         for step in range(start, stop):
             words2, x2, scale2, zero2 = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step + 1, stop, K,
                                                         stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
-            acc += _gemv_step(words, x, scale, zero, field_mask, GROUP, MASKREG, PAIRS)
+            acc += _gemv_step(words, x, scale, zero, field_mask, GROUP, MASKREG, PAIRS, ASM)
             words, x, scale, zero = words2, x2, scale2, zero2
     else:
         for step in range(start, stop):
             words, x, scale, zero = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K,
                                                     stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
-            acc += _gemv_step(words, x, scale, zero, field_mask, GROUP, MASKREG, PAIRS)
+            acc += _gemv_step(words, x, scale, zero, field_mask, GROUP, MASKREG, PAIRS, ASM)
     offs_m = m + tl.arange(0, 1)
     _finish_tile(tl.sum(acc, axis=1)[:, None], offs_n, offs_m, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
                  m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
@@ -258,9 +262,13 @@ def _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K, str
 
 
 @triton.jit
-def _gemv_step(words, x, scale, zero, field_mask, GROUP: tl.constexpr, MASKREG: tl.constexpr, PAIRS: tl.constexpr):
+def _gemv_step(words, x, scale, zero, field_mask, GROUP: tl.constexpr, MASKREG: tl.constexpr, PAIRS: tl.constexpr,
+               ASM: tl.constexpr):
     """[BLOCK_N, GROUPS] partials: scale * (sum_k (c_k + q_k) x_k - sum_k c_k x_k - zero sum_k x_k) per group, the
     codes entering as the floats c_k + q_k (c_k = 16; with PAIRS 128 or 2048 by k's field)."""
+    if ASM:
+        part, even, odd = _dot8_asm(words, x, field_mask >> 3, field_mask >> 7)
+        return scale * (part - (128.0 + zero) * even - (2048.0 + zero) * odd)
     if PAIRS:
         codes = _codes_paired(words, field_mask >> 3, field_mask >> 7)
     elif MASKREG:
@@ -294,6 +302,76 @@ def _codes_paired(words, m16, m12):
     k7 = _magic(down12 & m16, 0x43000000)
     return tl.interleave(tl.interleave(tl.interleave(k0, k4), tl.interleave(k2, k6)),
                          tl.interleave(tl.interleave(k1, k5), tl.interleave(k3, k7)))
+
+
+@triton.jit
+def _dot8_asm(words, x, m16, m12):
+    """[BLOCK_N, GROUPS] sums over each group of x_k (c_k + q_k), from `words` [BLOCK_N, GROUPS, W] and x [GROUPS, 8 W]
+    (fp32), and the sums of x over each group's even and odd k [1, GROUPS]. The fields enter as the floats c_k + q_k,
+    OR-ed into 128.0 at bits 16-19 (even k) or into 2048.0 at bits 12-15 (odd k). One PTX block a word: three
+    shifts bring two fields each into those positions (the fourth pair is in place; a rotation by 16 serves fields
+    0 and 7), one LOP3 a field (mask and magic number together, the mask a register), eight FMAs."""
+    G: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1] // 8
+    a, b = tl.split(tl.reshape(x, [G, W, 4, 2]))       # i even / odd
+    a0, a1 = tl.split(tl.reshape(a, [G, W, 2, 2]))      # i = 0, 4 / 2, 6
+    b0, b1 = tl.split(tl.reshape(b, [G, W, 2, 2]))      # i = 1, 5 / 3, 7
+    x0, x4 = tl.split(a0)
+    x2, x6 = tl.split(a1)
+    x1, x5 = tl.split(b0)
+    x3, x7 = tl.split(b1)
+    # the x sums from the split x, in the layout the words' threads hold it: a reduction among a row's threads only
+    even = tl.sum((x0 + x2) + (x4 + x6), axis=1)[None, :]
+    odd = tl.sum((x1 + x3) + (x5 + x7), axis=1)[None, :]
+    if not PTX:  # the same fields and products in Triton ops (the interpreter, non-NVIDIA GPUs)
+        dots = _dot8_fields(words, m16, m12, x0, x1, x2, x3, x4, x5, x6, x7)
+    else:
+        dots = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 s8, s24, r16, f, acc;  // acc: no output register read back
+            shl.b32 s8, $1, 8;
+            shr.u32 s24, $1, 8;
+            shf.l.wrap.b32 r16, $1, $1, 16;
+            lop3.b32 f, r16, $2, 0x43000000, 0xEA;
+            mul.rn.f32 acc, f, $4;
+            lop3.b32 f, r16, $3, 0x45000000, 0xEA;
+            fma.rn.f32 acc, f, $11, acc;
+            lop3.b32 f, s8, $3, 0x45000000, 0xEA;
+            fma.rn.f32 acc, f, $5, acc;
+            lop3.b32 f, s8, $2, 0x43000000, 0xEA;
+            fma.rn.f32 acc, f, $6, acc;
+            lop3.b32 f, $1, $3, 0x45000000, 0xEA;
+            fma.rn.f32 acc, f, $7, acc;
+            lop3.b32 f, $1, $2, 0x43000000, 0xEA;
+            fma.rn.f32 acc, f, $8, acc;
+            lop3.b32 f, s24, $3, 0x45000000, 0xEA;
+            fma.rn.f32 acc, f, $9, acc;
+            lop3.b32 f, s24, $2, 0x43000000, 0xEA;
+            fma.rn.f32 acc, f, $10, acc;
+            mov.b32 $0, acc;
+            }""",
+            "=r,r,r,r,r,r,r,r,r,r,r,r",
+            [words, tl.zeros_like(words) + m16, tl.zeros_like(words) + m12,
+             x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None], x7[None]],
+            dtype=tl.float32, is_pure=True, pack=1)
+    return tl.sum(dots, axis=2), even, odd
+
+
+@triton.jit
+def _dot8_fields(words, m16, m12, x0, x1, x2, x3, x4, x5, x6, x7):
+    """`_dot8_asm`'s PTX block in Triton ops: the same shifts, fields and magic numbers, term for term."""
+    up8 = words << 8
+    down8 = (words.to(tl.uint32, bitcast=True) >> 8).to(tl.int32, bitcast=True)
+    rot16 = (words << 16) | (words.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
+    dot = _magic(rot16 & m16, 0x43000000) * x0[None]
+    dot += _magic(rot16 & m12, 0x45000000) * x7[None]
+    dot += _magic(up8 & m12, 0x45000000) * x1[None]
+    dot += _magic(up8 & m16, 0x43000000) * x2[None]
+    dot += _magic(words & m12, 0x45000000) * x3[None]
+    dot += _magic(words & m16, 0x43000000) * x4[None]
+    dot += _magic(down8 & m12, 0x45000000) * x5[None]
+    dot += _magic(down8 & m16, 0x43000000) * x6[None]
+    return dot
 
 
 @triton.jit
@@ -570,6 +648,12 @@ INT4_GEMV_CONFIGS = [  # the best of `benchmarks/quant_linear_gpu.py --sweep 1` 
     _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, PREFETCH=1, PAIRS=1),
     _cfg(BLOCK_N=128, GROUPS=1, SPLIT_K=4, PREFETCH=1, PAIRS=1),
     _cfg(BLOCK_N=256, GROUPS=1, SPLIT_K=8, PAIRS=1, num_warps=8),
+    # one PTX block a word: the H100 sweep's winners at 4096->14336 (17.6 µs against PAIRS' 18.4) and 14336->4096
+    # (19.3 against 20.7), `quant_linear_gpu.py --sweep 1 --sweep-only ASM=1` and `PAIRS=1` in one call
+    _cfg(BLOCK_N=128, GROUPS=1, SPLIT_K=4, PREFETCH=1, ASM=1),
+    _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, PREFETCH=1, ASM=1),
+    _cfg(BLOCK_N=128, GROUPS=1, SPLIT_K=8, PREFETCH=1, ASM=1),
+    _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=1, PREFETCH=1, ASM=1),
 ]
 INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_stages=4),
