@@ -236,6 +236,12 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                                       (256, 1, 4, 8), (256, 1, 8, 8), (32, 4, 2, 4)]:
             for pf in (0, 1):
                 out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, ASM=1, num_warps=warps))
+        # STAGES: the loads pipelined through shared memory (async copies) instead of registers
+        for bn, groups, sk in [(8, 4, 1), (16, 4, 1), (8, 8, 1), (32, 2, 4), (64, 2, 4), (64, 1, 8), (128, 1, 4),
+                               (128, 1, 8), (32, 4, 2), (64, 2, 8)]:
+            for stages in (2, 3, 4):
+                for variant in (dict(ASM=1), dict(PAIRS=1)):
+                    out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, STAGES=stages, **variant, num_warps=4))
         return out
     for bm in (16, 32, 64, 128, 256):
         if bm > max(16, m) or (bm == 16 and m >= 64):

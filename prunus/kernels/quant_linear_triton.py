@@ -193,7 +193,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       stride_xm, stride_wn, stride_sn, stride_zn, stride_ym, field_mask,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                      MASKREG: tl.constexpr = 0, PAIRS: tl.constexpr = 0, ASM: tl.constexpr = 0):
+                      MASKREG: tl.constexpr = 0, PAIRS: tl.constexpr = 0, ASM: tl.constexpr = 0,
+                      STAGES: tl.constexpr = 1):
     """int4 y[m, n] for one row m and BLOCK_N outputs, GROUPS whole groups per step (K a multiple of GROUP).
 
     A step reads a [BLOCK_N, GROUPS, GROUP / 8] block of words (GROUPS * GROUP / 2 contiguous bytes per
@@ -215,6 +216,11 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     (3.5 instructions a code at BLOCK_N=128, GROUPS=1, against PAIRS' 3.66) with the sums of x taken among a row's
     threads only; H100: 17.6 µs at 4096->14336, 19.3 at 14336->4096. On the interpreter (and non-NVIDIA GPUs) ASM
     runs the same fields and products in Triton ops (`_dot8_fields`).
+
+    STAGES > 1 (without PREFETCH): Triton's pipeliner stages the loads through shared memory with async copies,
+    STAGES - 1 steps ahead, instead of holding the next step in registers (63 registers a thread against 121 at
+    BLOCK_N=128, GROUPS=1, ASM). H100, ASM: 14336->4096 18.4 µs (BLOCK_N=64, GROUPS=2, SPLIT_K=8, STAGES=2)
+    against 19.3 with PREFETCH; no gain at the other two shapes.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -236,7 +242,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             acc += _gemv_step(words, x, scale, zero, field_mask, GROUP, MASKREG, PAIRS, ASM)
             words, x, scale, zero = words2, x2, scale2, zero2
     else:
-        for step in range(start, stop):
+        for step in tl.range(start, stop, num_stages=STAGES):
             words, x, scale, zero = _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K,
                                                     stride_wn, stride_sn, stride_zn, GROUP, GROUPS)
             acc += _gemv_step(words, x, scale, zero, field_mask, GROUP, MASKREG, PAIRS, ASM)
@@ -654,6 +660,10 @@ INT4_GEMV_CONFIGS = [  # the best of `benchmarks/quant_linear_gpu.py --sweep 1` 
     _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, PREFETCH=1, ASM=1),
     _cfg(BLOCK_N=128, GROUPS=1, SPLIT_K=8, PREFETCH=1, ASM=1),
     _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=1, PREFETCH=1, ASM=1),
+    # loads pipelined through shared memory (STAGES): the sweep's winner at 14336->4096 (18.4 µs), and the best
+    # STAGES=3 config of two shapes (`--sweep 1 --sweep-only STAGES=2`, `=3`, `=4`)
+    _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=8, STAGES=2, ASM=1),
+    _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, STAGES=3, ASM=1),
 ]
 INT4_GEMM_CONFIGS = [
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_stages=4),

@@ -141,7 +141,8 @@ GEMV_CONFIGS = [None, dict(BLOCK_N=16, GROUPS=1, SPLIT_K=1), dict(BLOCK_N=32, GR
                 dict(BLOCK_N=8, GROUPS=1, SPLIT_K=4, PREFETCH=1),
                 dict(BLOCK_N=16, GROUPS=4, SPLIT_K=2, MASKREG=1), dict(BLOCK_N=16, GROUPS=4, SPLIT_K=2, PAIRS=1),
                 dict(BLOCK_N=8, GROUPS=2, SPLIT_K=1, PREFETCH=1, PAIRS=1),
-                dict(BLOCK_N=16, GROUPS=4, SPLIT_K=2, ASM=1), dict(BLOCK_N=8, GROUPS=1, SPLIT_K=1, PREFETCH=1, ASM=1)]
+                dict(BLOCK_N=16, GROUPS=4, SPLIT_K=2, ASM=1), dict(BLOCK_N=8, GROUPS=1, SPLIT_K=1, PREFETCH=1, ASM=1),
+                dict(BLOCK_N=16, GROUPS=1, SPLIT_K=2, STAGES=3, ASM=1)]
 GEMM_CONFIGS = [None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2),
                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, DEQUANT=1),
@@ -156,13 +157,14 @@ GEMM_CONFIGS = [None, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1),
                                                         "four-group-steps-past-k", "prefetch",
                                                         "prefetch-split-k-empty-split", "mask-argument",
                                                         "paired-fields", "paired-fields-prefetch", "ptx-words",
-                                                        "ptx-words-prefetch"])
+                                                        "ptx-words-prefetch", "ptx-words-async-copies"])
 def test_int4_gemv_kernel(qt, m, config):
     q, qw, s, z = int4_weight(48, 96, 32, seed=m, float_zeros=m == 3)  # 3 groups: a half-empty last step
     x, b = torch.randn(m, 96, generator=_gen(11)), torch.randn(48, generator=_gen(12))
     y = qt.int4_gemv(*to(DEVICE, x, qw, s, z, b), 32, config)
-    # PAIRS, ASM: codes enter as 2048 + q for half the fields; with fp32 x the products round (exact for bf16 x)
-    tol = 1e-3 if config and (config.get("PAIRS") or config.get("ASM")) else 1e-4
+    # PAIRS, ASM: codes enter as 2048 + q for half the fields; with fp32 x the products round (exact for bf16 x).
+    # The autotuner (on a GPU) may pick either.
+    tol = 1e-3 if config is None or config.get("PAIRS") or config.get("ASM") else 1e-4
     torch.testing.assert_close(y.cpu(), ops.linear_int4(x, qw, s, z, b, 32), rtol=tol, atol=tol)
 
 
