@@ -226,16 +226,13 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                                    (16, 8, 1, 1)]:
             for variant in (dict(MASKREG=1), dict(PAIRS=1)):
                 out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, **variant, num_warps=4))
-        for bn, groups, sk, warps in [(64, 1, 4, 4), (64, 2, 1, 4), (128, 1, 2, 4), (128, 1, 4, 4), (128, 1, 8, 4),
-                                      (128, 2, 4, 8), (256, 1, 4, 8), (256, 1, 8, 8), (32, 4, 2, 4)]:
-            for pf in (0, 1):
-                out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, PAIRS=1, num_warps=warps))
-        # ASM: the fields and their FMAs in one PTX block a word (fewest instructions a code offline)
+        # and ASM, the fields and their FMAs in one PTX block a word (fewest instructions a code offline)
         for bn, groups, sk, warps in [(8, 4, 1, 4), (16, 4, 1, 4), (32, 2, 4, 4), (64, 1, 4, 4), (64, 2, 4, 4),
                                       (64, 2, 1, 4), (128, 1, 2, 4), (128, 1, 4, 4), (128, 1, 8, 4), (128, 2, 4, 8),
                                       (256, 1, 4, 8), (256, 1, 8, 8), (32, 4, 2, 4)]:
             for pf in (0, 1):
-                out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, ASM=1, num_warps=warps))
+                for variant in (dict(PAIRS=1), dict(ASM=1)):
+                    out.append(dict(BLOCK_N=bn, GROUPS=groups, SPLIT_K=sk, PREFETCH=pf, **variant, num_warps=warps))
         # STAGES: the loads pipelined through shared memory (async copies) instead of registers
         for bn, groups, sk in [(8, 4, 1), (16, 4, 1), (8, 8, 1), (32, 2, 4), (64, 2, 4), (64, 1, 8), (128, 1, 4),
                                (128, 1, 8), (32, 4, 2), (64, 2, 8)]:

@@ -82,13 +82,19 @@ def _field(words, FROM: tl.constexpr, TO: tl.constexpr, BITS: tl.constexpr, MAGI
     if TO >= FROM:
         v = words << (TO - FROM)
     else:
-        v = (words.to(tl.uint32, bitcast=True) >> (FROM - TO)).to(tl.int32, bitcast=True)
+        v = _shr(words, FROM - TO)
     v = (v & (((1 << BITS) - 1) << TO)) | MAGIC
     if WIDE:
         v = v.to(tl.float32, bitcast=True)
     else:
         v = v.to(tl.int16)
     return v
+
+
+@triton.jit
+def _shr(words, n):
+    """Logical (unsigned) right shift of int32 words."""
+    return (words.to(tl.uint32, bitcast=True) >> n).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -222,6 +228,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     BLOCK_N=128, GROUPS=1, ASM). H100, ASM: 14336->4096 18.4 µs (BLOCK_N=64, GROUPS=2, SPLIT_K=8, STAGES=2)
     against 19.3 with PREFETCH; no gain at the other two shapes.
     """
+    tl.static_assert(PREFETCH == 0 or STAGES == 1, "PREFETCH and STAGES are two ways to load ahead: pick one")
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -271,7 +278,8 @@ def _gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K, str
 def _gemv_step(words, x, scale, zero, field_mask, GROUP: tl.constexpr, MASKREG: tl.constexpr, PAIRS: tl.constexpr,
                ASM: tl.constexpr):
     """[BLOCK_N, GROUPS] partials: scale * (sum_k (c_k + q_k) x_k - sum_k c_k x_k - zero sum_k x_k) per group, the
-    codes entering as the floats c_k + q_k (c_k = 16; with PAIRS 128 or 2048 by k's field)."""
+    codes entering as the floats c_k + q_k (c_k = 16; with PAIRS 128 or 2048 by k's field; with ASM 128 for even k,
+    2048 for odd k)."""
     if ASM:
         part, even, odd = _dot8_asm(words, x, field_mask >> 3, field_mask >> 7)
         return scale * (part - (128.0 + zero) * even - (2048.0 + zero) * odd)
@@ -297,13 +305,13 @@ def _codes_paired(words, m16, m12):
     (exact: 12 bits times bf16's 8 stay exact in fp32). m16 = 0xF0000 and m12 = 0xF000 are runtime values, so
     each field is one LOP3 (mask and magic number at once); shifts: none, << 12, >> 12, << 4, >> 4."""
     up12 = words << 12
-    down12 = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True)
+    down12 = _shr(words, 12)
     k0 = _magic(up12 & m12, 0x45000000)
     k1 = _magic(up12 & m16, 0x43000000)
     k2 = _magic((words << 4) & m12, 0x45000000)
     k3 = _magic(words & m12, 0x45000000)
     k4 = _magic(words & m16, 0x43000000)
-    k5 = _magic((words.to(tl.uint32, bitcast=True) >> 4).to(tl.int32, bitcast=True) & m16, 0x43000000)
+    k5 = _magic(_shr(words, 4) & m16, 0x43000000)
     k6 = _magic(down12 & m12, 0x45000000)
     k7 = _magic(down12 & m16, 0x43000000)
     return tl.interleave(tl.interleave(tl.interleave(k0, k4), tl.interleave(k2, k6)),
@@ -367,8 +375,8 @@ def _dot8_asm(words, x, m16, m12):
 def _dot8_fields(words, m16, m12, x0, x1, x2, x3, x4, x5, x6, x7):
     """`_dot8_asm`'s PTX block in Triton ops: the same shifts, fields and magic numbers, term for term."""
     up8 = words << 8
-    down8 = (words.to(tl.uint32, bitcast=True) >> 8).to(tl.int32, bitcast=True)
-    rot16 = (words << 16) | (words.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
+    down8 = _shr(words, 8)
+    rot16 = (words << 16) | _shr(words, 16)
     dot = _magic(rot16 & m16, 0x43000000) * x0[None]
     dot += _magic(rot16 & m12, 0x45000000) * x7[None]
     dot += _magic(up8 & m12, 0x45000000) * x1[None]
@@ -400,7 +408,7 @@ def _field_masked(words, FROM: tl.constexpr, mask):
     if FROM <= 19:
         v = words << (19 - FROM)
     else:
-        v = (words.to(tl.uint32, bitcast=True) >> (FROM - 19)).to(tl.int32, bitcast=True)
+        v = _shr(words, FROM - 19)
     return ((v & mask) | 0x41800000).to(tl.float32, bitcast=True)
 
 
@@ -661,7 +669,7 @@ INT4_GEMV_CONFIGS = [  # the best of `benchmarks/quant_linear_gpu.py --sweep 1` 
     _cfg(BLOCK_N=128, GROUPS=1, SPLIT_K=8, PREFETCH=1, ASM=1),
     _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=1, PREFETCH=1, ASM=1),
     # loads pipelined through shared memory (STAGES): the sweep's winner at 14336->4096 (18.4 µs), and the best
-    # STAGES=3 config of two shapes (`--sweep 1 --sweep-only STAGES=2`, `=3`, `=4`)
+    # STAGES=3 config at 4096->14336 (`--sweep 1 --sweep-only STAGES=2`, `=3`, `=4`)
     _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=8, STAGES=2, ASM=1),
     _cfg(BLOCK_N=64, GROUPS=2, SPLIT_K=4, STAGES=3, ASM=1),
 ]
@@ -881,7 +889,7 @@ def _weight_only(x, words, scales, zeros, bias, group, bits, config, gemm: bool)
         return y
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
     if bits == 4:
-        args["field_mask"] = 0xF << 19  # a runtime value for MASKREG (see the kernel)
+        args["field_mask"] = 0xF << 19  # a runtime value for MASKREG, PAIRS and ASM (see the kernel)
         _launch(_int4_gemv_kernel, _int4_gemv_tuned, INT4_GEMV_CONFIGS, grid, args, consts, config)
     else:
         _launch(_int8_gemv_kernel, _int8_gemv_tuned, INT8_GEMV_CONFIGS, grid, args, consts, config)
