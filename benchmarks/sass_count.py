@@ -3,6 +3,7 @@
     python benchmarks/sass_count.py --config BLOCK_N=64,GROUPS=2,SPLIT_K=1,PAIRS=1 [--kernel gemv] [--arch 90]
         [--group 128] [--dump DIR]
     python benchmarks/sass_count.py --fused   # the fuse pass's kernels for fuse_gpu.py's patterns (bf16)
+    python benchmarks/sass_count.py --warp-specialize   # does Triton's automatic warp specialization take the loop?
 
 To count what the GPU machine runs, put its Triton first on the path (its wheel: `pip install --no-deps
 --target /tmp/t36 triton==3.6.0`, then `PYTHONPATH=/tmp/t36`): the bundled ptxas and cuobjdump come with it.
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fuse_gpu's patterns
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -111,6 +113,59 @@ def fused_counts(arch: int, fp_fusion: bool = False) -> None:
             print(f"{name}: {len(ops)} instructions ({kernel.meta['pattern']}, {constants})")
 
 
+@triton.jit
+def _ws_matmul(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr):
+    """y = x W^T through TMA descriptors, the K loop marked for automatic warp specialization: W bf16 [N, K], or
+    (INT4) packed int4 words [N, K / 8] dequantized in the loop as `_int4_gemm_kernel` (DEQUANT=3) does."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if INT4:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K // 8], strides=[K // 8, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K // 8])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb in tl.range(0, K // BLOCK_K, warp_specialize=True):
+        xt = x_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        if INT4:
+            words = w_desc.load([pid_n * BLOCK_N, kb * (BLOCK_K // 8)])
+            g = kb * BLOCK_K // GROUP
+            scale = tl.load(s_ptr + offs_n * (K // GROUP) + g)
+            zero = tl.load(z_ptr + offs_n * (K // GROUP) + g).to(tl.float32)
+            w = qt._minus_zero(words, zero, tl.bfloat16) * scale[:, None]
+        else:
+            w = w_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+        acc = tl.dot(xt, tl.trans(w), acc)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16))
+
+
+def warp_specialize_check(arch: int) -> None:
+    """Whether Triton's automatic warp specialization (`tl.range(warp_specialize=True)`) partitions a TMA-fed
+    matmul loop on this arch: a plain bf16 one, and one with the int4 weight dequantized between load and MMA."""
+    for name, int4 in (("bf16 matmul", 0), ("int4, dequantized in the loop", 1)):
+        for warps in (4, 8):
+            signature = dict(x_ptr="*bf16", w_ptr="*i32" if int4 else "*bf16", s_ptr="*bf16", z_ptr="*u8",
+                             y_ptr="*bf16", M="i32", N="i32", K="i32")
+            consts = dict(GROUP=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INT4=int4)
+            names = _ws_matmul.arg_names
+            signature.update({k: "constexpr" for k in consts})
+            source = ASTSource(fn=_ws_matmul, signature=signature,
+                               constexprs={(names.index(k),): v for k, v in consts.items()},
+                               attrs={(i,): [["tt.divisibility", 16]] for i in range(8)})
+            try:
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                          options=dict(num_warps=warps, num_stages=3))
+                result = ("partitioned (ttg.warp_specialize)" if "ttg.warp_specialize" in compiled.asm["ttgir"]
+                          else "not partitioned")
+            except Exception as exc:  # the pass can fail outright
+                result = f"compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+            print(f"sm_{arch}, {name}, {warps} warps: {result}")
+
+
 def _sass(compiled, path: str) -> str:
     with open(path, "wb") as f:
         f.write(compiled.asm["cubin"])
@@ -122,6 +177,8 @@ def main() -> None:
     ap.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
     ap.add_argument("--config", help="block sizes and variants, num_warps / num_stages too")
     ap.add_argument("--fused", action="store_true", help="count the fuse pass's kernels instead")
+    ap.add_argument("--warp-specialize", action="store_true",
+                    help="whether Triton's automatic warp specialization partitions a TMA matmul loop, plain and int4")
     ap.add_argument("--fp-fusion", action="store_true",
                     help="--fused: compile with FMA contraction on (the runtime launches with it off since 004a615)")
     ap.add_argument("--group", type=int, default=128)
@@ -130,6 +187,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.fused:
         fused_counts(args.arch, args.fp_fusion)
+        return
+    if args.warp_specialize:
+        warp_specialize_check(args.arch)
         return
     if not args.config:
         ap.error("--config is required (or --fused)")
