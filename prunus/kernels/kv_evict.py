@@ -23,15 +23,24 @@ import functools
 import torch
 
 
-def replace_lowest_reference(score, pos, k, v, new_k, new_v, new_pos, new_score, sink: int, recent_from: int,
-                             decay: float = 1.0, add: torch.Tensor | None = None):
-    """Plain torch for any device: the definition the kernel is tested against."""
+def updated_scores(score: torch.Tensor, decay: float, add: torch.Tensor | None) -> torch.Tensor:
+    """score * decay + add: no term where add is None, add alone where decay is 0 (`score` itself where neither
+    changes it)."""
     if decay == 0:
         if add is None:
             raise ValueError("decay 0 replaces the scores by `add`: pass it")
-        score.copy_(add)
-    elif decay != 1 or add is not None:
-        score.copy_(score * decay if add is None else score * decay + add)
+        return add
+    if decay == 1 and add is None:
+        return score
+    return score * decay if add is None else score * decay + add
+
+
+def replace_lowest_reference(score, pos, k, v, new_k, new_v, new_pos, new_score, sink: int, recent_from: int,
+                             decay: float = 1.0, add: torch.Tensor | None = None):
+    """Plain torch for any device: the definition the kernel is tested against."""
+    updated = updated_scores(score, decay, add)
+    if updated is not score:
+        score.copy_(updated)
     if new_score is None:
         new_score = new_pos
     ranked = score.masked_fill((pos < sink) | (pos >= recent_from), float("inf"))

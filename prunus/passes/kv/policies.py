@@ -51,6 +51,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prunus.kernels.kv_evict import updated_scores
 from prunus.passes.kv.storage import ChannelCache, HeadGroupCache, LayerCache, RaggedLayerCache
 
 ALL_QUERIES = 2 ** 31 - 1  # prefill window meaning "every query" (H2O)
@@ -124,8 +125,7 @@ class Policy:
         if update is None:
             raise NotImplementedError
         decay, add, fresh = update
-        old = add if decay == 0 else cache.score * decay if add is None else cache.score * decay + add
-        return old, pos_new.float() if fresh is None else fresh
+        return updated_scores(cache.score, decay, add), pos_new.float() if fresh is None else fresh
 
     def decode_update(self, i: int, cache: LayerCache, probs_old, k_new, v_new, probs_new, pos_new):
         """A decode step's scores as (decay, add, fresh): the cached entries' become score * decay + add (no
