@@ -152,6 +152,23 @@ def int4_op(x, qw, s, z):
     return torch.ops.prunus.linear_int4(x, qw, s, z, None, GROUP)
 
 
+def triton_path(x, qw, s, z):
+    """The op's path without the wgmma kernel: the Triton tensor-core kernel up to 256 rows (its measured or
+    autotuned config), else dequantize + cuBLAS."""
+    from prunus.kernels import quant_linear_triton as qt
+
+    if x.shape[0] <= pk.quant_linear.INT4_GEMM_NO_CACHE_MAX_ROWS:
+        return qt.int4_gemm(x, qw, s, z, None, GROUP)
+    return F.linear(x, qt.int4_dequantize(qw, s, z, GROUP, x.dtype))
+
+
+def wgmma_op(x, qw, s, z, bias, group, cfg):
+    """The Gluon wgmma kernel with an explicit config (the sweep's)."""
+    from prunus.kernels import quant_linear_gluon as qg
+
+    return qg.int4_gemm_wgmma(x, qw.view(torch.int32), s, z, bias, group, cfg)
+
+
 def int8_op(x, q, s):
     return torch.ops.prunus.linear_int8(x, q, s, None)
 
@@ -213,6 +230,19 @@ def explore(gen):
 def sweep_configs(kind: str, m: int) -> list[dict]:
     """Candidate launch configs for `--sweep` (kernel block sizes + num_warps/num_stages)."""
     out = []
+    if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
+        for bm in (64, 128, 256):
+            for bn in (64, 128):
+                for stages in (4, 5):
+                    smem = stages * (bm * 64 * 2 + bn * 32 + bn * 32) + 3 * bn * 64 * 2
+                    if bm > max(64, 2 * m) or smem > 220 * 1024:
+                        continue
+                    for sk in (1, 2, 4):
+                        if sk > 1 and bm * 2 < m:
+                            continue  # split-K is for few row tiles
+                        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, STAGES=stages, SPLIT_K=sk,
+                                        num_warps=4 if bm == 64 else 8))
+        return out
     if kind == "gemv":  # the int4 GEMV: whole groups per step
         for bn in (8, 16, 32, 64):
             for groups in (2, 4, 8):
@@ -302,7 +332,8 @@ def merge_winners(path: str, device: str, winners: dict) -> None:
 def winner_entry(k: int, n: int, m: int, cfg: dict) -> tuple:
     from prunus.kernels.quant_linear_triton import shape_key
 
-    return ("int4_gemv" if m == 1 else "int4_gemm", shape_key(m, n, k, GROUP)), cfg
+    kernel = "int4_wgmma" if "STAGES" in cfg and "BLOCK_M" in cfg else "int4_gemv" if m == 1 else "int4_gemm"
+    return (kernel, shape_key(m, n, k, GROUP)), cfg
 
 
 def table_from_log(log_path: str) -> dict:
@@ -316,24 +347,27 @@ def table_from_log(log_path: str) -> dict:
         k, n = (int(v) for v in shape.split("->"))
         m, t = int(m[2:]), float(t)
         # MMA_LAYOUT: a removed kernel that logs before 2026-12-06 hold (BENCHMARKS.md, "on the MMA layout")
-        if math.isfinite(t) and "MMA_LAYOUT" not in cfg and t < best.get((k, n, m), (math.inf,))[0]:
-            best[(k, n, m)] = (t, cfg)
-    return dict(winner_entry(k, n, m, cfg) for (k, n, m), (_, cfg) in best.items())
+        kernel = winner_entry(k, n, m, cfg)[0][0]
+        if math.isfinite(t) and "MMA_LAYOUT" not in cfg and t < best.get((kernel, k, n, m), (math.inf,))[0]:
+            best[(kernel, k, n, m)] = (t, cfg)
+    return dict(winner_entry(k, n, m, cfg) for (_, k, n, m), (_, cfg) in best.items())
 
 
-def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None):
+def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, wgmma=False):
     """Time every candidate config of the int4 kernels explicitly (no autotuner): the config lists in
-    `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M."""
+    `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M.
+    wgmma: the Gluon kernel's configs (`prunus.kernels.quant_linear_gluon`) instead of the Triton kernels'."""
+    from prunus.kernels import quant_linear_gluon as qg
     from prunus.kernels import quant_linear_triton as qt
 
     log = open(out_path, "a") if out_path else None
     for k, n in shapes:
         case = Case("int4", k, n, gen)
         for m in ms:
-            kind = "gemv" if m == 1 else "gemm"
-            run = qt.int4_gemv if kind == "gemv" else qt.int4_gemm
+            kind = "wgmma" if wgmma else "gemv" if m == 1 else "gemm"
+            run = dict(gemv=qt.int4_gemv, gemm=qt.int4_gemm, wgmma=wgmma_op)[kind]
             results = []
-            kernel = qt._int4_gemv_kernel if kind == "gemv" else qt._int4_gemm_kernel
+            kernel = dict(gemv=qt._int4_gemv_kernel, gemm=qt._int4_gemm_kernel, wgmma=qg._int4_wgmma_kernel)[kind]
             defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
             for cfg in sweep_configs(kind, m):
                 if any(cfg.get(key, defaults.get(key)) != value for key, value in (only or {}).items()):
@@ -352,8 +386,13 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None):
                 continue
             t_d = case.time_dense(m)
             results.sort(key=lambda r: r[0])
-            if table_path and results and math.isfinite(results[0][0]):
+            # the wgmma kernel enters the table only where it beats the op's Triton path (tensor-core kernel up to
+            # 256 rows, dequantize + cuBLAS beyond), timed here in the same run
+            t_old = case.time_quant(triton_path, m) if kind == "wgmma" else math.inf
+            if table_path and results and math.isfinite(results[0][0]) and results[0][0] < t_old:
                 merge_winners(table_path, torch.cuda.get_device_name(), dict([winner_entry(k, n, m, results[0][1])]))
+            if kind == "wgmma":
+                print(f"\n{k}->{n} M={m}: Triton path {t_old:.1f} µs ({t_d / t_old:.2f}x bf16)", flush=True)
             print(f"\n{k}->{n} M={m}: bf16 {t_d:.1f} µs; best:", flush=True)
             for t, cfg, err in results[:5]:
                 print(f"  {t:.1f} µs ({t_d / t:.2f}x bf16) {cfg} err {err}", flush=True)
@@ -366,6 +405,7 @@ def main() -> None:
     ap.add_argument("--sweep", default=None, help="time every candidate int4 config at these M (e.g. 1,64) and exit")
     ap.add_argument("--sweep-shapes", default=None, help="only these K,N shapes, e.g. 4096x4096,14336x4096")
     ap.add_argument("--sweep-only", default=None, help="only the configs with these values, e.g. W_AS_B=1,DEQUANT=3")
+    ap.add_argument("--sweep-wgmma", action="store_true", help="sweep the Gluon wgmma kernel's configs (Hopper)")
     ap.add_argument("--sweep-log", default=None, help="file to append every swept config's time to")
     ap.add_argument("--sweep-table", default=None, help="measured-config table (JSON) to merge each winner into")
     ap.add_argument("--table-from-log", default=None, help="merge the winners of this --sweep-log into --sweep-table")
@@ -387,7 +427,8 @@ def main() -> None:
             sys.exit("--sweep-only times a subset: merge its log with --table-from-log, not --sweep-table")
         only = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.sweep_only.split(","))) \
             if args.sweep_only else None
-        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only)
+        sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only,
+              args.sweep_wgmma)
         return
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",

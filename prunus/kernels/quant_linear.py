@@ -40,6 +40,7 @@ import torch.nn.functional as F
 INT4_GEMV_MAX_ROWS = 1
 INT4_GEMM_MAX_ROWS = 16
 INT4_GEMM_NO_CACHE_MAX_ROWS = 256
+INT4_WGMMA_MIN_ROWS = 64
 INT8_GEMV_MAX_ROWS = 1
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -184,6 +185,15 @@ def _kernels():
     return quant_linear_triton
 
 
+def _gluon_kernels():
+    """The Gluon (Hopper wgmma) kernel module, or None where Triton lacks Gluon's Hopper API."""
+    try:
+        from prunus.kernels import quant_linear_gluon
+    except ImportError:
+        return None
+    return quant_linear_gluon if quant_linear_gluon.gluon is not None else None
+
+
 def _is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
@@ -245,8 +255,13 @@ def _(x, qweight, scales, zeros, bias, group_size):
     x2 = _rows(x)
     bias = _bias(bias, x.dtype)
     M = x2.shape[0]
+    gluon = _gluon_kernels() if M >= INT4_WGMMA_MIN_ROWS and dense_cache.max_bytes == 0 else None
+    words = qweight.contiguous().view(torch.int32)
+    wgmma = gluon.config_for(x2, words, scales, zeros, group_size) if gluon is not None else None
     if M <= INT4_GEMV_MAX_ROWS and group_size <= 512:
         y = kernels.int4_gemv(x2, qweight, scales, zeros, bias, group_size)
+    elif wgmma is not None:
+        y = gluon.int4_gemm_wgmma(x2, words, scales, zeros, bias, group_size, wgmma)
     elif group_size >= 16 and (M <= INT4_GEMM_MAX_ROWS or (M <= INT4_GEMM_NO_CACHE_MAX_ROWS
                                                         and dense_cache.max_bytes == 0)):
         y = kernels.int4_gemm(x2, qweight, scales, zeros, bias, group_size)

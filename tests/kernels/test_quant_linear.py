@@ -2,6 +2,7 @@
 references (CPU: under TRITON_INTERPRET=1, small shapes, fp32; CUDA: the real kernels), fake impls under
 torch.export."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,12 +344,13 @@ def test_cuda_every_autotuned_int4_config_is_correct(qt, kind, config):
     assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 128).T) < 1e-2
 
 
-def _measured_configs():
+def _measured_configs(gluon=False):
+    """The measured table's (kernel, config) entries: the Triton kernels', or (gluon) the wgmma kernel's."""
     from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
 
     table = json.loads(MEASURED_CONFIGS_PATH.read_text())
     return [(kernel, cfg) for kernels in table.values() for kernel, entries in kernels.items()
-            for cfg in entries.values()]
+            for cfg in entries.values() if (kernel == "int4_wgmma") == gluon]
 
 
 @needs_kernels
@@ -518,3 +520,123 @@ def test_dense_weight_cache_hits_invalidates_and_respects_budget():
     off = ql.DenseWeightCache(max_bytes=0)
     off.get((q, s), torch.float32, make)
     assert not off.entries and off.used == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Gluon wgmma GEMM (Hopper only: Gluon has no interpreter)
+
+
+def _hopper():
+    return CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (Gluon's wgmma kernel)")
+
+
+@pytest.fixture(scope="module")
+def qg():
+    from prunus.kernels import quant_linear_gluon
+    if quant_linear_gluon.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    return quant_linear_gluon
+
+
+WGMMA_CASES = [(name, torch.bfloat16) for name in ("m128n128", "m128n64", "m64n128", "m256n128", "m64n64",
+                                                  "m64n128k4", "m128n128k2")]
+WGMMA_CASES += [("m128n128", torch.float16), ("m64n128k4", torch.float16)]
+
+
+@needs_hopper
+@pytest.mark.parametrize("name, dtype", WGMMA_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("m, n, k, group", [(200, 300, 2048, 128), (64, 128, 4096, 64), (513, 256, 4096, 256)],
+                         ids=["ragged", "one-tile-long-k", "many-row-tiles"])
+def test_cuda_int4_wgmma_gemm(qg, name, dtype, m, n, k, group):
+    """Outputs against the reference; and its weight tile is the dense fallback's weight bit for bit, so the output
+    is the fp32 product with that weight rounded once: within one unit in the last place of x's dtype."""
+    q, qw, s, z = int4_weight(n, k, group, seed=m, dtype=dtype)
+    x, b = torch.randn(m, k, generator=_gen(40)).to(dtype), torch.randn(n, generator=_gen(41)).to(dtype)
+    xc, qwc, sc, zc, bc = to("cuda", x, qw, s, z, b)
+    y = qg.int4_gemm_wgmma(xc, qwc.view(torch.int32), sc, zc, bc, group, qg.CONFIGS[name])
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, group).T + b.float()) < 1e-2
+    dense = ql.dequantize_int4(qwc, sc, zc, group).to(dtype)
+    exact = F.linear(xc.float(), dense.float(), bc.float())
+    # one unit in the last place of x's dtype (2 ** -8 or 2 ** -11 relative), plus fp32 summation-order noise
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    torch.testing.assert_close(y.float(), exact.to(dtype).float(), rtol=ulp, atol=1e-4 * exact.abs().max().item())
+
+
+@needs_hopper
+@pytest.mark.parametrize("kernel, config", _measured_configs(gluon=True) or [("none", {})],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
+def test_cuda_every_measured_wgmma_config_is_correct(qg, kernel, config):
+    if not config:
+        pytest.skip("no wgmma config measured")
+    q, qw, s, z = int4_weight(config["BLOCK_N"] + 8, 2048, 128, seed=9, dtype=torch.bfloat16)
+    x = torch.randn(config["BLOCK_M"] + 5, 2048, generator=_gen(43)).bfloat16()
+    y = qg.int4_gemm_wgmma(*to("cuda", x), qw.cuda().view(torch.int32), *to("cuda", s, z), None, 128, config)
+    assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 128).T) < 1e-2
+
+
+@needs_hopper
+def test_cuda_linear_int4_dispatches_measured_shapes_to_wgmma(qg, qt, monkeypatch):
+    """The op runs the Gluon kernel where the measured table has a wgmma config for the shape and row bucket (same
+    output bit for bit), and the Triton kernels elsewhere: other buckets, and shapes the kernel cannot take (here
+    K / group = 8 zero points a row, under TMA's 16 bytes) even with a table entry."""
+    config = qg.CONFIGS["m128n64"]
+    name = qt._device_name(0)
+    table = {name: {"int4_wgmma": {qt.shape_key(100, 256, 2048, 128): config,
+                                   qt.shape_key(100, 256, 1024, 128): config}}}
+    monkeypatch.setattr(qt, "measured_configs", lambda: table)
+    q, qw, s, z = to("cuda", *int4_weight(256, 2048, 128, seed=5, dtype=torch.bfloat16))
+    x = torch.randn(100, 2048, generator=_gen(42)).bfloat16().cuda()
+    words = qw.view(torch.int32)
+    assert qg.config_for(x, words, s, z, 128) == config
+    assert torch.equal(ops.linear_int4(x, qw, s, z, None, 128), qg.int4_gemm_wgmma(x, words, s, z, None, 128, config))
+    assert qg.config_for(x[:40].contiguous(), words, s, z, 128) is None  # bucket m64: not measured
+    _, qw1, s1, z1 = to("cuda", *int4_weight(256, 1024, 128, seed=6, dtype=torch.bfloat16))
+    assert qg.config_for(x[:, :1024].contiguous(), qw1.view(torch.int32), s1, z1, 128) is None
+
+
+@needs_hopper
+def test_cuda_int4_wgmma_refuses_what_it_cannot_run(qg):
+    _, qw, s, z = to("cuda", *int4_weight(64, 512, 32, dtype=torch.bfloat16))
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    words = qw.view(torch.int32)
+    with pytest.raises(ValueError, match="BLOCK_K"):  # a group smaller than the K step
+        qg.int4_gemm_wgmma(x, words, s, z, None, 32, qg.CONFIGS["m128n128"])
+    with pytest.raises(ValueError, match="integer zero points"):
+        qg.int4_gemm_wgmma(x, words, s, z.float(), None, 32, dict(qg.CONFIGS["m128n128"], BLOCK_K=32))
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        qg.int4_gemm_wgmma(x.float(), words, s, z, None, 32, dict(qg.CONFIGS["m128n128"], BLOCK_K=32))
+    rows_off_16 = torch.randn(64, 516, device="cuda", dtype=torch.bfloat16)[:, :512]  # 1032-byte rows
+    with pytest.raises(ValueError, match="TMA"):
+        qg.int4_gemm_wgmma(rows_off_16, words, s, z, None, 32, dict(qg.CONFIGS["m128n128"], BLOCK_K=32))
+
+
+@pytest.mark.parametrize("name", ["m128n128", "m64n128k4"])
+def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
+    """Offline (no GPU): the kernel compiles for sm_90, fits in shared memory, and ptxas keeps its wgmmas
+    asynchronous. A zero-initialized accumulator entering the loop made ptxas serialize them (C7515), which
+    would leave the conversion of the next tile unoverlapped. Compiled in a subprocess: the interpreter, which
+    the other tests run, patches Triton's language objects in this one."""
+    import os
+    import subprocess
+    import sys
+
+    script = (f"from prunus.kernels import quant_linear_gluon as qg; k = qg.compile_for(qg.CONFIGS[{name!r}]); "
+              f"open({str(tmp_path / 'k.ptx')!r}, 'w').write(k.asm['ptx']); print(k.metadata.shared)")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) <= 227 * 1024  # shared memory a program
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert ptx.count("wgmma.mma_async") >= 8 and "wgmma.wait_group.sync.aligned 1;" in ptx
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o",
+                          str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "C7515" not in out.stderr and "serialized" not in out.stderr
