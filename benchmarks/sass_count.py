@@ -4,6 +4,7 @@
         [--group 128] [--dump DIR]
     python benchmarks/sass_count.py --fused   # the fuse pass's kernels for fuse_gpu.py's patterns (bf16)
     python benchmarks/sass_count.py --warp-specialize   # does Triton's automatic warp specialization take the loop?
+    python benchmarks/sass_count.py --kernel wgmma --config BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,STAGES=5,num_warps=8
 
 To count what the GPU machine runs, put its Triton first on the path (its wheel: `pip install --no-deps
 --target /tmp/t36 triton==3.6.0`, then `PYTHONPATH=/tmp/t36`): the bundled ptxas and cuobjdump come with it.
@@ -174,7 +175,8 @@ def _sass(compiled, path: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
+    ap.add_argument("--kernel", choices=sorted(KERNELS) + ["wgmma"], default="gemv",
+                    help="wgmma: the Gluon kernel (prunus.kernels.quant_linear_gluon; its CONFIGS or --config keys)")
     ap.add_argument("--config", help="block sizes and variants, num_warps / num_stages too")
     ap.add_argument("--fused", action="store_true", help="count the fuse pass's kernels instead")
     ap.add_argument("--warp-specialize", action="store_true",
@@ -194,9 +196,15 @@ def main() -> None:
     if not args.config:
         ap.error("--config is required (or --fused)")
     config = {key: int(value) for key, value in (item.split("=") for item in args.config.split(","))}
-    warps, stages = config.pop("num_warps", 4), config.pop("num_stages", 3)
-    kernel = compile_kernel(KERNELS[args.kernel], {"GROUP": args.group, "HAS_BIAS": 0, **config}, warps, stages,
-                            args.arch)
+    if args.kernel == "wgmma":
+        from prunus.kernels import quant_linear_gluon as qg
+
+        warps = config["num_warps"]
+        kernel = qg.compile_for(config, args.arch, group=args.group)
+    else:
+        warps, stages = config.pop("num_warps", 4), config.pop("num_stages", 3)
+        kernel = compile_kernel(KERNELS[args.kernel], {"GROUP": args.group, "HAS_BIAS": 0, **config}, warps, stages,
+                                args.arch)
     cubin = os.path.join(args.dump or "/tmp", "kernel.cubin")
     os.makedirs(os.path.dirname(cubin), exist_ok=True)
     sass = _sass(kernel, cubin)
