@@ -28,6 +28,9 @@ the tensor-core kernel up to INT4_GEMM_NO_CACHE_MAX_ROWS rows, so the kernel kee
 dequantize + cuBLAS wins on every shape, 37-142 against 60-189). int8 uses the GEMV kernel up to
 INT8_GEMV_MAX_ROWS, beyond it the tensor-core weight-only kernel (without a dense cache; it beats dequantizing on
 every call at any row count) or the dense copy when a cache is set.
+On Hopper without a dense cache, int4 calls from INT4_WGMMA_MIN_ROWS rows whose shape and row bucket have a
+measured config of the Gluon wgmma kernel (`quant_linear_gluon`; `measured_configs.json` keeps one only where it
+beat the path above in the same run) run that kernel instead.
 """
 import functools
 import os
