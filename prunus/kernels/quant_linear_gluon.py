@@ -7,33 +7,38 @@ conversion in it (BENCHMARKS.md, "int4 GEMV at 1 row: one inline PTX block a wor
 (`triton.experimental.gluon`) exposes shared memory, TMA, mbarriers and async wgmma directly, so the schedule is
 written out here:
 
-- TMA brings the activation tile x [BLOCK_M, BLOCK_K] (bf16/fp16), the packed weight tile [BLOCK_N, BLOCK_K / 8]
-  (int32 words, 8 codes each) and the step's scales and zero points into a ring of STAGES shared-memory stages,
-  LOOKAHEAD steps ahead. (The group parameters came by plain loads at first: each step's conversion then waited
-  out a global-memory latency, since the async-proxy fence below, MEMBAR.ALL.CTA in SASS, waits for every load in
-  flight. H100: about 1000 cycles a step whatever the tile.)
+- TMA brings the activation tile x [BLOCK_M, BLOCK_K] (bf16) and the packed weight tile [BLOCK_N, BLOCK_K / 8]
+  (int32 words, 8 codes each) into a ring of STAGES shared-memory stages, LOOKAHEAD steps ahead;
 - each step, every warp converts its share of the word tile in registers, one inline-PTX block a word (the
-  codes as the magic floats 128 + q / 1024 + q, two a register, reordered into k order by PRMT, then
-  (v - (128 + zero)) * scale by packed 16-bit ops: exact difference, one rounding, so the tile equals the
+  codes as the magic floats 128 + q, two a register, reordered into k order by PRMT, then
+  (v - (128 + zero)) * scale by packed bf16 ops: exact difference, one rounding, so the tile equals the
   dense fallback's weight bit for bit), and stores it into one of BUFFERS shared tiles;
 - one async wgmma per step, acc [BLOCK_M, BLOCK_N] += x tile . W tile^T (the weight tile is the MMA's
   shared-memory B operand, read transposed), and `warpgroup_mma_wait(num_outstanding=1)`: the MMA of step j
   runs while step j + 1's tile is converted. Step 0 is peeled with use_acc=False: a zero-initialized
-  accumulator entering the loop makes ptxas serialize every wgmma (C7515; the tests check this offline).
+  accumulator entering the loop makes ptxas serialize every wgmma (C7515; a CPU test checks this offline).
 
-Synchronisation: one CTA-wide barrier a step, after the tile's stores, the async-proxy fence and the TMA issue.
-When every warp has passed it at step j, every warp has waited (num_outstanding=1) for its MMAs up to step
-j - 2. So at step j + 1 the shared tile written (BUFFERS = 3: the one MMA j - 2 read) and the stage refilled
-(the one MMA j - 2 read, LOOKAHEAD = STAGES - 3 steps ahead) are free.
+Synchronisation: one explicit CTA-wide barrier a step, after the tile's stores, the async-proxy fence and the TMA
+issue (Gluon adds its own barriers around each TMA op). When every warp has passed it at step j, every warp has
+waited (num_outstanding=1) for its MMAs up to step j - 2. So at step j + 1 the shared tile written (BUFFERS = 3:
+the one MMA j - 2 read) and the stage refilled (the one MMA j - 2 read, LOOKAHEAD = STAGES - 3 ahead) are free.
 
 Split-K (SPLIT_K > 1): the K steps are split over programs whose fp32 partials meet in a workspace, as in
 `quant_linear_triton` (the last to arrive writes the tile and re-zeroes the workspace).
 
-Needs: a CUDA GPU of compute capability 9.x, Triton with Gluon's Hopper API (3.6 has it), uint8 zero points,
-scales in x's dtype (bf16 or fp16), K a multiple of BLOCK_K, BLOCK_K dividing the group size, 16-byte aligned
-rows for TMA (so K / group a multiple of 16 for the zero points). Anything else runs on the Triton kernels of
-`quant_linear_triton`. Gluon has no interpreter: the kernel runs in tests on a Hopper GPU only
-(tests/kernels/test_quant_linear.py, `-k wgmma`), and is compiled offline by one CPU test.
+Status (H100, BENCHMARKS.md "int4 wgmma GEMM in Gluon"): correct, but slower than the Triton tensor-core kernel at
+64 to 1024 rows. Each step costs about 1000 cycles whatever the tile: its conversion waits for the group
+parameters (scale, zero point), plain loads issued one step ahead, which the per-step async-proxy fence
+(MEMBAR.ALL.CTA in SASS) would also wait for if they were issued before it. Fetching them by TMA with the tiles
+(tried at 6c49d40) crashed with an illegal instruction on the H100, not yet diagnosed. So the op uses this kernel
+only where `measured_configs.json` holds an "int4_wgmma" entry, which the sweep writes only where the kernel beat
+the Triton path in the same run (none so far).
+
+Needs: a CUDA GPU of compute capability 9.x, Triton with Gluon's Hopper API (3.6 has it), bf16 activations and
+scales (the FP16 variant compiles but is not checked on a GPU yet), integer zero points, K a multiple of BLOCK_K,
+BLOCK_K dividing the group size, 16-byte aligned rows of x and of the words (TMA). Anything else runs on the
+Triton kernels of `quant_linear_triton`. Gluon has no interpreter: the kernel runs in tests on a Hopper GPU only
+(tests/kernels/test_quant_linear.py, `-k wgmma`), and one CPU test compiles it offline.
 """
 from __future__ import annotations
 
@@ -117,56 +122,51 @@ if gluon is not None:
         return gl.reshape(tile, [words.shape[0], words.shape[1] * 8])
 
     @gluon.jit
-    def _group_params(ss, zs, layout: gl.constexpr, FP16: gl.constexpr):
-        """This step's group parameters, from the first column of its stage's scale and zero tiles: per row the
-        packed 16-bit pairs (magic + zero) twice and the scale twice (int32, [BN, 1] in `layout`)."""
-        sc = ss.slice(0, 1, dim=1).load(layout).to(gl.int32) & 0xFFFF
-        z = zs.slice(0, 1, dim=1).load(layout).to(gl.int32)
-        magic: gl.constexpr = 0x64006400 if FP16 else 0x43004300
-        return sc * 0x10001, (z * 0x10001) | magic
+    def _group_params(s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, g):
+        """Row-wise packed 16-bit pairs for group g: the scale twice, and the zero point twice (int32)."""
+        sc = gl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(gl.int32) & 0xFFFF
+        z = gl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(gl.int32)
+        return sc | (sc << 16), z | (z << 16)
 
     @gluon.jit
-    def _issue(descs, smem, bars, j, count, first, off_m, off_n, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+    def _issue(x_desc, w_desc, xs, ws, bars, j, count, first, off_m, off_n, BLOCK_K: gl.constexpr,
                STAGES: gl.constexpr):
-        """TMA loads of this program's step j (the K step first + j) into stage j % STAGES (none past count): the
-        activation tile, the word tile, and the scales and zero points of the step's group onwards (a TMA box is
-        16 bytes wide at least; the kernel reads its first column)."""
-        x_desc, w_desc, s_desc, z_desc = descs
-        xs, ws, ss, zs = smem
+        """TMA loads of this program's step j (the K step first + j) into stage j % STAGES (none past count)."""
         s = j % STAGES
         ok = j < count
         bar = bars.index(s)
-        k = (first + j) * BLOCK_K
-        nbytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes + s_desc.block_type.nbytes
-                                + z_desc.block_type.nbytes)
-        mbarrier.expect(bar, nbytes, pred=ok)
-        _tma_load(x_desc, [off_m, k], bar, xs.index(s), pred=ok)
-        _tma_load(w_desc, [off_n, k // 8], bar, ws.index(s), pred=ok)
-        _tma_load(s_desc, [off_n, k // GROUP], bar, ss.index(s), pred=ok)
-        _tma_load(z_desc, [off_n, k // GROUP], bar, zs.index(s), pred=ok)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=ok)
+        _tma_load(x_desc, [off_m, (first + j) * BLOCK_K], bar, xs.index(s), pred=ok)
+        _tma_load(w_desc, [off_n, (first + j) * (BLOCK_K // 8)], bar, ws.index(s), pred=ok)
 
     @gluon.jit
-    def _step(descs, smem, tiles, bars, acc, j, count, first, off_m, off_n, use_acc, word_layout: gl.constexpr,
-              GROUP: gl.constexpr, FP16: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-              BUFFERS: gl.constexpr, LOOKAHEAD: gl.constexpr):
+    def _step(x_desc, w_desc, s_ptr, z_ptr, xs, ws, tiles, bars, acc, scale2, zoff, offs_n, n_ok, j, count, first,
+              off_m, off_n, K, stride_sn, stride_zn, use_acc, word_layout: gl.constexpr, GROUP: gl.constexpr,
+              FP16: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BUFFERS: gl.constexpr,
+              LOOKAHEAD: gl.constexpr):
         """Step j: convert the word tile into a shared tile, issue its wgmma, leave it in flight."""
-        xs, ws, ss, zs = smem
         s = j % STAGES
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
         words = ws.index(s).load(word_layout)
-        scale2, zoff = _group_params(ss.index(s), zs.index(s), word_layout, FP16)
-        tile = _word_tile(words, zoff, scale2, FP16)
+        magic: gl.constexpr = 0x64006400 if FP16 else 0x43004300
+        tile = _word_tile(words, (zoff | magic)[:, None], scale2[:, None], FP16)
         buf = tiles.index(j % BUFFERS)
         buf.store(tile)
         fence_async_shared()
         # refill the stage step j - 3 used (every warp waited for that MMA before the barrier of step j - 1)
-        _issue(descs, smem, bars, j + LOOKAHEAD, count, first, off_m, off_n, BLOCK_K, GROUP, STAGES)
+        _issue(x_desc, w_desc, xs, ws, bars, j + LOOKAHEAD, count, first, off_m, off_n, BLOCK_K, STAGES)
         _cta_barrier()
         acc = warpgroup_mma(xs.index(s), buf.permute((1, 0)), acc, use_acc=use_acc, is_async=True)
-        return warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        # the next step's group parameters load while this step's MMA runs; not before the fence above, which
+        # (MEMBAR.ALL.CTA in SASS) would wait for them (clamped to the last group at the end)
+        g_next = gl.minimum((first + j + 1) * BLOCK_K // GROUP, K // GROUP - 1)
+        scale2_next, zoff_next = _group_params(s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, g_next)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        return acc, scale2_next, zoff_next
 
     @gluon.jit
-    def _int4_wgmma_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
+    def _int4_wgmma_kernel(x_desc, w_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                           stride_sn, stride_zn, stride_ym,
                            GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, FP16: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                            STAGES: gl.constexpr, SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
@@ -195,26 +195,28 @@ if gluon is not None:
             instr_shape=[16, BLOCK_N if WIDE else BLOCK_N // (num_warps // 4), 16])
         tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
 
-        descs = (x_desc, w_desc, s_desc, z_desc)
-        smem = (gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout),
-                gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, W], w_desc.layout),
-                gl.allocate_shared_memory(s_desc.dtype, [STAGES] + s_desc.block_type.shape, s_desc.layout),
-                gl.allocate_shared_memory(z_desc.dtype, [STAGES] + z_desc.block_type.shape, z_desc.layout))
+        xs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, W], w_desc.layout)
         tiles = gl.allocate_shared_memory(dtype, [BUFFERS, BLOCK_N, BLOCK_K], tile_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         for i in gl.static_range(LOOKAHEAD):
-            _issue(descs, smem, bars, i, count, first, off_m, off_n, BLOCK_K, GROUP, STAGES)
+            _issue(x_desc, w_desc, xs, ws, bars, i, count, first, off_m, off_n, BLOCK_K, STAGES)
 
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, word_layout))
+        n_ok = offs_n < N
+        scale2, zoff = _group_params(s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, first * BLOCK_K // GROUP)
         # step 0 peeled, use_acc=False: a zero-initialized accumulator entering the loop makes ptxas serialize the
         # wgmmas (C7515, "non wgmma instructions defining accumulator registers"), so none does
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
-        acc = _step(descs, smem, tiles, bars, acc, 0, count, first, off_m, off_n, False, word_layout, GROUP, FP16,
-                    BLOCK_K, STAGES, BUFFERS, LOOKAHEAD)
+        acc, scale2, zoff = _step(x_desc, w_desc, s_ptr, z_ptr, xs, ws, tiles, bars, acc, scale2, zoff, offs_n, n_ok,
+                                  0, count, first, off_m, off_n, K, stride_sn, stride_zn, False, word_layout,
+                                  GROUP, FP16, BLOCK_K, STAGES, BUFFERS, LOOKAHEAD)
         for j in range(1, count):
-            acc = _step(descs, smem, tiles, bars, acc, j, count, first, off_m, off_n, True, word_layout, GROUP, FP16,
-                        BLOCK_K, STAGES, BUFFERS, LOOKAHEAD)
+            acc, scale2, zoff = _step(x_desc, w_desc, s_ptr, z_ptr, xs, ws, tiles, bars, acc, scale2, zoff, offs_n,
+                                      n_ok, j, count, first, off_m, off_n, K, stride_sn, stride_zn, True, word_layout,
+                                      GROUP, FP16, BLOCK_K, STAGES, BUFFERS, LOOKAHEAD)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
@@ -269,33 +271,27 @@ def _programs(config: dict, M: int, N: int) -> int:
     return triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]) * config.get("SPLIT_K", 1)
 
 
-def _blocks(config: dict, dtype: torch.dtype) -> list:
-    """(element type, TMA block shape, shared layout) of the x, word, scale and zero-point descriptors. The scale
-    and zero boxes are 16 bytes wide (TMA's least) and unswizzled, so that the kernel can read their first column."""
+def _blocks(config: dict) -> list:
+    """(element type, TMA block shape, shared layout) of the activation (bf16) and word descriptors."""
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    x_type = gl.float16 if dtype == torch.float16 else gl.bfloat16
-    return [(x_type, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], x_type)),
-            (gl.int32, [bn, bk // 8], gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32)),
-            (gl.int16, [bn, 8], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)),
-            (gl.uint8, [bn, 16], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2))]
+    return [(gl.bfloat16, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)),
+            (gl.int32, [bn, bk // 8], gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32))]
 
 
 def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
     """Why the kernel cannot take these tensors with `config` (None: it can)."""
     K = x.shape[1]
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return "x must be bf16 or fp16"
+    if x.dtype != torch.bfloat16:  # the fp16 variant (FP16) compiles but is not yet checked on a GPU
+        return "x must be bf16"
     if scales.dtype != x.dtype or zeros is None or zeros.dtype.is_floating_point:
         return "needs scales in x's dtype and integer zero points"
     if K % config["BLOCK_K"] or group % config["BLOCK_K"]:
         return f"BLOCK_K={config['BLOCK_K']} must divide K and the group size"
     if (K // config["BLOCK_K"]) % config.get("SPLIT_K", 1):
         return f"SPLIT_K={config.get('SPLIT_K', 1)} must divide the {K // config['BLOCK_K']} K steps"
-    if zeros.dtype != torch.uint8:
-        return "needs uint8 zero points"
-    for t in (x, words, scales, zeros):  # TMA: 16-byte aligned base and rows, contiguous along K
+    for t in (x, words):  # TMA: 16-byte aligned base and rows, contiguous along K
         if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return "TMA needs 16-byte aligned, contiguous rows (x, weights, scales and zero points: K / group a multiple of 16)"
+            return "TMA needs 16-byte aligned, contiguous rows of x and of the weights"
     return None
 
 
@@ -306,35 +302,35 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
         raise ValueError(reason)
     M, K = x.shape
     N = words.shape[0]
-    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    descs = [TensorDescriptor.from_tensor(t, block, layout) for t, (_, block, layout)
-             in zip((x, words, scales.view(torch.int16), zeros), _blocks(config, x.dtype))]
+    x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
+                      for t, (_, block, layout) in zip((x, words), _blocks(config))]
     split_k = config.get("SPLIT_K", 1)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split_k)
     ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
-    _int4_wgmma_kernel[grid](*descs, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0),
-                             GROUP=group, HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=config["STAGES"], SPLIT_K=split_k,
-                             num_warps=config["num_warps"])
+    _int4_wgmma_kernel[grid](x_desc, w_desc, scales.view(torch.int16), zeros, bias if bias is not None else y, y,
+                             ws, cnt, M, N, K, scales.stride(0), zeros.stride(0), y.stride(0),
+                             GROUP=group, HAS_BIAS=bias is not None, FP16=False,
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config["BLOCK_K"], STAGES=config["STAGES"],
+                             SPLIT_K=split_k, num_warps=config["num_warps"])
     return y
 
 
-def compile_for(config: dict, arch: int = 90, dtype: torch.dtype = torch.bfloat16, group: int = 128):
+def compile_for(config: dict, arch: int = 90, group: int = 128):
     """Compile the kernel for `arch` without a GPU (for inspection: PTX, SASS, shared memory): a Triton
     CompiledKernel. Used by `benchmarks/sass_count.py --kernel wgmma` and by the tests, which check on the CPU
     that ptxas keeps the wgmmas asynchronous."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    ty = "fp16" if dtype == torch.float16 else "bf16"
     fn = _int4_wgmma_kernel
-    consts = dict(GROUP=group, HAS_BIAS=False, FP16=dtype == torch.float16, BLOCK_M=config["BLOCK_M"],
+    consts = dict(GROUP=group, HAS_BIAS=False, FP16=False, BLOCK_M=config["BLOCK_M"],
                   BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], STAGES=config["STAGES"],
                   SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
-    descs = dict(zip(("x_desc", "w_desc", "s_desc", "z_desc"), _blocks(config, dtype)))
-    names = {gl.float16: "fp16", gl.bfloat16: "bf16", gl.int32: "i32", gl.int16: "i16", gl.uint8: "u8"}
-    pointers = dict(b_ptr=f"*{ty}", y_ptr=f"*{ty}", ws_ptr="*fp32", cnt_ptr="*i32")
+    descs = dict(zip(("x_desc", "w_desc"), _blocks(config)))
+    names = {gl.bfloat16: "bf16", gl.int32: "i32"}
+    pointers = dict(s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:
@@ -344,7 +340,7 @@ def compile_for(config: dict, arch: int = 90, dtype: torch.dtype = torch.bfloat1
             signature[name], constexprs[(i,)] = "constexpr", consts[name]
         else:
             signature[name] = pointers.get(name, "i32")
-            if name in pointers or name in ("N", "K", "stride_ym"):
+            if name in pointers or name in ("N", "K", "stride_sn", "stride_zn", "stride_ym"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))
