@@ -19,20 +19,23 @@ written out here:
   accumulator entering the loop makes ptxas serialize every wgmma (C7515; a CPU test checks this offline).
 
 Synchronisation: one explicit CTA-wide barrier a step, after the tile's stores, the async-proxy fence and the TMA
-issue (Gluon adds its own barriers around each TMA op). When every warp has passed it at step j, every warp has
+issue (Gluon adds its own barriers around the TMA ops). When every warp has passed it at step j, every warp has
 waited (num_outstanding=1) for its MMAs up to step j - 2. So at step j + 1 the shared tile written (BUFFERS = 3:
 the one MMA j - 2 read) and the stage refilled (the one MMA j - 2 read, LOOKAHEAD = STAGES - 3 ahead) are free.
 
 Split-K (SPLIT_K > 1): the K steps are split over programs whose fp32 partials meet in a workspace, as in
 `quant_linear_triton` (the last to arrive writes the tile and re-zeroes the workspace).
 
-Status (H100, BENCHMARKS.md "int4 wgmma GEMM in Gluon"): correct, but slower than the Triton tensor-core kernel at
-64 to 1024 rows. Each step costs about 1000 cycles whatever the tile: its conversion waits for the group
-parameters (scale, zero point), plain loads issued one step ahead, which the per-step async-proxy fence
-(MEMBAR.ALL.CTA in SASS) would also wait for if they were issued before it. Fetching them by TMA with the tiles
-(tried at 6c49d40) crashed with an illegal instruction on the H100, not yet diagnosed. So the op uses this kernel
+Status (H100, BENCHMARKS.md "int4 wgmma GEMM in Gluon"): correct, and slower than the op's Triton path at 64 to
+1024 rows on every Llama-3-8B projection shape but one (4096->14336 at 256 rows: 77.9 against 85.0 µs, still
+0.67x bf16). A step takes 0.4-0.75 µs (700-1300 cycles) whatever the tile, 64x64 or 128x128, so the loop is
+latency-bound. Candidates: four CTA-wide barriers a step (SASS; Gluon puts barriers around each TMA op),
+and the group parameters (scale, zero point) that each conversion needs, plain loads issued one step ahead
+(moving them from before the per-step async-proxy fence, MEMBAR.ALL.CTA in SASS, to after the MMA issue changed
+nothing measurable). Fetching them by TMA with the tiles instead (tried at 6c49d40) crashed
+with an illegal instruction on the H100, not yet diagnosed. So the op uses this kernel
 only where `measured_configs.json` holds an "int4_wgmma" entry, which the sweep writes only where the kernel beat
-the Triton path in the same run (none so far).
+the Triton path in the same run (that one shape so far).
 
 Needs: a CUDA GPU of compute capability 9.x, Triton with Gluon's Hopper API (3.6 has it), bf16 activations and
 scales (the FP16 variant compiles but is not checked on a GPU yet), integer zero points, K a multiple of BLOCK_K,
