@@ -233,8 +233,8 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):
-                for stages in (4, 5):
-                    smem = stages * (bm * 64 * 2 + bn * 32 + bn * 32) + 3 * bn * 64 * 2
+                for stages in (4, 5, 6):
+                    smem = stages * (bm * 64 * 2 + bn * 32) + 3 * bn * 64 * 2  # x and word stages, 3 tiles
                     if bm > max(64, 2 * m) or smem > 220 * 1024:
                         continue
                     for sk in (1, 2, 4):
@@ -348,6 +348,8 @@ def table_from_log(log_path: str) -> dict:
         m, t = int(m[2:]), float(t)
         # MMA_LAYOUT: a removed kernel that logs before 2026-12-06 hold (BENCHMARKS.md, "on the MMA layout")
         kernel = winner_entry(k, n, m, cfg)[0][0]
+        if kernel == "int4_wgmma":  # its entries need the Triton path's time of the same run: --sweep-table only
+            continue
         if math.isfinite(t) and "MMA_LAYOUT" not in cfg and t < best.get((kernel, k, n, m), (math.inf,))[0]:
             best[(kernel, k, n, m)] = (t, cfg)
     return dict(winner_entry(k, n, m, cfg) for (_, k, n, m), (_, cfg) in best.items())
@@ -357,9 +359,10 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, wgmma=Fa
     """Time every candidate config of the int4 kernels explicitly (no autotuner): the config lists in
     `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M.
     wgmma: the Gluon kernel's configs (`prunus.kernels.quant_linear_gluon`) instead of the Triton kernels'."""
-    from prunus.kernels import quant_linear_gluon as qg
     from prunus.kernels import quant_linear_triton as qt
 
+    if wgmma:
+        from prunus.kernels import quant_linear_gluon as qg
     log = open(out_path, "a") if out_path else None
     for k, n in shapes:
         case = Case("int4", k, n, gen)
@@ -367,7 +370,8 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, wgmma=Fa
             kind = "wgmma" if wgmma else "gemv" if m == 1 else "gemm"
             run = dict(gemv=qt.int4_gemv, gemm=qt.int4_gemm, wgmma=wgmma_op)[kind]
             results = []
-            kernel = dict(gemv=qt._int4_gemv_kernel, gemm=qt._int4_gemm_kernel, wgmma=qg._int4_wgmma_kernel)[kind]
+            kernel = (qg._int4_wgmma_kernel if kind == "wgmma"  # (Gluon's only where asked: it may be missing)
+                      else qt._int4_gemv_kernel if kind == "gemv" else qt._int4_gemm_kernel)
             defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
             for cfg in sweep_configs(kind, m):
                 if any(cfg.get(key, defaults.get(key)) != value for key, value in (only or {}).items()):
@@ -389,7 +393,8 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, wgmma=Fa
             # the wgmma kernel enters the table only where it beats the op's Triton path (tensor-core kernel up to
             # 256 rows, dequantize + cuBLAS beyond), timed here in the same run
             t_old = case.time_quant(triton_path, m) if kind == "wgmma" else math.inf
-            if table_path and results and math.isfinite(results[0][0]) and results[0][0] < t_old:
+            usable = kind != "wgmma" or m >= pk.quant_linear.INT4_WGMMA_MIN_ROWS  # (the op's wgmma threshold)
+            if table_path and usable and results and math.isfinite(results[0][0]) and results[0][0] < t_old:
                 merge_winners(table_path, torch.cuda.get_device_name(), dict([winner_entry(k, n, m, results[0][1])]))
             if kind == "wgmma":
                 print(f"\n{k}->{n} M={m}: Triton path {t_old:.1f} µs ({t_d / t_old:.2f}x bf16)", flush=True)

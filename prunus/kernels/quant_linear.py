@@ -259,7 +259,7 @@ def _(x, qweight, scales, zeros, bias, group_size):
     bias = _bias(bias, x.dtype)
     M = x2.shape[0]
     gluon = _gluon_kernels() if M >= INT4_WGMMA_MIN_ROWS and dense_cache.max_bytes == 0 else None
-    words = qweight.contiguous().view(torch.int32)
+    words = qweight.contiguous().view(torch.int32) if gluon is not None else None
     wgmma = gluon.config_for(x2, words, scales, zeros, group_size) if gluon is not None else None
     if M <= INT4_GEMV_MAX_ROWS and group_size <= 512:
         y = kernels.int4_gemv(x2, qweight, scales, zeros, bias, group_size)

@@ -28,18 +28,19 @@ Split-K (SPLIT_K > 1): the K steps are split over programs whose fp32 partials m
 
 Status (H100, BENCHMARKS.md "int4 wgmma GEMM in Gluon"): correct, and slower than the op's Triton path at 64 to
 1024 rows on every Llama-3-8B projection shape but one (4096->14336 at 256 rows: 77.9 against 85.0 µs, still
-0.67x bf16). A step takes 0.4-0.75 µs (700-1300 cycles) whatever the tile, 64x64 or 128x128, so the loop is
+0.67x bf16). A step takes 0.41 µs with 64x64 tiles, 0.74 µs with 128x128 ones (4x the MMA work; 4096->4096 at 64 rows): it is
 latency-bound. Candidates: four CTA-wide barriers a step (SASS; Gluon puts barriers around each TMA op),
 and the group parameters (scale, zero point) that each conversion needs, plain loads issued one step ahead
 (moving them from before the per-step async-proxy fence, MEMBAR.ALL.CTA in SASS, to after the MMA issue changed
 nothing measurable). Fetching them by TMA with the tiles instead (tried at 6c49d40) crashed
 with an illegal instruction on the H100, not yet diagnosed. So the op uses this kernel
-only where `measured_configs.json` holds an "int4_wgmma" entry, which the sweep writes only where the kernel beat
-the Triton path in the same run (that one shape so far).
+only where `measured_configs.json` holds an "int4_wgmma" entry: `benchmarks/quant_linear_gpu.py --sweep-wgmma`
+writes one only where the kernel beat the Triton path in the same run. The one entry so far comes from the probe
+run of BENCHMARKS.md's table, by the same rule.
 
 Needs: a CUDA GPU of compute capability 9.x, Triton with Gluon's Hopper API (3.6 has it), bf16 activations and
-scales (the FP16 variant compiles but is not checked on a GPU yet), integer zero points, K a multiple of BLOCK_K,
-BLOCK_K dividing the group size, 16-byte aligned rows of x and of the words (TMA). Anything else runs on the
+scales (fp16 would need the magic 1024 + q and f16x2 ops: not written), integer zero points, K a multiple of
+BLOCK_K and of the group size, BLOCK_K dividing the group size, 16-byte aligned rows of x and of the words (TMA). Anything else runs on the
 Triton kernels of `quant_linear_triton`. Gluon has no interpreter: the kernel runs in tests on a Hopper GPU only
 (tests/kernels/test_quant_linear.py, `-k wgmma`), and one CPU test compiles it offline.
 """
@@ -65,34 +66,34 @@ try:
     # Triton 3.6 (the GPU machine's) names it async_copy_global_to_shared; later versions async_load
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise (bar.sync of the CTA)
-except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernels serve every shape
+except (ImportError, AttributeError):  # a Triton without Gluon's Hopper API: the Triton kernels serve all
     gluon = None
 
-# (v - zero') * scale on a register of two 16-bit codes, v = magic + q: exact difference, one rounding
-_DEQUANT_PTX = """{{
+# one word's 8 codes -> 4 registers of two bf16 in k order, (v - (128 + zero)) * scale with v = 128 + q: the fields
+# as magic floats (lop3: (word & mask) | 0x43004300 gives codes i and i + 4), PRMT into pairs (i, i + 1), then an
+# exact difference and one rounded product. $4: the word, $5: (128 + zero) twice, $6: the scale twice.
+DEQUANT_BF16 = triton.language.constexpr("""{
 .reg .b32 t0, t1, t2, t3, u;
-lop3.b32 t0, $4, 0x000F000F, {magic}, 0xEA;
+lop3.b32 t0, $4, 0x000F000F, 0x43004300, 0xEA;
 shr.u32 u, $4, 4;
-lop3.b32 t1, u, 0x000F000F, {magic}, 0xEA;
+lop3.b32 t1, u, 0x000F000F, 0x43004300, 0xEA;
 shr.u32 u, $4, 8;
-lop3.b32 t2, u, 0x000F000F, {magic}, 0xEA;
+lop3.b32 t2, u, 0x000F000F, 0x43004300, 0xEA;
 shr.u32 u, $4, 12;
-lop3.b32 t3, u, 0x000F000F, {magic}, 0xEA;
+lop3.b32 t3, u, 0x000F000F, 0x43004300, 0xEA;
 prmt.b32 $0, t0, t1, 0x5410;
 prmt.b32 $1, t2, t3, 0x5410;
 prmt.b32 $2, t0, t1, 0x7632;
 prmt.b32 $3, t2, t3, 0x7632;
-sub.rn.{ty} $0, $0, $5;
-sub.rn.{ty} $1, $1, $5;
-sub.rn.{ty} $2, $2, $5;
-sub.rn.{ty} $3, $3, $5;
-mul.rn.{ty} $0, $0, $6;
-mul.rn.{ty} $1, $1, $6;
-mul.rn.{ty} $2, $2, $6;
-mul.rn.{ty} $3, $3, $6;
-}}"""
-DEQUANT_BF16 = triton.language.constexpr(_DEQUANT_PTX.format(magic="0x43004300", ty="bf16x2"))
-DEQUANT_FP16 = triton.language.constexpr(_DEQUANT_PTX.format(magic="0x64006400", ty="f16x2"))
+sub.rn.bf16x2 $0, $0, $5;
+sub.rn.bf16x2 $1, $1, $5;
+sub.rn.bf16x2 $2, $2, $5;
+sub.rn.bf16x2 $3, $3, $5;
+mul.rn.bf16x2 $0, $0, $6;
+mul.rn.bf16x2 $1, $1, $6;
+mul.rn.bf16x2 $2, $2, $6;
+mul.rn.bf16x2 $3, $3, $6;
+}""")
 
 CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes one of these dicts or its own
     "m128n128": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=5, num_warps=8),
@@ -110,17 +111,15 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
 if gluon is not None:
 
     @gluon.jit
-    def _word_tile(words, zoff, scale2, FP16: gl.constexpr):
-        """int32 words [BN, W] and per-row packed (magic + zero, scale) [BN, 1] -> the tile [BN, 8 W] (x dtype)."""
-        asm: gl.constexpr = DEQUANT_FP16 if FP16 else DEQUANT_BF16
-        o0, o1, o2, o3 = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r,r,r", [words, zoff, scale2],
+    def _word_tile(words, zoff, scale2):
+        """int32 words [BN, W] and per-row packed (128 + zero, scale) [BN, 1] -> the bf16 tile [BN, 8 W]."""
+        o0, o1, o2, o3 = gl.inline_asm_elementwise(DEQUANT_BF16, "=r,=r,=r,=r,r,r,r", [words, zoff, scale2],
                                                    dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
                                                    pack=1)
-        # join stacks along a new last axis: pairs[..., i, j] = o[2 j + i], so this puts o0..o3 in k order
+        # join stacks along a new last axis: pairs[..., i, j] = o[2 i + j], o0..o3 in k order once flattened
         pairs = gl.join(gl.join(o0, o2), gl.join(o1, o3))  # [BN, W, 2, 2]
-        dtype: gl.constexpr = gl.float16 if FP16 else gl.bfloat16
-        lo = pairs.to(gl.int16).to(dtype, bitcast=True)
-        hi = (pairs >> 16).to(gl.int16).to(dtype, bitcast=True)
+        lo = pairs.to(gl.int16).to(gl.bfloat16, bitcast=True)
+        hi = (pairs >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
         tile = gl.join(lo, hi)  # [BN, W, 2, 2, 2]
         return gl.reshape(tile, [words.shape[0], words.shape[1] * 8])
 
@@ -145,14 +144,13 @@ if gluon is not None:
     @gluon.jit
     def _step(x_desc, w_desc, s_ptr, z_ptr, xs, ws, tiles, bars, acc, scale2, zoff, offs_n, n_ok, j, count, first,
               off_m, off_n, K, stride_sn, stride_zn, use_acc, word_layout: gl.constexpr, GROUP: gl.constexpr,
-              FP16: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BUFFERS: gl.constexpr,
+              BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BUFFERS: gl.constexpr,
               LOOKAHEAD: gl.constexpr):
         """Step j: convert the word tile into a shared tile, issue its wgmma, leave it in flight."""
         s = j % STAGES
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
         words = ws.index(s).load(word_layout)
-        magic: gl.constexpr = 0x64006400 if FP16 else 0x43004300
-        tile = _word_tile(words, (zoff | magic)[:, None], scale2[:, None], FP16)
+        tile = _word_tile(words, (zoff | 0x43004300)[:, None], scale2[:, None])
         buf = tiles.index(j % BUFFERS)
         buf.store(tile)
         fence_async_shared()
@@ -170,7 +168,7 @@ if gluon is not None:
     @gluon.jit
     def _int4_wgmma_kernel(x_desc, w_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                            stride_sn, stride_zn, stride_ym,
-                           GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, FP16: gl.constexpr,
+                           GROUP: gl.constexpr, HAS_BIAS: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                            STAGES: gl.constexpr, SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
         """y tile [BLOCK_M, BLOCK_N] over K / SPLIT_K (SPLIT_K divides K / BLOCK_K; see the module doc)."""
@@ -179,7 +177,6 @@ if gluon is not None:
         gl.static_assert(LOOKAHEAD >= 1, "STAGES >= 4: the ring holds the steps in flight and those ahead")
         gl.static_assert(GROUP % BLOCK_K == 0, "BLOCK_K divides the group")
         W: gl.constexpr = BLOCK_K // 8
-        dtype: gl.constexpr = gl.float16 if FP16 else gl.bfloat16
 
         pid_m = gl.program_id(0)  # the row tiles of one weight tile are neighbours: its words come from L2
         pid_n = gl.program_id(1)
@@ -196,11 +193,11 @@ if gluon is not None:
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1] if WIDE else [4, num_warps // 4],
             instr_shape=[16, BLOCK_N if WIDE else BLOCK_N // (num_warps // 4), 16])
-        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+        tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
 
-        xs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, W], w_desc.layout)
-        tiles = gl.allocate_shared_memory(dtype, [BUFFERS, BLOCK_N, BLOCK_K], tile_layout)
+        tiles = gl.allocate_shared_memory(gl.bfloat16, [BUFFERS, BLOCK_N, BLOCK_K], tile_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -215,11 +212,11 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
         acc, scale2, zoff = _step(x_desc, w_desc, s_ptr, z_ptr, xs, ws, tiles, bars, acc, scale2, zoff, offs_n, n_ok,
                                   0, count, first, off_m, off_n, K, stride_sn, stride_zn, False, word_layout,
-                                  GROUP, FP16, BLOCK_K, STAGES, BUFFERS, LOOKAHEAD)
+                                  GROUP, BLOCK_K, STAGES, BUFFERS, LOOKAHEAD)
         for j in range(1, count):
             acc, scale2, zoff = _step(x_desc, w_desc, s_ptr, z_ptr, xs, ws, tiles, bars, acc, scale2, zoff, offs_n,
                                       n_ok, j, count, first, off_m, off_n, K, stride_sn, stride_zn, True, word_layout,
-                                      GROUP, FP16, BLOCK_K, STAGES, BUFFERS, LOOKAHEAD)
+                                      GROUP, BLOCK_K, STAGES, BUFFERS, LOOKAHEAD)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
@@ -270,10 +267,6 @@ def config_for(x, words, scales, zeros, group: int) -> dict | None:
     return None if config is None or unfit(x, words, scales, zeros, group, config) else config
 
 
-def _programs(config: dict, M: int, N: int) -> int:
-    return triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]) * config.get("SPLIT_K", 1)
-
-
 def _blocks(config: dict) -> list:
     """(element type, TMA block shape, shared layout) of the activation (bf16) and word descriptors."""
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
@@ -284,10 +277,12 @@ def _blocks(config: dict) -> list:
 def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
     """Why the kernel cannot take these tensors with `config` (None: it can)."""
     K = x.shape[1]
-    if x.dtype != torch.bfloat16:  # the fp16 variant (FP16) compiles but is not yet checked on a GPU
+    if x.dtype != torch.bfloat16:
         return "x must be bf16"
     if scales.dtype != x.dtype or zeros is None or zeros.dtype.is_floating_point:
         return "needs scales in x's dtype and integer zero points"
+    if K % group:
+        return f"K={K} is not a multiple of the group size {group}"
     if K % config["BLOCK_K"] or group % config["BLOCK_K"]:
         return f"BLOCK_K={config['BLOCK_K']} must divide K and the group size"
     if (K // config["BLOCK_K"]) % config.get("SPLIT_K", 1):
@@ -307,6 +302,8 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
     N = words.shape[0]
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
                       for t, (_, block, layout) in zip((x, words), _blocks(config))]
     split_k = config.get("SPLIT_K", 1)
@@ -314,7 +311,7 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
     ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
     _int4_wgmma_kernel[grid](x_desc, w_desc, scales.view(torch.int16), zeros, bias if bias is not None else y, y,
                              ws, cnt, M, N, K, scales.stride(0), zeros.stride(0), y.stride(0),
-                             GROUP=group, HAS_BIAS=bias is not None, FP16=False,
+                             GROUP=group, HAS_BIAS=bias is not None,
                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=config["BLOCK_K"], STAGES=config["STAGES"],
                              SPLIT_K=split_k, num_warps=config["num_warps"])
     return y
@@ -328,7 +325,7 @@ def compile_for(config: dict, arch: int = 90, group: int = 128):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = _int4_wgmma_kernel
-    consts = dict(GROUP=group, HAS_BIAS=False, FP16=False, BLOCK_M=config["BLOCK_M"],
+    consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_M=config["BLOCK_M"],
                   BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], STAGES=config["STAGES"],
                   SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
     descs = dict(zip(("x_desc", "w_desc"), _blocks(config)))
