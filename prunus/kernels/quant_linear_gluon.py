@@ -107,7 +107,6 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
 }
 
 
-
 if gluon is not None:
 
     @gluon.jit
