@@ -26,23 +26,22 @@ the one MMA j - 2 read) and the stage refilled (the one MMA j - 2 read, LOOKAHEA
 Split-K (SPLIT_K > 1): the K steps are split over programs whose fp32 partials meet in a workspace, as in
 `quant_linear_triton` (the last to arrive writes the tile and re-zeroes the workspace).
 
-Status (H100, BENCHMARKS.md "int4 wgmma GEMM in Gluon"): correct, and slower than the op's Triton path at 64 to
-1024 rows on every Llama-3-8B projection shape but one (4096->14336 at 256 rows: 77.9 against 85.0 µs, still
-0.67x bf16). A step takes 0.41 µs with 64x64 tiles, 0.74 µs with 128x128 ones (4x the MMA work; 4096->4096 at 64 rows): it is
-latency-bound. Candidates: four CTA-wide barriers a step (SASS; Gluon puts barriers around each TMA op),
-and the group parameters (scale, zero point) that each conversion needs, plain loads issued one step ahead
-(moving them from before the per-step async-proxy fence, MEMBAR.ALL.CTA in SASS, to after the MMA issue changed
-nothing measurable). Fetching them by TMA with the tiles instead (tried at 6c49d40) crashed
-with an illegal instruction on the H100, not yet diagnosed. So the op uses this kernel
-only where `measured_configs.json` holds an "int4_wgmma" entry: `benchmarks/quant_linear_gpu.py --sweep-wgmma`
-writes one only where the kernel beat the Triton path in the same run. The one entry so far comes from the probe
-run of BENCHMARKS.md's table, by the same rule.
+Status (H100, BENCHMARKS.md "int4 wgmma GEMM in Gluon"): correct, and slower than the op's Triton path at 64 to 1024
+rows on every Llama-3-8B projection shape but one (4096->14336 at 256 rows: 77.9 against 85.0 µs, still 0.67x bf16).
+A step takes 0.41 µs with 64x64 tiles, 0.74 µs with 128x128 ones (4x the MMA work; 4096->4096 at 64 rows): it is
+latency-bound. Candidates: four CTA-wide barriers a step (SASS; Gluon puts barriers around each TMA op), and the
+group parameters (scale, zero point) that each conversion needs, plain loads issued one step ahead (moving them from
+before the per-step async-proxy fence, MEMBAR.ALL.CTA in SASS, to after the MMA issue changed nothing measurable).
+Fetching them by TMA with the tiles instead (tried at 6c49d40) crashed with an illegal instruction on the H100, not
+yet diagnosed. So the op uses this kernel only where `measured_configs.json` holds an "int4_wgmma" entry:
+`benchmarks/quant_linear_gpu.py --sweep-wgmma` writes one only where the kernel beat the Triton path in the same
+run. The one entry so far comes from the probe run of BENCHMARKS.md's table, by the same rule.
 
 Needs: a CUDA GPU of compute capability 9.x, Triton with Gluon's Hopper API (3.6 has it), bf16 activations and
-scales (fp16 would need the magic 1024 + q and f16x2 ops: not written), integer zero points, K a multiple of
-BLOCK_K and of the group size, BLOCK_K dividing the group size, 16-byte aligned rows of x and of the words (TMA). Anything else runs on the
-Triton kernels of `quant_linear_triton`. Gluon has no interpreter: the kernel runs in tests on a Hopper GPU only
-(tests/kernels/test_quant_linear.py, `-k wgmma`), and one CPU test compiles it offline.
+scales (fp16 would need the magic 1024 + q and f16x2 ops: not written), integer zero points, K a multiple of BLOCK_K
+and of the group size, BLOCK_K dividing the group size, 16-byte aligned rows of x and of the words (TMA). Anything
+else runs on the Triton kernels of `quant_linear_triton`. Gluon has no interpreter: the kernel runs in tests on a
+Hopper GPU only (tests/kernels/test_quant_linear.py, `-k wgmma`), and one CPU test compiles it offline.
 """
 from __future__ import annotations
 

@@ -590,8 +590,13 @@ def test_cuda_linear_int4_dispatches_measured_shapes_to_wgmma(qg, qt, monkeypatc
     x = torch.randn(100, 2048, generator=_gen(42)).bfloat16().cuda()
     words = qw.view(torch.int32)
     assert qg.config_for(x, words, s, z, 128) == config
-    assert torch.equal(ops.linear_int4(x, qw, s, z, None, 128), qg.int4_gemm_wgmma(x, words, s, z, None, 128, config))
-    assert qg.config_for(x[:40].contiguous(), words, s, z, 128) is None  # bucket m64: not measured
+    direct = qg.int4_gemm_wgmma(x, words, s, z, None, 128, config)
+    calls = []
+    kernel = qg.int4_gemm_wgmma
+    monkeypatch.setattr(qg, "int4_gemm_wgmma", lambda *args: calls.append(args[-1]) or kernel(*args))
+    assert torch.equal(ops.linear_int4(x, qw, s, z, None, 128), direct) and calls == [config]
+    ops.linear_int4(x[:40], qw, s, z, None, 128)  # bucket m64: not measured, the Triton kernel
+    assert calls == [config]
     _, qw1, s1, z1 = to("cuda", *int4_weight(256, 2048, 32, seed=6, dtype=torch.bfloat16))
     assert qg.config_for(x, qw1.view(torch.int32), s1, z1, 32) is None
 
