@@ -215,8 +215,15 @@ def main() -> None:
                 f.write(kernel.asm[ext])
         with open(os.path.join(args.dump, "kernel.sass"), "w") as f:
             f.write(sass)
-    loop = loop_counts(sass)
     regs = re.search(r"REG:(\d+)", usage)
+    if args.kernel == "wgmma":  # its longest backward branch is an mbarrier retry, not the K loop: whole-kernel counts
+        ops = collections.Counter(op.split(".")[0] for op in re.findall(
+            r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
+        print(f"triton {triton.__version__}, sm_{args.arch}, wgmma {config}: registers {regs.group(1) if regs else '?'}"
+              f", shared memory {kernel.metadata.shared} bytes, {sum(ops.values())} instructions in all")
+        print("  " + ", ".join(f"{op} {ops[op]}" for op in ("HGMMA", "WARPGROUP", "BAR", "UTMALDG", "LDG", "STS")))
+        return
+    loop = loop_counts(sass)
     line = f"triton {triton.__version__}, sm_{args.arch}, {args.kernel} {config} warps={warps}: "
     line += f"registers {regs.group(1) if regs else '?'}, loop {sum(loop.values())} instructions"
     if args.kernel == "gemv":
