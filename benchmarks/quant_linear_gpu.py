@@ -45,6 +45,7 @@ except ImportError:
 COPY_CEILING = 3.0e12  # bytes/s, device-to-device copy (read + write) on the H100
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features K, out_features N)
 GROUP = 128
+GLUON_KERNELS = ("int4_wgmma", "int4_gemv_mma")  # entered in the table only where they beat the Triton path
 
 
 def copies(nbytes: int) -> int:
@@ -169,6 +170,23 @@ def wgmma_op(x, qw, s, z, bias, group, cfg):
     return qg.int4_gemm_wgmma(x, qw.view(torch.int32), s, z, bias, group, cfg)
 
 
+def few_rows_path(x, qw, s, z):
+    """The op's path at few rows without the tensor-core GEMV: the Triton GEMV at 1 row, the Triton tensor-core
+    kernel above (measured or autotuned configs)."""
+    from prunus.kernels import quant_linear_triton as qt
+
+    if x.shape[0] <= pk.quant_linear.INT4_GEMV_MAX_ROWS:
+        return qt.int4_gemv(x, qw, s, z, None, GROUP)
+    return qt.int4_gemm(x, qw, s, z, None, GROUP)
+
+
+def gemv_mma_op(x, qw, s, z, bias, group, cfg):
+    """The Gluon tensor-core GEMV with an explicit config (the sweep's)."""
+    from prunus.kernels import quant_linear_gluon as qg
+
+    return qg.int4_gemv_mma(x, qw.view(torch.int32), s, z, bias, group, cfg)
+
+
 def int8_op(x, q, s):
     return torch.ops.prunus.linear_int8(x, q, s, None)
 
@@ -230,6 +248,11 @@ def explore(gen):
 def sweep_configs(kind: str, m: int) -> list[dict]:
     """Candidate launch configs for `--sweep` (kernel block sizes + num_warps/num_stages)."""
     out = []
+    if kind == "gemv_mma":  # the Gluon tensor-core GEMV: rows a warp, warps, split-K, zero point in or after the MMA
+        from prunus.kernels import quant_linear_gluon as qg
+
+        return [dict(cfg, ONES=ones) for cfg in qg.GEMV_CONFIGS.values() for ones in (1, 0)
+                if ones or cfg["REPS"] <= 2]
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):
@@ -332,7 +355,8 @@ def merge_winners(path: str, device: str, winners: dict) -> None:
 def winner_entry(k: int, n: int, m: int, cfg: dict) -> tuple:
     from prunus.kernels.quant_linear_triton import shape_key
 
-    kernel = "int4_wgmma" if "STAGES" in cfg and "BLOCK_M" in cfg else "int4_gemv" if m == 1 else "int4_gemm"
+    kernel = ("int4_wgmma" if "STAGES" in cfg and "BLOCK_M" in cfg else "int4_gemv_mma" if "REPS" in cfg
+              else "int4_gemv" if m == 1 else "int4_gemm")
     return (kernel, shape_key(m, n, k, GROUP)), cfg
 
 
@@ -348,30 +372,31 @@ def table_from_log(log_path: str) -> dict:
         m, t = int(m[2:]), float(t)
         # MMA_LAYOUT: a removed kernel that logs before 2026-12-06 hold (BENCHMARKS.md, "on the MMA layout")
         kernel = winner_entry(k, n, m, cfg)[0][0]
-        if kernel == "int4_wgmma":  # its entries need the Triton path's time of the same run: --sweep-table only
+        if kernel in GLUON_KERNELS:  # their entries need the Triton path's time of the same run: --sweep-table only
             continue
         if math.isfinite(t) and "MMA_LAYOUT" not in cfg and t < best.get((kernel, k, n, m), (math.inf,))[0]:
             best[(kernel, k, n, m)] = (t, cfg)
     return dict(winner_entry(k, n, m, cfg) for (_, k, n, m), (_, cfg) in best.items())
 
 
-def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, wgmma=False):
+def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=None):
     """Time every candidate config of the int4 kernels explicitly (no autotuner): the config lists in
     `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M.
-    wgmma: the Gluon kernel's configs (`prunus.kernels.quant_linear_gluon`) instead of the Triton kernels'."""
+    gluon: "wgmma" or "gemv_mma", that Gluon kernel's configs (`prunus.kernels.quant_linear_gluon`) instead of the
+    Triton kernels'; its winner enters the table only where it beats the op's Triton path, timed in the same run."""
     from prunus.kernels import quant_linear_triton as qt
 
-    if wgmma:
+    if gluon:
         from prunus.kernels import quant_linear_gluon as qg
     log = open(out_path, "a") if out_path else None
     for k, n in shapes:
         case = Case("int4", k, n, gen)
         for m in ms:
-            kind = "wgmma" if wgmma else "gemv" if m == 1 else "gemm"
-            run = dict(gemv=qt.int4_gemv, gemm=qt.int4_gemm, wgmma=wgmma_op)[kind]
+            kind = gluon or ("gemv" if m == 1 else "gemm")
+            run = dict(gemv=qt.int4_gemv, gemm=qt.int4_gemm, wgmma=wgmma_op, gemv_mma=gemv_mma_op)[kind]
             results = []
-            kernel = (qg._int4_wgmma_kernel if kind == "wgmma"  # (Gluon's only where asked: it may be missing)
-                      else qt._int4_gemv_kernel if kind == "gemv" else qt._int4_gemm_kernel)
+            kernel = dict(wgmma=lambda: qg._int4_wgmma_kernel, gemv_mma=lambda: qg._int4_gemv_mma_kernel,
+                          gemv=lambda: qt._int4_gemv_kernel, gemm=lambda: qt._int4_gemm_kernel)[kind]()
             defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
             for cfg in sweep_configs(kind, m):
                 if any(cfg.get(key, defaults.get(key)) != value for key, value in (only or {}).items()):
@@ -390,13 +415,17 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, wgmma=Fa
                 continue
             t_d = case.time_dense(m)
             results.sort(key=lambda r: r[0])
-            # the wgmma kernel enters the table only where it beats the op's Triton path (tensor-core kernel up to
-            # 256 rows, dequantize + cuBLAS beyond), timed here in the same run
-            t_old = case.time_quant(triton_path, m) if kind == "wgmma" else math.inf
-            usable = kind != "wgmma" or m >= pk.quant_linear.INT4_WGMMA_MIN_ROWS  # (the op's wgmma threshold)
+            # a Gluon kernel enters the table only where it beats the op's Triton path (wgmma: the tensor-core
+            # kernel up to 256 rows, dequantize + cuBLAS beyond; gemv_mma: the GEMV at 1 row, the tensor-core kernel
+            # above), timed here in the same run, and only within the op's row range for it
+            t_old = (case.time_quant(triton_path, m) if kind == "wgmma" else case.time_quant(few_rows_path, m)
+                     if kind == "gemv_mma" else math.inf)
+            ql = pk.quant_linear
+            usable = (m >= ql.INT4_WGMMA_MIN_ROWS if kind == "wgmma" else m <= ql.INT4_GEMV_MMA_MAX_ROWS
+                      if kind == "gemv_mma" else True)
             if table_path and usable and results and math.isfinite(results[0][0]) and results[0][0] < t_old:
                 merge_winners(table_path, torch.cuda.get_device_name(), dict([winner_entry(k, n, m, results[0][1])]))
-            if kind == "wgmma":
+            if gluon:
                 print(f"\n{k}->{n} M={m}: Triton path {t_old:.1f} µs ({t_d / t_old:.2f}x bf16)", flush=True)
             print(f"\n{k}->{n} M={m}: bf16 {t_d:.1f} µs; best:", flush=True)
             for t, cfg, err in results[:5]:
@@ -411,6 +440,8 @@ def main() -> None:
     ap.add_argument("--sweep-shapes", default=None, help="only these K,N shapes, e.g. 4096x4096,14336x4096")
     ap.add_argument("--sweep-only", default=None, help="only the configs with these values, e.g. W_AS_B=1,DEQUANT=3")
     ap.add_argument("--sweep-wgmma", action="store_true", help="sweep the Gluon wgmma kernel's configs (Hopper)")
+    ap.add_argument("--sweep-gemv-mma", action="store_true",
+                    help="sweep the Gluon tensor-core GEMV's configs (few rows; sm_80+)")
     ap.add_argument("--sweep-log", default=None, help="file to append every swept config's time to")
     ap.add_argument("--sweep-table", default=None, help="measured-config table (JSON) to merge each winner into")
     ap.add_argument("--table-from-log", default=None, help="merge the winners of this --sweep-log into --sweep-table")
@@ -433,7 +464,7 @@ def main() -> None:
         only = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.sweep_only.split(","))) \
             if args.sweep_only else None
         sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only,
-              args.sweep_wgmma)
+              "wgmma" if args.sweep_wgmma else "gemv_mma" if args.sweep_gemv_mma else None)
         return
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",

@@ -175,8 +175,8 @@ def _sass(compiled, path: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", choices=sorted(KERNELS) + ["wgmma"], default="gemv",
-                    help="wgmma: the Gluon kernel (prunus.kernels.quant_linear_gluon; its CONFIGS or --config keys)")
+    ap.add_argument("--kernel", choices=sorted(KERNELS) + ["wgmma", "gemv-mma"], default="gemv",
+                    help="wgmma, gemv-mma: the Gluon kernels (prunus.kernels.quant_linear_gluon; CONFIGS, GEMV_CONFIGS)")
     ap.add_argument("--config", help="block sizes and variants, num_warps / num_stages too")
     ap.add_argument("--fused", action="store_true", help="count the fuse pass's kernels instead")
     ap.add_argument("--warp-specialize", action="store_true",
@@ -201,6 +201,11 @@ def main() -> None:
 
         warps = config["num_warps"]
         kernel = qg.compile_for(config, args.arch, group=args.group)
+    elif args.kernel == "gemv-mma":
+        from prunus.kernels import quant_linear_gluon as qg
+
+        warps = config["num_warps"]
+        kernel = qg.compile_for(config, args.arch, group=args.group, kernel="gemv")
     else:
         warps, stages = config.pop("num_warps", 4), config.pop("num_stages", 3)
         kernel = compile_kernel(KERNELS[args.kernel], {"GROUP": args.group, "HAS_BIAS": 0, **config}, warps, stages,
@@ -226,7 +231,10 @@ def main() -> None:
     loop = loop_counts(sass)
     line = f"triton {triton.__version__}, sm_{args.arch}, {args.kernel} {config} warps={warps}: "
     line += f"registers {regs.group(1) if regs else '?'}, loop {sum(loop.values())} instructions"
-    if args.kernel == "gemv":
+    if args.kernel == "gemv-mma":  # a step: 128 codes of 16 REPS rows a warp
+        codes = 16 * config["REPS"] * 128 // 32
+        line += f" for {codes} codes a thread ({sum(loop.values()) / codes:.2f} a code)"
+    elif args.kernel == "gemv":
         codes = config["BLOCK_N"] * config["GROUPS"] * args.group // (32 * warps)
         line += f", {codes} codes a thread a step: {sum(loop.values()) / codes:.2f} a code"
     print(line)

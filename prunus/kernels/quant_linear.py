@@ -30,7 +30,9 @@ INT8_GEMV_MAX_ROWS, beyond it the tensor-core weight-only kernel (without a dens
 every call at any row count) or the dense copy when a cache is set.
 On Hopper without a dense cache, int4 calls from INT4_WGMMA_MIN_ROWS rows whose shape and row bucket have a
 measured config of the Gluon wgmma kernel (`quant_linear_gluon`; `measured_configs.json` keeps one only where it
-beat the path above in the same run) run that kernel instead.
+beat the path above in the same run) run that kernel instead. Likewise int4 calls of up to INT4_GEMV_MMA_MAX_ROWS
+rows with a measured config of the Gluon tensor-core GEMV (sm_80+) run it instead of the GEMV or the tensor-core
+kernel.
 """
 import functools
 import os
@@ -44,6 +46,7 @@ INT4_GEMV_MAX_ROWS = 1
 INT4_GEMM_MAX_ROWS = 16
 INT4_GEMM_NO_CACHE_MAX_ROWS = 256
 INT4_WGMMA_MIN_ROWS = 64
+INT4_GEMV_MMA_MAX_ROWS = 16
 INT8_GEMV_MAX_ROWS = 1
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -258,10 +261,14 @@ def _(x, qweight, scales, zeros, bias, group_size):
     x2 = _rows(x)
     bias = _bias(bias, x.dtype)
     M = x2.shape[0]
-    gluon = _gluon_kernels() if M >= INT4_WGMMA_MIN_ROWS and dense_cache.max_bytes == 0 else None
+    few = M <= INT4_GEMV_MMA_MAX_ROWS
+    gluon = _gluon_kernels() if few or (M >= INT4_WGMMA_MIN_ROWS and dense_cache.max_bytes == 0) else None
     words = qweight.contiguous().view(torch.int32) if gluon is not None else None
-    wgmma = gluon.config_for(x2, words, scales, zeros, group_size) if gluon is not None else None
-    if M <= INT4_GEMV_MAX_ROWS and group_size <= 512:
+    gemv_mma = gluon.gemv_config_for(x2, words, scales, zeros, group_size) if gluon is not None and few else None
+    wgmma = gluon.config_for(x2, words, scales, zeros, group_size) if gluon is not None and not few else None
+    if gemv_mma is not None:
+        y = gluon.int4_gemv_mma(x2, words, scales, zeros, bias, group_size, gemv_mma)
+    elif M <= INT4_GEMV_MAX_ROWS and group_size <= 512:
         y = kernels.int4_gemv(x2, qweight, scales, zeros, bias, group_size)
     elif wgmma is not None:
         y = gluon.int4_gemm_wgmma(x2, words, scales, zeros, bias, group_size, wgmma)

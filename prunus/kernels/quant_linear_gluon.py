@@ -61,6 +61,7 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     # Triton 3.6 (the GPU machine's) names it async_copy_global_to_shared; later versions async_load
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -94,6 +95,38 @@ mul.rn.bf16x2 $2, $2, $6;
 mul.rn.bf16x2 $3, $3, $6;
 }""")
 
+# one word's 8 codes -> 4 registers of two bf16, q - zero (exact): register s holds codes s and s + 4 (the k order
+# the GEMV's MMA operands are permuted to, see `_int4_gemv_mma_kernel`). $4: the word, $12: (128 + zero) twice; with
+# pack=8 the word and the zero point come eight times each ($4..$11, $12..$19: copies of one value).
+CODES_MINUS_ZERO_BF16 = triton.language.constexpr("""{
+.reg .b32 t0, t1, t2, t3, u;
+lop3.b32 t0, $4, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 u, $4, 4;
+lop3.b32 t1, u, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 u, $4, 8;
+lop3.b32 t2, u, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 u, $4, 12;
+lop3.b32 t3, u, 0x000F000F, 0x43004300, 0xEA;
+sub.rn.bf16x2 $0, t0, $12;
+sub.rn.bf16x2 $1, t1, $12;
+sub.rn.bf16x2 $2, t2, $12;
+sub.rn.bf16x2 $3, t3, $12;
+}""")
+
+# the same without the zero point: (128 + q) as bf16, $4 the word ($4..$11: copies)
+CODES_BF16 = triton.language.constexpr("""{
+.reg .b32 u;
+lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 u, $4, 4;
+lop3.b32 $1, u, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 u, $4, 8;
+lop3.b32 $2, u, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 u, $4, 12;
+lop3.b32 $3, u, 0x000F000F, 0x43004300, 0xEA;
+}""")
+CODES_MINUS_ZERO_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
+CODES_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8))
+
 CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes one of these dicts or its own
     "m128n128": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=5, num_warps=8),
     "m128n64": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, STAGES=5, num_warps=8),
@@ -104,6 +137,10 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "m64n128k4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=5, SPLIT_K=4, num_warps=4),
     "m128n128k2": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=5, SPLIT_K=2, num_warps=8),
 }
+
+# the tensor-core GEMV (`int4_gemv_mma`): BN = 16 REPS num_warps outputs a program, 8 rows of x a program
+GEMV_CONFIGS = {f"r{r}w{w}k{k}": dict(REPS=r, SPLIT_K=k, num_warps=w)
+                for r in (1, 2, 4) for w in (4, 8) for k in (1, 2, 4, 8, 16)}
 
 
 if gluon is not None:
@@ -222,29 +259,138 @@ if gluon is not None:
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        m2, n2 = gl.broadcast(offs_m[:, None], offs_n[None, :])
+        _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_m * gl.num_programs(1) + pid_n, N,
+                stride_ym, HAS_BIAS, SPLIT_K)
+
+    @gluon.jit
+    def _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, N, stride_ym, HAS_BIAS: gl.constexpr,
+                SPLIT_K: gl.constexpr):
+        """Write the tile acc (m2, n2: each element's row and output index); with split-K, only once every split
+        has added its partial: the partials meet in a zeroed fp32 workspace, and the last split to arrive writes
+        the tile and zeroes its workspace and counter for the next launch (quant_linear_triton's protocol)."""
         if SPLIT_K == 1:
-            _write(acc, offs_m, offs_n, mask, b_ptr, y_ptr, N, stride_ym, HAS_BIAS)
+            _write(acc, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
         else:
-            # the partials meet in a zeroed fp32 workspace; the last split to arrive writes the tile and zeroes its
-            # workspace and counter for the next launch (quant_linear_triton's split-K protocol)
-            partial = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+            partial = ws_ptr + m2 * N + n2
             gl.atomic_add(partial, acc, mask=mask, sem="relaxed")
             _cta_barrier()  # every thread's partial is in before this program counts itself in
-            tile = pid_m * gl.num_programs(1) + pid_n
             arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 total = gl.load(partial, mask=mask, other=0.0, cache_modifier=".cg")
                 _cta_barrier()
                 gl.store(partial, gl.zeros_like(total), mask=mask)
                 gl.atomic_xchg(cnt_ptr + tile, 0)
-                _write(total, offs_m, offs_n, mask, b_ptr, y_ptr, N, stride_ym, HAS_BIAS)
+                _write(total, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
 
     @gluon.jit
-    def _write(acc, offs_m, offs_n, mask, b_ptr, y_ptr, N, stride_ym, HAS_BIAS: gl.constexpr):
-        """acc [BLOCK_M, BLOCK_N] (fp32) + bias -> y in its dtype."""
+    def _write(acc, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS: gl.constexpr):
+        """acc (fp32) + bias -> y[m2, n2] in y's dtype; m2, n2: the row and output index of each element."""
         if HAS_BIAS:
-            acc = acc + gl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
-        gl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+            acc = acc + gl.load(b_ptr + n2, mask=mask, other=0.0).to(gl.float32)
+        gl.store(y_ptr + m2 * stride_ym + n2, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    # -----------------------------------------------------------------------------------------------------
+    # few rows: the tensor-core GEMV (mma.sync, sm_80+)
+
+    @gluon.jit
+    def _gemv_load(w_base, x_base, s_base, z_words, z_rows, step, GROUP: gl.constexpr, ONES: gl.constexpr):
+        """Step `step`'s operands: the words [BN, 16] (128 codes a row), the x tile [8, 128], the zero points (of
+        the word tile's rows, or with ONES of the accumulator's) and the scales of the accumulator's rows. Rows
+        past N and x rows past M were clamped to the last one: no masks, no predicated loads."""
+        g = step * 128 // GROUP
+        words = gl.load(w_base + step * 16)
+        xt = gl.load(x_base + step * 128)
+        z = gl.load((z_rows if ONES else z_words) + g).to(gl.int32)
+        sc = gl.load(s_base + g).to(gl.float32)
+        return words, xt, z, sc
+
+    @gluon.jit
+    def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                              stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+                              GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, REPS: gl.constexpr, ONES: gl.constexpr,
+                              SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+        """y[m, n] for up to 8 rows m (the MMA's N) and BN = 16 REPS num_warps outputs n (its M), K / SPLIT_K.
+
+        A step takes 128 codes of each output: thread (g, t) of a quad converts 4 consecutive words of two rows
+        (2 g, 2 g + 1 of its warp's 16) and reads x at the same 32 k. The MMA's k slots are a permutation of those
+        k (slot i 32 + s_hi 16 + s_lo 8 + 2 t + e holds k = 32 t + 8 i + 4 e + 2 s_hi + s_lo, the order the
+        conversion leaves the codes in), the same for both operands, so the dot product is unchanged and both
+        operands are in the MMA's register layout as converted and loaded: the layout conversions are trivial
+        (asserted at compile time). Per step the MMA accumulates in fp32, exactly, either (q - zero) . x (ONES=0:
+        the zero point subtracted from the codes, exact in bf16) or (128 + q) . x, with the sums of x from a second
+        MMA whose A is all ones (ONES=1: fewer instructions a code); the scale, and with ONES the zero point, then
+        apply to the step's [BN, 8] sums in fp32.
+        """
+        BN: gl.constexpr = 16 * REPS * num_warps
+        gl.static_assert(GROUP % 128 == 0, "a step (128 codes) lies in one group")
+        # words [BN, 16]: rows as rep, warp, g, h (h = row parity, in-thread), words as t (quad lane), i
+        l3: gl.constexpr = gl.BlockedLayout([2, 4, 8], [8, 4, 1], [num_warps, 1, 1], [2, 1, 0])
+        lw: gl.constexpr = gl.SliceLayout(2, l3)
+        lx: gl.constexpr = gl.BlockedLayout([1, 32], [8, 4], [num_warps, 1], [1, 0])  # x [8, 128], every warp
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        steps = K // 128
+        per_split = (steps + SPLIT_K - 1) // SPLIT_K
+        first = pid_k * per_split
+        stop = gl.minimum(steps, first + per_split)
+        n0 = pid_n * BN
+
+        rows = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, lw)), N - 1)  # the word tile's rows
+        w_base = w_ptr + rows[:, None] * stride_wn + gl.arange(0, 16, layout=gl.SliceLayout(0, lw))[None, :]
+        z_words = z_ptr + rows * stride_zn
+        x_rows = gl.minimum(pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, lx)), M - 1)  # past M: copies
+        x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, 128, layout=gl.SliceLayout(0, lx))[None, :]
+        # the accumulator's row m is the MMA's: rep, warp, h (8 rows), g -> the word tile's row rep, warp, g, h
+        m = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        m_rows = n0 + (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
+        m_ok = m_rows < N
+        m_safe = gl.minimum(m_rows, N - 1)
+        s_base = s_ptr + m_safe * stride_sn
+        z_rows = z_ptr + m_safe * stride_zn
+
+        eight = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))[None, None, :]
+        out = gl.zeros([BN, 8], gl.float32, mma)
+        zero_acc = gl.zeros([BN, 8], gl.float32, mma)
+        ones = gl.full([BN, 128], 1.0, gl.bfloat16, a_layout)
+        words, xt, z, sc = _gemv_load(w_base, x_base, s_base, z_words, z_rows, gl.minimum(first, steps - 1),
+                                      GROUP, ONES)
+        for step in range(first, stop):
+            # the next step's loads go out before this step's arithmetic (registers, double buffered)
+            words2, xt2, z2, sc2 = _gemv_load(w_base, x_base, s_base, z_words, z_rows,
+                                              gl.minimum(step + 1, stop - 1), GROUP, ONES)
+            w3, _ = gl.broadcast(words[:, :, None], eight)  # pack=8: one word's 8 codes an asm instance
+            if ONES:
+                codes = gl.inline_asm_elementwise(CODES_BF16, CODES_BF16_CONSTRAINTS, [w3],
+                                                  dtype=gl.bfloat16, is_pure=True, pack=8)
+            else:
+                z3, _ = gl.broadcast(((z * 0x10001) | 0x43004300)[:, None, None], w3)
+                codes = gl.inline_asm_elementwise(CODES_MINUS_ZERO_BF16, CODES_MINUS_ZERO_BF16_CONSTRAINTS,
+                                                  [w3, z3], dtype=gl.bfloat16, is_pure=True, pack=8)
+            # [rep, warp, g, h, t, i, s_hi, s_lo, e] -> [rep, warp, h, g | i, s_hi, s_lo, t, e]
+            a = gl.reshape(codes, [REPS, num_warps, 8, 2, 4, 4, 2, 2, 2])
+            a = gl.reshape(gl.permute(a, [0, 1, 3, 2, 5, 6, 7, 4, 8]), [BN, 128])
+            a = gl.convert_layout(a, a_layout, assert_trivial=True)
+            # x [col, k = 32 t + 8 i + 4 e + 2 s_hi + s_lo] -> [i, s_hi, s_lo, t, e | col]
+            b = gl.reshape(xt, [8, 4, 4, 2, 2, 2])
+            b = gl.reshape(gl.permute(b, [2, 4, 5, 1, 3, 0]), [128, 8])
+            b = gl.convert_layout(b, b_layout, assert_trivial=True)
+            dot = mma_v2(a, b, zero_acc)
+            if ONES:  # (128 + q) . x - (128 + zero) sum(x)
+                dot = dot - (z.to(gl.float32) + 128.0)[:, None] * mma_v2(ones, b, zero_acc)
+            out = out + sc[:, None] * dot
+            words, xt, z, sc = words2, xt2, z2, sc2
+
+        cols = pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+        n2, m2 = gl.broadcast(m_rows[:, None], cols[None, :])
+        _finish(out, m2, n2, m_ok[:, None] & (cols < M)[None, :], b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                pid_m * gl.num_programs(0) + pid_n, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 def available(x: torch.Tensor) -> bool:
@@ -315,20 +461,88 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
     return y
 
 
-def compile_for(config: dict, arch: int = 90, group: int = 128):
-    """Compile the kernel for `arch` without a GPU (for inspection: PTX, SASS, shared memory): a Triton
-    CompiledKernel. Used by `benchmarks/sass_count.py --kernel wgmma` and by the tests, which check on the CPU
-    that ptxas keeps the wgmmas asynchronous."""
+def gemv_available(x: torch.Tensor) -> bool:
+    """Whether this GPU and Triton can run the tensor-core GEMV (mma.sync: compute capability 8.0 or later)."""
+    return gluon is not None and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def gemv_config_for(x, words, scales, zeros, group: int) -> dict | None:
+    """The tensor-core GEMV's launch config for these tensors on this GPU, or None (the op then runs the Triton
+    GEMV): the one `benchmarks/quant_linear_gpu.py --sweep 1 --sweep-gemv-mma` measured fastest for the shape
+    and row bucket, kept in `measured_configs.json` (kernel "int4_gemv_mma") only where it beat the Triton GEMV in
+    the same run."""
+    if not gemv_available(x):
+        return None
+    from prunus.kernels.quant_linear_triton import _device_name, measured_config
+
+    (M, K), N = x.shape, words.shape[0]
+    config = measured_config("int4_gemv_mma", _device_name(x.device.index or 0), M, N, K, group)
+    return None if config is None or gemv_unfit(x, words, scales, zeros, group, config) else config
+
+
+def gemv_unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
+    """Why the tensor-core GEMV cannot take these tensors with `config` (None: it can)."""
+    if x.dtype != torch.bfloat16:
+        return "x must be bf16"
+    if scales.dtype != x.dtype or zeros is None or zeros.dtype.is_floating_point:
+        return "needs scales in x's dtype and integer zero points"
+    if group % 128 or x.shape[1] % group:
+        return f"needs a group size that is a multiple of 128 and divides K (group {group}, K={x.shape[1]})"
+    if config.get("SPLIT_K", 1) < 1 or config.get("REPS", 1) not in (1, 2, 4, 8):
+        return f"bad config {config}"
+    return None
+
+
+def int4_gemv_mma(x, words, scales, zeros, bias, group: int, config: dict) -> torch.Tensor:
+    """y [M, N] = x [M, K] . W^T (+ bias) for int4 words [N, K / 8] (int32), on the tensor-core GEMV (8 rows of x a
+    program: meant for few rows)."""
+    reason = gemv_unfit(x, words, scales, zeros, group, config)
+    if reason:
+        raise ValueError(reason)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    M, K = x.shape
+    N = words.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    bn = 16 * config["REPS"] * config["num_warps"]
+    split_k = config.get("SPLIT_K", 1)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, 8), split_k)
+    ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
+    _int4_gemv_mma_kernel[grid](x, words, scales, zeros, bias if bias is not None else y, y, ws, cnt, M, N, K,
+                                x.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
+                                GROUP=group, HAS_BIAS=bias is not None, REPS=config["REPS"],
+                                ONES=config.get("ONES", 1), SPLIT_K=split_k,
+                                num_warps=config["num_warps"])
+    return y
+
+
+def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "wgmma"):
+    """Compile a kernel ("wgmma": the Hopper GEMM, "gemv": the tensor-core GEMV) for `arch` without a GPU (for
+    inspection: PTX, SASS, shared memory): a Triton CompiledKernel. Used by `benchmarks/sass_count.py` and by the
+    tests, which check on the CPU that ptxas keeps the wgmmas asynchronous and that the GEMV's operands need no
+    layout conversion."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = _int4_wgmma_kernel
-    consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_M=config["BLOCK_M"],
-                  BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], STAGES=config["STAGES"],
-                  SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
-    descs = dict(zip(("x_desc", "w_desc"), _blocks(config)))
+    if kernel == "gemv":
+        fn = _int4_gemv_mma_kernel
+        consts = dict(GROUP=group, HAS_BIAS=False, REPS=config["REPS"], ONES=config.get("ONES", 1),
+                      SPLIT_K=config.get("SPLIT_K", 1),
+                      num_warps=config["num_warps"])
+        descs = {}
+        pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16",
+                        ws_ptr="*fp32", cnt_ptr="*i32")
+        divisible = ("K", "stride_xm", "stride_wn", "stride_ym")
+    else:
+        fn = _int4_wgmma_kernel
+        consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_M=config["BLOCK_M"],
+                      BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], STAGES=config["STAGES"],
+                      SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
+        descs = dict(zip(("x_desc", "w_desc"), _blocks(config)))
+        pointers = dict(s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
+        divisible = ("N", "K", "stride_sn", "stride_zn", "stride_ym")
     names = {gl.bfloat16: "bf16", gl.int32: "i32"}
-    pointers = dict(s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:
@@ -338,7 +552,7 @@ def compile_for(config: dict, arch: int = 90, group: int = 128):
             signature[name], constexprs[(i,)] = "constexpr", consts[name]
         else:
             signature[name] = pointers.get(name, "i32")
-            if name in pointers or name in ("N", "K", "stride_sn", "stride_zn", "stride_ym"):
+            if name in pointers or name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))

@@ -344,13 +344,16 @@ def test_cuda_every_autotuned_int4_config_is_correct(qt, kind, config):
     assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 128).T) < 1e-2
 
 
-def _measured_configs(gluon=False):
-    """The measured table's (kernel, config) entries: the Triton kernels', or (gluon) the wgmma kernel's."""
+GLUON_KERNELS = ("int4_wgmma", "int4_gemv_mma")
+
+
+def _measured_configs(gluon=None):
+    """The measured table's (kernel, config) entries: the Triton kernels', or those of the Gluon kernel `gluon`."""
     from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
 
     table = json.loads(MEASURED_CONFIGS_PATH.read_text())
     return [(kernel, cfg) for kernels in table.values() for kernel, entries in kernels.items()
-            for cfg in entries.values() if (kernel == "int4_wgmma") == gluon]
+            for cfg in entries.values() if kernel == gluon or (gluon is None and kernel not in GLUON_KERNELS)]
 
 
 @needs_kernels
@@ -564,7 +567,7 @@ def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
 
 
 @needs_hopper
-@pytest.mark.parametrize("kernel, config", _measured_configs(gluon=True) or [("none", {})],
+@pytest.mark.parametrize("kernel, config", _measured_configs(gluon="int4_wgmma") or [("none", {})],
                          ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
 def test_cuda_every_measured_wgmma_config_is_correct(qg, kernel, config):
     if not config:
@@ -643,3 +646,110 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
                           str(tmp_path / "k.cubin")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "C7515" not in out.stderr and "serialized" not in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Gluon tensor-core GEMV (mma.sync: sm_80+; Gluon has no interpreter)
+
+
+needs_sm80 = pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() >= (8, 0)),
+                                reason="needs a GPU of compute capability 8.0+ (mma.sync)")
+
+
+@needs_sm80
+@pytest.mark.parametrize("name", ["r1w4k1", "r2w4k4", "r4w8k2", "r1w8k16"])
+@pytest.mark.parametrize("ones", [1, 0])
+@pytest.mark.parametrize("m, n, k, group", [(1, 300, 2048, 128), (8, 256, 4096, 256), (13, 100, 1024, 128),
+                                            (16, 512, 3072, 128)],
+                         ids=["one-row-ragged-n", "eight-rows-group-256", "two-row-programs", "sixteen-rows"])
+def test_cuda_int4_gemv_mma(qg, name, ones, m, n, k, group):
+    """Outputs against the fp32 product with the exact weight (q - zero) * scale: the MMA sums exact products in
+    fp32, so within one unit in the last place of bf16 plus summation noise (ONES=1 subtracts (128 + zero) sum(x)
+    from sums of (128 + q) x: more cancellation, still far below a bf16 unit)."""
+    dtype = torch.bfloat16
+    q, qw, s, z = int4_weight(n, k, group, seed=m + n, dtype=dtype)
+    x, b = torch.randn(m, k, generator=_gen(50)).to(dtype), torch.randn(n, generator=_gen(51)).to(dtype)
+    xc, qwc, sc, zc, bc = to("cuda", x, qw, s, z, b)
+    config = dict(qg.GEMV_CONFIGS[name], ONES=ones)
+    for bias in (bc, None):
+        y = qg.int4_gemv_mma(xc, qwc.view(torch.int32), sc, zc, bias, group, config)
+        assert y.dtype == dtype and y.shape == (m, n)
+        exact = x.float() @ explicit_int4(q, s.float(), z, group).T + (b.float() if bias is not None else 0)
+        torch.testing.assert_close(y.float().cpu(), exact.to(dtype).float(), rtol=2 ** -7,
+                                   atol=1e-4 * exact.abs().max().item())
+    y2 = qg.int4_gemv_mma(xc, qwc.view(torch.int32), sc, zc, bc, group, config)  # split-K workspace left clean
+    assert torch.equal(y2, qg.int4_gemv_mma(xc, qwc.view(torch.int32), sc, zc, bc, group, config))
+
+
+@needs_sm80
+@pytest.mark.parametrize("kernel, config", _measured_configs(gluon="int4_gemv_mma") or [("none", {})],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
+def test_cuda_every_measured_gemv_mma_config_is_correct(qg, kernel, config):
+    if not config:
+        pytest.skip("no tensor-core GEMV config measured")
+    n = 16 * config["REPS"] * config["num_warps"] + 8
+    q, qw, s, z = int4_weight(n, 4096, 128, seed=10, dtype=torch.bfloat16)
+    x = torch.randn(3, 4096, generator=_gen(52)).bfloat16()
+    y = qg.int4_gemv_mma(*to("cuda", x), qw.cuda().view(torch.int32), *to("cuda", s, z), None, 128, config)
+    assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 128).T) < 1e-2
+
+
+@needs_sm80
+def test_cuda_linear_int4_dispatches_measured_shapes_to_gemv_mma(qg, qt, monkeypatch):
+    """The op runs the tensor-core GEMV where the measured table has a config for the shape and row bucket (same
+    output bit for bit), and the Triton kernels elsewhere: other buckets, and groups it cannot take (64)."""
+    config = dict(qg.GEMV_CONFIGS["r2w4k4"], ONES=1)
+    name = qt._device_name(0)
+    table = {name: {"int4_gemv_mma": {qt.shape_key(1, 256, 2048, 128): config,
+                                      qt.shape_key(1, 256, 2048, 64): config}}}
+    monkeypatch.setattr(qt, "measured_configs", lambda: table)
+    q, qw, s, z = to("cuda", *int4_weight(256, 2048, 128, seed=5, dtype=torch.bfloat16))
+    x = torch.randn(1, 2048, generator=_gen(53)).bfloat16().cuda()
+    words = qw.view(torch.int32)
+    assert qg.gemv_config_for(x, words, s, z, 128) == config
+    direct = qg.int4_gemv_mma(x, words, s, z, None, 128, config)
+    calls = []
+    kernel = qg.int4_gemv_mma
+    monkeypatch.setattr(qg, "int4_gemv_mma", lambda *args: calls.append(args[-1]) or kernel(*args))
+    assert torch.equal(ops.linear_int4(x, qw, s, z, None, 128), direct) and calls == [config]
+    ops.linear_int4(torch.cat([x, x]), qw, s, z, None, 128)  # bucket m2: not measured, the Triton kernel
+    assert calls == [config]
+    _, qw1, s1, z1 = to("cuda", *int4_weight(256, 2048, 64, seed=6, dtype=torch.bfloat16))
+    assert qg.gemv_config_for(x, qw1.view(torch.int32), s1, z1, 64) is None
+
+
+@needs_sm80
+def test_cuda_int4_gemv_mma_refuses_what_it_cannot_run(qg):
+    _, qw, s, z = to("cuda", *int4_weight(64, 512, 64, dtype=torch.bfloat16))
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+    words, config = qw.view(torch.int32), qg.GEMV_CONFIGS["r1w4k1"]
+    with pytest.raises(ValueError, match="multiple of 128"):
+        qg.int4_gemv_mma(x, words, s, z, None, 64, config)
+    _, qw, s, z = to("cuda", *int4_weight(64, 512, 128, float_zeros=True, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="integer zero points"):
+        qg.int4_gemv_mma(x, qw.view(torch.int32), s, z, None, 128, config)
+    with pytest.raises(ValueError, match="must be bf16"):
+        qg.int4_gemv_mma(x.half(), qw.view(torch.int32), s.half(), z, None, 128, config)
+
+
+@pytest.mark.parametrize("config", [dict(REPS=2, SPLIT_K=4, num_warps=4, ONES=1),
+                                    dict(REPS=1, SPLIT_K=1, num_warps=8, ONES=0)], ids=["ones", "minus-zero"])
+def test_int4_gemv_mma_compiles_without_layout_conversions(qg, config, tmp_path):
+    """Offline (no GPU): the tensor-core GEMV compiles for sm_90 with its operands converted and loaded straight
+    into the MMA's register layout: the conversions are asserted trivial at compile time, and the kernel uses no
+    shared memory beyond the few bytes that broadcast split-K's arrival count (a conversion of an operand tile
+    through shared memory would take kilobytes). In a subprocess (see the wgmma test above)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (f"from prunus.kernels import quant_linear_gluon as qg; "
+              f"k = qg.compile_for({config!r}, kernel='gemv'); "
+              f"open({str(tmp_path / 'k.ptx')!r}, 'w').write(k.asm['ptx']); print(k.metadata.shared)")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) <= (16 if config["SPLIT_K"] > 1 else 0)
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") >= 8
