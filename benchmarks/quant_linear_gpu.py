@@ -251,8 +251,9 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
     if kind == "gemv_mma":  # the Gluon tensor-core GEMV: rows a warp, warps, split-K, zero point in or after the MMA
         from prunus.kernels import quant_linear_gluon as qg
 
-        return [dict(cfg, ONES=ones) for cfg in qg.GEMV_CONFIGS.values() for ones in (1, 0)
-                if ones or cfg["REPS"] <= 2]
+        out = [dict(cfg, ONES=1) for cfg in qg.GEMV_CONFIGS.values()]
+        few = [cfg for cfg in qg.GEMV_CONFIGS.values() if cfg["REPS"] <= 2 and cfg["num_warps"] == 4]
+        return out + [dict(cfg, ONES=0) for cfg in few] + [dict(cfg, ONES=1, AHEAD=2) for cfg in few]
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):

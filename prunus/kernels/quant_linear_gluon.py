@@ -306,10 +306,39 @@ if gluon is not None:
         return words, xt, z, sc
 
     @gluon.jit
+    def _gemv_step(words, xt, z, sc, out, l3: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr,
+                   REPS: gl.constexpr, ONES: gl.constexpr, num_warps: gl.constexpr):
+        """out [BN, 8] += one step's products: the words converted into the MMA's A operand, x into its B."""
+        BN: gl.constexpr = 16 * REPS * num_warps
+        eight = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))[None, None, :]
+        w3, _ = gl.broadcast(words[:, :, None], eight)  # pack=8: one word's 8 codes an asm instance
+        if ONES:
+            codes = gl.inline_asm_elementwise(CODES_BF16, CODES_BF16_CONSTRAINTS, [w3],
+                                              dtype=gl.bfloat16, is_pure=True, pack=8)
+        else:
+            z3, _ = gl.broadcast(((z * 0x10001) | 0x43004300)[:, None, None], w3)
+            codes = gl.inline_asm_elementwise(CODES_MINUS_ZERO_BF16, CODES_MINUS_ZERO_BF16_CONSTRAINTS,
+                                              [w3, z3], dtype=gl.bfloat16, is_pure=True, pack=8)
+        # [rep, warp, g, h, t, i, s_hi, s_lo, e] -> [rep, warp, h, g | i, s_hi, s_lo, t, e]
+        a = gl.reshape(codes, [REPS, num_warps, 8, 2, 4, 4, 2, 2, 2])
+        a = gl.reshape(gl.permute(a, [0, 1, 3, 2, 5, 6, 7, 4, 8]), [BN, 128])
+        a = gl.convert_layout(a, a_layout, assert_trivial=True)
+        # x [col, k = 32 t + 8 i + 4 e + 2 s_hi + s_lo] -> [i, s_hi, s_lo, t, e | col]
+        b = gl.reshape(xt, [8, 4, 4, 2, 2, 2])
+        b = gl.reshape(gl.permute(b, [2, 4, 5, 1, 3, 0]), [128, 8])
+        b = gl.convert_layout(b, b_layout, assert_trivial=True)
+        zero_acc = gl.zeros_like(out)
+        dot = mma_v2(a, b, zero_acc)
+        if ONES:  # (128 + q) . x - (128 + zero) sum(x)
+            ones = gl.full([BN, 128], 1.0, gl.bfloat16, a_layout)
+            dot = dot - (z.to(gl.float32) + 128.0)[:, None] * mma_v2(ones, b, zero_acc)
+        return out + sc[:, None] * dot
+
+    @gluon.jit
     def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                               stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, REPS: gl.constexpr, ONES: gl.constexpr,
-                              SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+                              AHEAD: gl.constexpr, SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
         """y[m, n] for up to 8 rows m (the MMA's N) and BN = 16 REPS num_warps outputs n (its M), K / SPLIT_K.
 
         A step takes 128 codes of each output: thread (g, t) of a quad converts 4 consecutive words of two rows
@@ -320,7 +349,7 @@ if gluon is not None:
         (asserted at compile time). Per step the MMA accumulates in fp32, exactly, either (q - zero) . x (ONES=0:
         the zero point subtracted from the codes, exact in bf16) or (128 + q) . x, with the sums of x from a second
         MMA whose A is all ones (ONES=1: fewer instructions a code); the scale, and with ONES the zero point, then
-        apply to the step's [BN, 8] sums in fp32.
+        apply to the step's [BN, 8] sums in fp32. The loads run AHEAD (1 or 2) steps ahead, in registers.
         """
         BN: gl.constexpr = 16 * REPS * num_warps
         gl.static_assert(GROUP % 128 == 0, "a step (128 codes) lies in one group")
@@ -355,37 +384,25 @@ if gluon is not None:
         s_base = s_ptr + m_safe * stride_sn
         z_rows = z_ptr + m_safe * stride_zn
 
-        eight = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))[None, None, :]
         out = gl.zeros([BN, 8], gl.float32, mma)
-        zero_acc = gl.zeros([BN, 8], gl.float32, mma)
-        ones = gl.full([BN, 128], 1.0, gl.bfloat16, a_layout)
+        # loads AHEAD steps ahead of the arithmetic, in registers (clamped to the last step at the end)
         words, xt, z, sc = _gemv_load(w_base, x_base, s_base, z_words, z_rows, gl.minimum(first, steps - 1),
                                       GROUP, ONES)
-        for step in range(first, stop):
-            # the next step's loads go out before this step's arithmetic (registers, double buffered)
+        if AHEAD == 1:
+            for step in range(first, stop):
+                words2, xt2, z2, sc2 = _gemv_load(w_base, x_base, s_base, z_words, z_rows,
+                                                  gl.minimum(step + 1, stop - 1), GROUP, ONES)
+                out = _gemv_step(words, xt, z, sc, out, l3, a_layout, b_layout, REPS, ONES, num_warps)
+                words, xt, z, sc = words2, xt2, z2, sc2
+        else:
             words2, xt2, z2, sc2 = _gemv_load(w_base, x_base, s_base, z_words, z_rows,
-                                              gl.minimum(step + 1, stop - 1), GROUP, ONES)
-            w3, _ = gl.broadcast(words[:, :, None], eight)  # pack=8: one word's 8 codes an asm instance
-            if ONES:
-                codes = gl.inline_asm_elementwise(CODES_BF16, CODES_BF16_CONSTRAINTS, [w3],
-                                                  dtype=gl.bfloat16, is_pure=True, pack=8)
-            else:
-                z3, _ = gl.broadcast(((z * 0x10001) | 0x43004300)[:, None, None], w3)
-                codes = gl.inline_asm_elementwise(CODES_MINUS_ZERO_BF16, CODES_MINUS_ZERO_BF16_CONSTRAINTS,
-                                                  [w3, z3], dtype=gl.bfloat16, is_pure=True, pack=8)
-            # [rep, warp, g, h, t, i, s_hi, s_lo, e] -> [rep, warp, h, g | i, s_hi, s_lo, t, e]
-            a = gl.reshape(codes, [REPS, num_warps, 8, 2, 4, 4, 2, 2, 2])
-            a = gl.reshape(gl.permute(a, [0, 1, 3, 2, 5, 6, 7, 4, 8]), [BN, 128])
-            a = gl.convert_layout(a, a_layout, assert_trivial=True)
-            # x [col, k = 32 t + 8 i + 4 e + 2 s_hi + s_lo] -> [i, s_hi, s_lo, t, e | col]
-            b = gl.reshape(xt, [8, 4, 4, 2, 2, 2])
-            b = gl.reshape(gl.permute(b, [2, 4, 5, 1, 3, 0]), [128, 8])
-            b = gl.convert_layout(b, b_layout, assert_trivial=True)
-            dot = mma_v2(a, b, zero_acc)
-            if ONES:  # (128 + q) . x - (128 + zero) sum(x)
-                dot = dot - (z.to(gl.float32) + 128.0)[:, None] * mma_v2(ones, b, zero_acc)
-            out = out + sc[:, None] * dot
-            words, xt, z, sc = words2, xt2, z2, sc2
+                                              gl.minimum(first + 1, steps - 1), GROUP, ONES)
+            for step in range(first, stop):
+                words3, xt3, z3, sc3 = _gemv_load(w_base, x_base, s_base, z_words, z_rows,
+                                                  gl.minimum(step + 2, stop - 1), GROUP, ONES)
+                out = _gemv_step(words, xt, z, sc, out, l3, a_layout, b_layout, REPS, ONES, num_warps)
+                words, xt, z, sc = words2, xt2, z2, sc2
+                words2, xt2, z2, sc2 = words3, xt3, z3, sc3
 
         cols = pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
         n2, m2 = gl.broadcast(m_rows[:, None], cols[None, :])
@@ -488,7 +505,8 @@ def gemv_unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         return "needs scales in x's dtype and integer zero points"
     if group % 128 or x.shape[1] % group:
         return f"needs a group size that is a multiple of 128 and divides K (group {group}, K={x.shape[1]})"
-    if config.get("SPLIT_K", 1) < 1 or config.get("REPS", 1) not in (1, 2, 4, 8):
+    if (config.get("SPLIT_K", 1) < 1 or config.get("REPS", 1) not in (1, 2, 4, 8)
+            or config.get("AHEAD", 1) not in (1, 2)):
         return f"bad config {config}"
     return None
 
@@ -512,7 +530,7 @@ def int4_gemv_mma(x, words, scales, zeros, bias, group: int, config: dict) -> to
     _int4_gemv_mma_kernel[grid](x, words, scales, zeros, bias if bias is not None else y, y, ws, cnt, M, N, K,
                                 x.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
                                 GROUP=group, HAS_BIAS=bias is not None, REPS=config["REPS"],
-                                ONES=config.get("ONES", 1), SPLIT_K=split_k,
+                                ONES=config.get("ONES", 1), AHEAD=config.get("AHEAD", 1), SPLIT_K=split_k,
                                 num_warps=config["num_warps"])
     return y
 
@@ -528,6 +546,7 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
     if kernel == "gemv":
         fn = _int4_gemv_mma_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, REPS=config["REPS"], ONES=config.get("ONES", 1),
+                      AHEAD=config.get("AHEAD", 1),
                       SPLIT_K=config.get("SPLIT_K", 1),
                       num_warps=config["num_warps"])
         descs = {}
