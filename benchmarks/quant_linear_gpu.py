@@ -253,7 +253,12 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
 
         out = [dict(cfg, ONES=1) for cfg in qg.GEMV_CONFIGS.values()]
         few = [cfg for cfg in qg.GEMV_CONFIGS.values() if cfg["REPS"] <= 2 and cfg["num_warps"] == 4]
-        return out + [dict(cfg, ONES=0) for cfg in few] + [dict(cfg, ONES=1, AHEAD=2) for cfg in few]
+        out += [dict(cfg, ONES=0) for cfg in few] + [dict(cfg, ONES=1, AHEAD=2) for cfg in few]
+        # the words by TMA through a ring of STAGES stages (`_int4_gemv_tma_kernel`)
+        out += [dict(REPS=reps, SPLIT_K=sk, num_warps=4, ONES=ones, STAGES=stages)
+                for reps, sk in [(1, 4), (1, 8), (1, 16), (2, 2), (2, 4), (2, 8), (2, 16)]
+                for stages in (4, 8, 12) for ones in (0, 1)]
+        return out
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):

@@ -306,6 +306,15 @@ if gluon is not None:
         return words, xt, z, sc
 
     @gluon.jit
+    def _gemv_params(x_base, s_base, z_words, z_rows, step, GROUP: gl.constexpr, ONES: gl.constexpr):
+        """`_gemv_load` without the words (the TMA kernel's)."""
+        g = step * 128 // GROUP
+        xt = gl.load(x_base + step * 128)
+        z = gl.load((z_rows if ONES else z_words) + g).to(gl.int32)
+        sc = gl.load(s_base + g).to(gl.float32)
+        return xt, z, sc
+
+    @gluon.jit
     def _gemv_step(words, xt, z, sc, out, l3: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr,
                    REPS: gl.constexpr, ONES: gl.constexpr, num_warps: gl.constexpr):
         """out [BN, 8] += one step's products: the words converted into the MMA's A operand, x into its B."""
@@ -403,6 +412,83 @@ if gluon is not None:
                 out = _gemv_step(words, xt, z, sc, out, l3, a_layout, b_layout, REPS, ONES, num_warps)
                 words, xt, z, sc = words2, xt2, z2, sc2
                 words2, xt2, z2, sc2 = words3, xt3, z3, sc3
+
+        cols = pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+        n2, m2 = gl.broadcast(m_rows[:, None], cols[None, :])
+        _finish(out, m2, n2, m_ok[:, None] & (cols < M)[None, :], b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                pid_m * gl.num_programs(0) + pid_n, N, stride_ym, HAS_BIAS, SPLIT_K)
+
+    @gluon.jit
+    def _gemv_issue(w_desc, ws, bars, j, count, first, n0, STAGES: gl.constexpr):
+        """TMA load of the words of this program's step j (K step first + j) into stage j % STAGES (none past
+        count). Rows past N come as zeros."""
+        s = j % STAGES
+        ok = j < count
+        bar = bars.index(s)
+        mbarrier.expect(bar, w_desc.block_type.nbytes, pred=ok)
+        _tma_load(w_desc, [n0, (first + j) * 16], bar, ws.index(s), pred=ok)
+
+    @gluon.jit
+    def _int4_gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                              stride_xm, stride_sn, stride_zn, stride_ym,
+                              GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, REPS: gl.constexpr, ONES: gl.constexpr,
+                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+        """`_int4_gemv_mma_kernel` with the words brought by TMA into a ring of STAGES shared-memory stages, all
+        of them in flight: up to STAGES x BN x 64 bytes a program on their way, against one step's in registers.
+        One CTA barrier a step (after every warp has read its stage) frees the stage for the refill."""
+        BN: gl.constexpr = 16 * REPS * num_warps
+        gl.static_assert(GROUP % 128 == 0, "a step (128 codes) lies in one group")
+        l3: gl.constexpr = gl.BlockedLayout([2, 4, 8], [8, 4, 1], [num_warps, 1, 1], [2, 1, 0])
+        lw: gl.constexpr = gl.SliceLayout(2, l3)
+        lx: gl.constexpr = gl.BlockedLayout([1, 32], [8, 4], [num_warps, 1], [1, 0])
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        steps = K // 128
+        per_split = (steps + SPLIT_K - 1) // SPLIT_K
+        first = pid_k * per_split
+        count = gl.maximum(gl.minimum(steps, first + per_split) - first, 0)
+        n0 = pid_n * BN
+
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 16], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            _gemv_issue(w_desc, ws, bars, i, count, first, n0, STAGES)
+
+        rows = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, lw)), N - 1)
+        z_words = z_ptr + rows * stride_zn
+        x_rows = gl.minimum(pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, lx)), M - 1)
+        x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, 128, layout=gl.SliceLayout(0, lx))[None, :]
+        m = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        m_rows = n0 + (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
+        m_ok = m_rows < N
+        m_safe = gl.minimum(m_rows, N - 1)
+        s_base = s_ptr + m_safe * stride_sn
+        z_rows = z_ptr + m_safe * stride_zn
+
+        out = gl.zeros([BN, 8], gl.float32, mma)
+        last = gl.maximum(first + count - 1, 0)
+        xt, z, sc = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first, last), GROUP, ONES)
+        for j in range(0, count):
+            # x and the group parameters one step ahead in registers, the words STAGES steps ahead by TMA
+            xt2, z2, sc2 = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first + j + 1, last), GROUP,
+                                        ONES)
+            s = j % STAGES
+            mbarrier.wait(bars.index(s), (j // STAGES) & 1)
+            words = ws.index(s).load(lw)
+            _cta_barrier()  # every warp has read stage s: refill it
+            _gemv_issue(w_desc, ws, bars, j + STAGES, count, first, n0, STAGES)
+            out = _gemv_step(words, xt, z, sc, out, l3, a_layout, b_layout, REPS, ONES, num_warps)
+            xt, z, sc = xt2, z2, sc2
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
 
         cols = pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
         n2, m2 = gl.broadcast(m_rows[:, None], cols[None, :])
@@ -508,7 +594,18 @@ def gemv_unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
     if (config.get("SPLIT_K", 1) < 1 or config.get("REPS", 1) not in (1, 2, 4, 8)
             or config.get("AHEAD", 1) not in (1, 2)):
         return f"bad config {config}"
+    if config.get("STAGES"):  # TMA: at most 256 rows a box, 16-byte aligned rows of words
+        if 16 * config["REPS"] * config["num_warps"] > 256:
+            return "STAGES (TMA) takes at most 256 outputs a program"
+        if words.stride(1) != 1 or (words.stride(0) * 4) % 16 or words.data_ptr() % 16:
+            return "TMA needs 16-byte aligned, contiguous rows of the weights"
     return None
+
+
+def _gemv_words_block(config: dict):
+    """The TMA box of the tensor-core GEMV's words (BN rows of 16 words) and its shared layout."""
+    bn = 16 * config["REPS"] * config["num_warps"]
+    return [bn, 16], gl.NVMMASharedLayout.get_default_for([bn, 16], gl.int32)
 
 
 def int4_gemv_mma(x, words, scales, zeros, bias, group: int, config: dict) -> torch.Tensor:
@@ -527,6 +624,14 @@ def int4_gemv_mma(x, words, scales, zeros, bias, group: int, config: dict) -> to
     split_k = config.get("SPLIT_K", 1)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, 8), split_k)
     ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
+    if config.get("STAGES"):
+        w_desc = TensorDescriptor.from_tensor(words, *_gemv_words_block(config))
+        _int4_gemv_tma_kernel[grid](x, w_desc, scales, zeros, bias if bias is not None else y, y, ws, cnt, M, N, K,
+                                    x.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
+                                    GROUP=group, HAS_BIAS=bias is not None, REPS=config["REPS"],
+                                    ONES=config.get("ONES", 1), STAGES=config["STAGES"], SPLIT_K=split_k,
+                                    num_warps=config["num_warps"])
+        return y
     _int4_gemv_mma_kernel[grid](x, words, scales, zeros, bias if bias is not None else y, y, ws, cnt, M, N, K,
                                 x.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
                                 GROUP=group, HAS_BIAS=bias is not None, REPS=config["REPS"],
@@ -543,7 +648,16 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    if kernel == "gemv":
+    if kernel == "gemv" and config.get("STAGES"):
+        fn = _int4_gemv_tma_kernel
+        consts = dict(GROUP=group, HAS_BIAS=False, REPS=config["REPS"], ONES=config.get("ONES", 1),
+                      STAGES=config["STAGES"], SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
+        block, layout = _gemv_words_block(config)
+        descs = dict(w_desc=(gl.int32, block, layout))
+        pointers = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
+                        cnt_ptr="*i32")
+        divisible = ("K", "stride_xm", "stride_ym")
+    elif kernel == "gemv":
         fn = _int4_gemv_mma_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, REPS=config["REPS"], ONES=config.get("ONES", 1),
                       AHEAD=config.get("AHEAD", 1),
