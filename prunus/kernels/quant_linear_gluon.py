@@ -1,4 +1,6 @@
-"""Hopper (sm_90) int4 GEMM in Gluon: the weight tile dequantized while the previous tile's wgmma runs.
+"""int4 kernels in Gluon: a Hopper (sm_90) GEMM for many rows, and a tensor-core GEMV for few (sm_80+).
+
+Part 1, the GEMM (`int4_gemm_wgmma`): the weight tile dequantized while the previous tile's wgmma runs.
 
 Why Gluon: in plain Triton the dequantized weight tile is a local value that Triton's pipeliner cannot double
 buffer, so its loop waits for each wgmma before converting the next tile (offline TTGIR, Triton 3.6:
@@ -42,8 +44,23 @@ scales (fp16 would need the magic 1024 + q and f16x2 ops: not written), integer 
 and of the group size, BLOCK_K dividing the group size, 16-byte aligned rows of x and of the words (TMA). Anything
 else runs on the Triton kernels of `quant_linear_triton`. Gluon has no interpreter: the kernel runs in tests on a
 Hopper GPU only (tests/kernels/test_quant_linear.py, `-k wgmma`), and one CPU test compiles it offline.
+
+Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
+of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
+whole words of two weight rows and reads x at the same k, and the MMA's k slots are permuted to match (kernel
+docstring), so both operands go from the loads into the MMA's registers with no shuffle or shared memory (the
+conversions are asserted trivial at compile time; a CPU test checks that no shared memory is used). Instructions a
+code in the loop (offline SASS, Triton 3.6, sm_90): 2.0 at 32 rows a warp against 3.5 for the best Triton GEMV
+(`quant_linear_triton`, ASM). Variants: ONES (the zero point applied after the MMA, from a second MMA with an
+all-ones A that sums x, instead of subtracted from the codes), AHEAD (loads one or two steps ahead in registers),
+STAGES (the words by TMA through a ring of shared-memory stages, `_int4_gemv_tma_kernel`). Needs bf16, integer
+zero points and groups of a multiple of 128 (a step's 128 codes in one group). Used by the op only where
+`measured_configs.json` holds an "int4_gemv_mma" entry, written by `quant_linear_gpu.py --sweep-gemv-mma` only where
+it beat the Triton path in the same run.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -496,9 +513,14 @@ if gluon is not None:
                 pid_m * gl.num_programs(0) + pid_n, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
+@functools.cache
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether this GPU and Triton can run the kernel (Hopper, Gluon's Hopper API)."""
-    return gluon is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+    return gluon is not None and x.is_cuda and _capability(x.device.index or 0)[0] == 9
 
 
 def config_for(x, words, scales, zeros, group: int) -> dict | None:
@@ -566,7 +588,7 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
 
 def gemv_available(x: torch.Tensor) -> bool:
     """Whether this GPU and Triton can run the tensor-core GEMV (mma.sync: compute capability 8.0 or later)."""
-    return gluon is not None and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return gluon is not None and x.is_cuda and _capability(x.device.index or 0) >= (8, 0)
 
 
 def gemv_config_for(x, words, scales, zeros, group: int) -> dict | None:
