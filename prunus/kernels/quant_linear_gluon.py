@@ -56,7 +56,10 @@ all-ones A that sums x, instead of subtracted from the codes), AHEAD (loads one 
 STAGES (the words by TMA through a ring of shared-memory stages, `_int4_gemv_tma_kernel`). Needs bf16, integer
 zero points and groups of a multiple of 128 (a step's 128 codes in one group). Used by the op only where
 `measured_configs.json` holds an "int4_gemv_mma" entry, written by `quant_linear_gpu.py --sweep-gemv-mma` only where
-it beat the Triton path in the same run.
+it beat the Triton path in the same run. Status (H100, BENCHMARKS.md "int4 tensor-core GEMV in Gluon"): at 4 rows
+1.85-2.40x bf16 against the Triton path's 1.33-1.45x (the MMA's N is 8 whatever M), at 16 rows ahead at the two
+14336-wide shapes; at 1 row level with the Triton GEMV (17.8-18.0 µs at the 14336-wide shapes, where reading the
+words alone takes 12.4-12.9 µs): neither fewer instructions nor more bytes in flight (the TMA ring) moved it.
 """
 from __future__ import annotations
 

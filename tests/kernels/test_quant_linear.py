@@ -405,8 +405,9 @@ def test_measured_config_table_off_and_from_sweep_log(qt, monkeypatch, tmp_path)
                    "4096->4096 M=1 inf {'BLOCK_N': 32, 'GROUPS': 2} OutOfResources\n"
                    "4096->4096 M=64 15.80 {'BLOCK_M': 64, 'DEQUANT': 2} 0.0023\n"
                    "4096->4096 M=64 9.00 {'BLOCK_M': 64, 'MMA_LAYOUT': 1} 0.0017\n"  # an older sweep's: not kept
-                   # the wgmma kernel's: not kept either (its entries need the Triton path's time, --sweep-table only)
-                   "4096->4096 M=64 7.00 {'BLOCK_M': 64, 'BLOCK_N': 64, 'STAGES': 5, 'SPLIT_K': 1} 0.0017\n")
+                   # the Gluon kernels': not kept either (their entries need the Triton path's time: --sweep-table)
+                   "4096->4096 M=64 7.00 {'BLOCK_M': 64, 'BLOCK_N': 64, 'STAGES': 5, 'SPLIT_K': 1} 0.0017\n"
+                   "4096->4096 M=1 5.00 {'REPS': 2, 'SPLIT_K': 4, 'num_warps': 4, 'ONES': 1} 0.0023\n")  # (GEMV: same)
     path = tmp_path / "table.json"
     merge_winners(str(path), "GPU A", {("int4_gemv", "4096x4096/g128/m1"): {"BLOCK_N": 64}})
     merge_winners(str(path), "GPU B", table_from_log(str(log)))
