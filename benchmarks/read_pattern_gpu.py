@@ -10,11 +10,16 @@ reach, against which the GEMVs' own figures read. Patterns, for a program of BN 
 - "contiguous": the same bytes as one flat array, each program a contiguous run (the best case).
 Times: median of 20 CUDA-graph replays over copies exceeding 3x L2, as `quant_linear_gpu.py`.
 """
-import statistics
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.quant_linear_gpu import graph_us  # noqa: E402
 
 
 @triton.jit
@@ -36,26 +41,6 @@ def _flat_kernel(w_ptr, out_ptr, total, BLOCK: tl.constexpr, PER: tl.constexpr):
     for i in range(0, PER, BLOCK):
         acc ^= tl.load(w_ptr + pid * PER + i + tl.arange(0, BLOCK))
     tl.store(out_ptr + pid, tl.sum(acc, axis=0))
-
-
-def graph_us(fn, sets, reps=20):
-    for args in sets:
-        fn(*args)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for args in sets:
-            fn(*args)
-    g.replay()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / len(sets))
-    return statistics.median(times)
 
 
 def main():

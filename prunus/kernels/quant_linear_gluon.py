@@ -314,25 +314,44 @@ if gluon is not None:
     # few rows: the tensor-core GEMV (mma.sync, sm_80+)
 
     @gluon.jit
-    def _gemv_load(w_base, x_base, s_base, z_words, z_rows, step, GROUP: gl.constexpr, ONES: gl.constexpr):
-        """Step `step`'s operands: the words [BN, 16] (128 codes a row), the x tile [8, 128], the zero points (of
-        the word tile's rows, or with ONES of the accumulator's) and the scales of the accumulator's rows. Rows
-        past N and x rows past M were clamped to the last one: no masks, no predicated loads."""
-        g = step * 128 // GROUP
-        words = gl.load(w_base + step * 16)
-        xt = gl.load(x_base + step * 128)
-        z = gl.load((z_rows if ONES else z_words) + g).to(gl.int32)
-        sc = gl.load(s_base + g).to(gl.float32)
-        return words, xt, z, sc
+    def _gemv_bases(x_ptr, s_ptr, z_ptr, rows, n0, pid_m, M, N, stride_xm, stride_sn, stride_zn, lx: gl.constexpr,
+                    mma: gl.constexpr, BN: gl.constexpr):
+        """The GEMV's base pointers: x [8, 128] (rows past M copy the last one), the zero points of the word tile's
+        rows and of the accumulator's, its scales; and the accumulator's rows (the MMA's row m is rep, warp,
+        h (8 rows), g: the word tile's row rep, warp, g, h), past N clamped for the loads."""
+        x_rows = gl.minimum(pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, lx)), M - 1)
+        x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, 128, layout=gl.SliceLayout(0, lx))[None, :]
+        m = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        m_rows = n0 + (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
+        m_safe = gl.minimum(m_rows, N - 1)
+        return x_base, z_ptr + rows * stride_zn, z_ptr + m_safe * stride_zn, s_ptr + m_safe * stride_sn, m_rows
+
+    @gluon.jit
+    def _gemv_finish(out, m_rows, pid_m, pid_n, M, N, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym, mma: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr):
+        """Write out [BN outputs, 8 rows of x] into y (or its split-K partial)."""
+        cols = pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+        n2, m2 = gl.broadcast(m_rows[:, None], cols[None, :])
+        _finish(out, m2, n2, (m_rows < N)[:, None] & (cols < M)[None, :], b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                pid_m * gl.num_programs(0) + pid_n, N, stride_ym, HAS_BIAS, SPLIT_K)
 
     @gluon.jit
     def _gemv_params(x_base, s_base, z_words, z_rows, step, GROUP: gl.constexpr, ONES: gl.constexpr):
-        """`_gemv_load` without the words (the TMA kernel's)."""
+        """Step `step`'s x tile [8, 128], zero points (of the word tile's rows, or with ONES of the accumulator's)
+        and scales of the accumulator's rows (fp32). Rows past N and x rows past M were clamped to the last one:
+        no masks, no predicated loads."""
         g = step * 128 // GROUP
         xt = gl.load(x_base + step * 128)
         z = gl.load((z_rows if ONES else z_words) + g).to(gl.int32)
         sc = gl.load(s_base + g).to(gl.float32)
         return xt, z, sc
+
+    @gluon.jit
+    def _gemv_load(w_base, x_base, s_base, z_words, z_rows, step, GROUP: gl.constexpr, ONES: gl.constexpr):
+        """`_gemv_params` and the step's words [BN, 16] (128 codes a row)."""
+        words = gl.load(w_base + step * 16)
+        xt, z, sc = _gemv_params(x_base, s_base, z_words, z_rows, step, GROUP, ONES)
+        return words, xt, z, sc
 
     @gluon.jit
     def _gemv_step(words, xt, z, sc, out, l3: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr,
@@ -402,16 +421,8 @@ if gluon is not None:
 
         rows = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, lw)), N - 1)  # the word tile's rows
         w_base = w_ptr + rows[:, None] * stride_wn + gl.arange(0, 16, layout=gl.SliceLayout(0, lw))[None, :]
-        z_words = z_ptr + rows * stride_zn
-        x_rows = gl.minimum(pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, lx)), M - 1)  # past M: copies
-        x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, 128, layout=gl.SliceLayout(0, lx))[None, :]
-        # the accumulator's row m is the MMA's: rep, warp, h (8 rows), g -> the word tile's row rep, warp, g, h
-        m = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-        m_rows = n0 + (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
-        m_ok = m_rows < N
-        m_safe = gl.minimum(m_rows, N - 1)
-        s_base = s_ptr + m_safe * stride_sn
-        z_rows = z_ptr + m_safe * stride_zn
+        x_base, z_words, z_rows, s_base, m_rows = _gemv_bases(x_ptr, s_ptr, z_ptr, rows, n0, pid_m, M, N, stride_xm,
+                                                              stride_sn, stride_zn, lx, mma, BN)
 
         out = gl.zeros([BN, 8], gl.float32, mma)
         # loads AHEAD steps ahead of the arithmetic, in registers (clamped to the last step at the end)
@@ -433,10 +444,8 @@ if gluon is not None:
                 words, xt, z, sc = words2, xt2, z2, sc2
                 words2, xt2, z2, sc2 = words3, xt3, z3, sc3
 
-        cols = pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
-        n2, m2 = gl.broadcast(m_rows[:, None], cols[None, :])
-        _finish(out, m2, n2, m_ok[:, None] & (cols < M)[None, :], b_ptr, y_ptr, ws_ptr, cnt_ptr,
-                pid_m * gl.num_programs(0) + pid_n, N, stride_ym, HAS_BIAS, SPLIT_K)
+        _gemv_finish(out, m_rows, pid_m, pid_n, M, N, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym, mma, HAS_BIAS,
+                     SPLIT_K)
 
     @gluon.jit
     def _gemv_issue(w_desc, ws, bars, j, count, first, n0, STAGES: gl.constexpr):
@@ -483,15 +492,8 @@ if gluon is not None:
             _gemv_issue(w_desc, ws, bars, i, count, first, n0, STAGES)
 
         rows = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, lw)), N - 1)
-        z_words = z_ptr + rows * stride_zn
-        x_rows = gl.minimum(pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, lx)), M - 1)
-        x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, 128, layout=gl.SliceLayout(0, lx))[None, :]
-        m = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-        m_rows = n0 + (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
-        m_ok = m_rows < N
-        m_safe = gl.minimum(m_rows, N - 1)
-        s_base = s_ptr + m_safe * stride_sn
-        z_rows = z_ptr + m_safe * stride_zn
+        x_base, z_words, z_rows, s_base, m_rows = _gemv_bases(x_ptr, s_ptr, z_ptr, rows, n0, pid_m, M, N, stride_xm,
+                                                              stride_sn, stride_zn, lx, mma, BN)
 
         out = gl.zeros([BN, 8], gl.float32, mma)
         last = gl.maximum(first + count - 1, 0)
@@ -510,10 +512,8 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        cols = pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
-        n2, m2 = gl.broadcast(m_rows[:, None], cols[None, :])
-        _finish(out, m2, n2, m_ok[:, None] & (cols < M)[None, :], b_ptr, y_ptr, ws_ptr, cnt_ptr,
-                pid_m * gl.num_programs(0) + pid_n, N, stride_ym, HAS_BIAS, SPLIT_K)
+        _gemv_finish(out, m_rows, pid_m, pid_n, M, N, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym, mma, HAS_BIAS,
+                     SPLIT_K)
 
 
 @functools.cache
