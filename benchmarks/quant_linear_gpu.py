@@ -2,7 +2,7 @@
 
     python benchmarks/quant_linear_gpu.py [--explore] [--report PATH]
     python benchmarks/quant_linear_gpu.py --sweep 1,64,256 [--sweep-shapes 4096x4096] [--sweep-log PATH]
-        [--sweep-table prunus/kernels/measured_configs.json]
+        [--sweep-table prunus/kernels/measured_configs.json] [--sweep-wgmma | --sweep-gemv-mma]
     python benchmarks/quant_linear_gpu.py --table-from-log LOG --device-name NAME --sweep-table PATH
 
 Times `torch.ops.prunus.linear_int4` (group 128) at M = 1, 16, 64, 256 rows and `linear_int8` at M = 1, 256
@@ -17,7 +17,9 @@ from that table. `--sweep` times every candidate launch config of the int4 GEMV 
 (M > 1) explicitly, without the autotuner, and prints the best five per shape and M: the autotuner's config
 lists in `prunus.kernels.quant_linear_triton` come from it, and `--sweep-table` merges each shape's winner into
 the table of measured configs the ops use as is (`measured_configs.json`, keyed by the GPU's name).
-`--table-from-log` does the same from a `--sweep-log` file, offline.
+`--table-from-log` does the same from a `--sweep-log` file, offline. `--sweep-wgmma` and `--sweep-gemv-mma` sweep
+the Gluon kernels instead (`prunus.kernels.quant_linear_gluon`); their winners enter the table only where they beat
+the op's Triton path, timed in the same run.
 """
 from __future__ import annotations
 
