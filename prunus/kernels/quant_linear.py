@@ -192,7 +192,7 @@ def _kernels():
 
 
 def _gluon_kernels():
-    """The Gluon (Hopper wgmma) kernel module, or None where Triton lacks Gluon's Hopper API."""
+    """The Gluon kernel module (the Hopper wgmma GEMM, the tensor-core GEMV), or None where Triton lacks Gluon."""
     try:
         from prunus.kernels import quant_linear_gluon
     except ImportError:

@@ -48,12 +48,13 @@ Hopper GPU only (tests/kernels/test_quant_linear.py, `-k wgmma`), and one CPU te
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
 whole words of two weight rows and reads x at the same k, and the MMA's k slots are permuted to match (kernel
-docstring), so both operands go from the loads into the MMA's registers with no shuffle or shared memory (the
-conversions are asserted trivial at compile time; a CPU test checks that no shared memory is used). Instructions a
+docstring), so both operands go from the loads into the MMA's registers with no shuffle or shared memory (x only
+pairs its values by in-register byte permutes; the conversions are asserted trivial at compile time, and a CPU test
+checks that no shared memory is used beyond split-K's few bytes). Instructions a
 code in the loop (offline SASS, Triton 3.6, sm_90): 2.0 at 32 rows a warp against 3.5 for the best Triton GEMV
 (`quant_linear_triton`, ASM). Variants: ONES (the zero point applied after the MMA, from a second MMA with an
 all-ones A that sums x, instead of subtracted from the codes), AHEAD (loads one or two steps ahead in registers),
-STAGES (the words by TMA through a ring of shared-memory stages, `_int4_gemv_tma_kernel`). Needs bf16, integer
+STAGES (the words by TMA through a ring of shared-memory stages, `_int4_gemv_tma_kernel`, sm_90). Needs bf16, integer
 zero points and groups of a multiple of 128 (a step's 128 codes in one group). Used by the op only where
 `measured_configs.json` holds an "int4_gemv_mma" entry, written by `quant_linear_gpu.py --sweep-gemv-mma` only where
 it beat the Triton path in the same run. Status (H100, BENCHMARKS.md "int4 tensor-core GEMV in Gluon"): at 4 rows
@@ -81,13 +82,16 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     # Triton 3.6 (the GPU machine's) names it async_copy_global_to_shared; later versions async_load
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise (bar.sync of the CTA)
 except (ImportError, AttributeError):  # a Triton without Gluon's Hopper API: the Triton kernels serve all
     gluon = None
+try:
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+except (ImportError, AttributeError):  # without it only the tensor-core GEMV is off
+    mma_v2 = None
 
 # one word's 8 codes -> 4 registers of two bf16 in k order, (v - (128 + zero)) * scale with v = 128 + q: the fields
 # as magic floats (lop3: (word & mask) | 0x43004300 gives codes i and i + 4), PRMT into pairs (i, i + 1), then an
@@ -394,10 +398,11 @@ if gluon is not None:
         k (slot i 32 + s_hi 16 + s_lo 8 + 2 t + e holds k = 32 t + 8 i + 4 e + 2 s_hi + s_lo, the order the
         conversion leaves the codes in), the same for both operands, so the dot product is unchanged and both
         operands are in the MMA's register layout as converted and loaded: the layout conversions are trivial
-        (asserted at compile time). Per step the MMA accumulates in fp32, exactly, either (q - zero) . x (ONES=0:
+        (asserted at compile time). Per step the MMA sums exact products in fp32, either (q - zero) . x (ONES=0:
         the zero point subtracted from the codes, exact in bf16) or (128 + q) . x, with the sums of x from a second
-        MMA whose A is all ones (ONES=1: fewer instructions a code); the scale, and with ONES the zero point, then
-        apply to the step's [BN, 8] sums in fp32. The loads run AHEAD (1 or 2) steps ahead, in registers.
+        MMA whose A is all ones (ONES=1: fewer instructions a code; its rounding error scales with 143 |x| rather
+        than |q - zero| |x|, 10-20x ONES=0's, still far below a bf16 unit unless x has outliers of ~1000x); the
+        scale, and with ONES the zero point, then apply to the step's [BN, 8] sums in fp32. The loads run AHEAD (1 or 2) steps ahead, in registers.
         """
         BN: gl.constexpr = 16 * REPS * num_warps
         gl.static_assert(GROUP % 128 == 0, "a step (128 codes) lies in one group")
@@ -496,8 +501,8 @@ if gluon is not None:
                                                               stride_sn, stride_zn, lx, mma, BN)
 
         out = gl.zeros([BN, 8], gl.float32, mma)
-        last = gl.maximum(first + count - 1, 0)
-        xt, z, sc = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first, last), GROUP, ONES)
+        last = first + count - 1  # (read in the loop only, where count >= 1)
+        xt, z, sc = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first, steps - 1), GROUP, ONES)
         for j in range(0, count):
             # x and the group parameters one step ahead in registers, the words STAGES steps ahead by TMA
             xt2, z2, sc2 = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first + j + 1, last), GROUP,
@@ -590,8 +595,10 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
 
 
 def gemv_available(x: torch.Tensor) -> bool:
-    """Whether this GPU and Triton can run the tensor-core GEMV (mma.sync: compute capability 8.0 or later)."""
-    return gluon is not None and x.is_cuda and _capability(x.device.index or 0) >= (8, 0)
+    """Whether this GPU and Triton can run the tensor-core GEMV (mma.sync, NVIDIA: compute capability 8.0 or later;
+    its STAGES variant, TMA, 9.0)."""
+    return (gluon is not None and mma_v2 is not None and x.is_cuda and torch.version.hip is None
+            and _capability(x.device.index or 0) >= (8, 0))
 
 
 def gemv_config_for(x, words, scales, zeros, group: int) -> dict | None:
@@ -614,12 +621,16 @@ def gemv_unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         return "x must be bf16"
     if scales.dtype != x.dtype or zeros is None or zeros.dtype.is_floating_point:
         return "needs scales in x's dtype and integer zero points"
-    if group % 128 or x.shape[1] % group:
-        return f"needs a group size that is a multiple of 128 and divides K (group {group}, K={x.shape[1]})"
-    if (config.get("SPLIT_K", 1) < 1 or config.get("REPS", 1) not in (1, 2, 4, 8)
-            or config.get("AHEAD", 1) not in (1, 2)):
+    if x.shape[1] == 0 or group % 128 or x.shape[1] % group:
+        return f"needs a group size that is a multiple of 128 and divides K > 0 (group {group}, K={x.shape[1]})"
+    if (not {"REPS", "num_warps"} <= config.keys() or config.get("SPLIT_K", 1) < 1
+            or config["REPS"] not in (1, 2, 4, 8) or config.get("AHEAD", 1) not in (1, 2)):
         return f"bad config {config}"
-    if config.get("STAGES"):  # TMA: at most 256 rows a box, 16-byte aligned rows of words
+    if words.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
+        return "needs the words, scales and zero points contiguous along K"
+    if config.get("STAGES"):  # TMA: Hopper, at most 256 rows a box, 16-byte aligned rows of words
+        if not x.is_cuda or _capability(x.device.index or 0)[0] < 9:
+            return "STAGES (TMA) needs a GPU of compute capability 9.0 or later"
         if 16 * config["REPS"] * config["num_warps"] > 256:
             return "STAGES (TMA) takes at most 256 outputs a program"
         if words.stride(1) != 1 or (words.stride(0) * 4) % 16 or words.data_ptr() % 16:

@@ -805,7 +805,8 @@ def shape_key(M: int, N: int, K: int, group: int) -> str:
 
 
 def measured_config(kernel: str, device_name: str, M: int, N: int, K: int, group: int) -> dict | None:
-    """The measured config of `kernel` ("int4_gemv", "int4_gemm") on this GPU model and shape, or None."""
+    """The measured config of `kernel` ("int4_gemv", "int4_gemm"; the Gluon kernels' "int4_wgmma", "int4_gemv_mma")
+    on this GPU model and shape, or None."""
     return measured_configs().get(device_name, {}).get(kernel, {}).get(shape_key(M, N, K, group))
 
 

@@ -673,6 +673,8 @@ def test_cuda_int4_gemv_mma(qg, name, ones, m, n, k, group):
     xc, qwc, sc, zc, bc = to("cuda", x, qw, s, z, b)
     config = dict(qg.GEMV_CONFIGS[name.removesuffix("-tma")], ONES=ones)
     if name.endswith("-tma"):
+        if not _hopper():
+            pytest.skip("STAGES (TMA) needs a Hopper GPU")
         config["STAGES"] = 4
     for bias in (bc, None):
         y = qg.int4_gemv_mma(xc, qwc.view(torch.int32), sc, zc, bias, group, config)
@@ -703,7 +705,7 @@ def test_cuda_every_measured_gemv_mma_config_is_correct(qg, kernel, config):
 def test_cuda_linear_int4_dispatches_measured_shapes_to_gemv_mma(qg, qt, monkeypatch):
     """The op runs the tensor-core GEMV where the measured table has a config for the shape and row bucket (same
     output bit for bit), and the Triton kernels elsewhere: other buckets, and groups it cannot take (64)."""
-    config = dict(qg.GEMV_CONFIGS["r2w4k4"], ONES=1)
+    config = dict(qg.GEMV_CONFIGS["r2w4k1"], ONES=1)  # no split-K: the same output bit for bit on every call
     name = qt._device_name(0)
     table = {name: {"int4_gemv_mma": {qt.shape_key(1, 256, 2048, 128): config,
                                       qt.shape_key(1, 256, 2048, 64): config}}}
@@ -735,12 +737,18 @@ def test_cuda_int4_gemv_mma_refuses_what_it_cannot_run(qg):
         qg.int4_gemv_mma(x, qw.view(torch.int32), s, z, None, 128, config)
     with pytest.raises(ValueError, match="must be bf16"):
         qg.int4_gemv_mma(x.half(), qw.view(torch.int32), s.half(), z, None, 128, config)
+    with pytest.raises(ValueError, match="bad config"):
+        qg.int4_gemv_mma(x, qw.view(torch.int32), s, z.round().to(torch.uint8), None, 128, dict(REPS=2))
+    with pytest.raises(ValueError, match="K > 0"):
+        qg.int4_gemv_mma(x[:, :0], qw.view(torch.int32)[:, :0], s[:, :0], z.round().to(torch.uint8)[:, :0], None,
+                         128, config)
 
 
 @pytest.mark.parametrize("config", [dict(REPS=2, SPLIT_K=4, num_warps=4, ONES=1),
                                     dict(REPS=1, SPLIT_K=1, num_warps=8, ONES=0),
-                                    dict(REPS=2, SPLIT_K=1, num_warps=4, ONES=1, STAGES=4)],
-                         ids=["ones", "minus-zero", "tma"])
+                                    dict(REPS=2, SPLIT_K=1, num_warps=4, ONES=1, STAGES=4),
+                                    dict(REPS=2, SPLIT_K=2, num_warps=4, ONES=1, AHEAD=2)],
+                         ids=["ones", "minus-zero", "tma", "two-steps-ahead"])
 def test_int4_gemv_mma_compiles_without_layout_conversions(qg, config, tmp_path):
     """Offline (no GPU): the tensor-core GEMV compiles for sm_90 with its operands converted and loaded straight
     into the MMA's register layout: the conversions are asserted trivial at compile time, and the kernel uses no
