@@ -2,7 +2,7 @@
 
     python benchmarks/quant_linear_gpu.py [--explore] [--report PATH]
     python benchmarks/quant_linear_gpu.py --sweep 1,64,256 [--sweep-shapes 4096x4096] [--sweep-log PATH]
-        [--sweep-table prunus/kernels/measured_configs.json] [--sweep-wgmma | --sweep-gemv-mma]
+        [--sweep-table prunus/kernels/measured_configs.json] [--sweep-wgmma | --sweep-wgmma-rs | --sweep-gemv-mma]
     python benchmarks/quant_linear_gpu.py --table-from-log LOG --device-name NAME --sweep-table PATH
 
 Times `torch.ops.prunus.linear_int4` (group 128) at M = 1, 16, 64, 256 rows and `linear_int8` at M = 1, 256
@@ -17,8 +17,8 @@ from that table. `--sweep` times every candidate launch config of the int4 GEMV 
 (M > 1) explicitly, without the autotuner, and prints the best five per shape and M: the autotuner's config
 lists in `prunus.kernels.quant_linear_triton` come from it, and `--sweep-table` merges each shape's winner into
 the table of measured configs the ops use as is (`measured_configs.json`, keyed by the GPU's name).
-`--table-from-log` does the same from a `--sweep-log` file, offline. `--sweep-wgmma` and `--sweep-gemv-mma` sweep
-the Gluon kernels instead (`prunus.kernels.quant_linear_gluon`); their winners enter the table only where they beat
+`--table-from-log` does the same from a `--sweep-log` file, offline. `--sweep-wgmma`, `--sweep-wgmma-rs` (the weight as the
+register operand) and `--sweep-gemv-mma` sweep the Gluon kernels instead (`prunus.kernels.quant_linear_gluon`); their winners enter the table only where they beat
 the op's Triton path, timed in the same run.
 """
 from __future__ import annotations
@@ -261,6 +261,17 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                 for reps, sk in [(1, 4), (1, 8), (1, 16), (2, 2), (2, 4), (2, 8), (2, 16)]
                 for stages in (4, 8, 12) for ones in (0, 1)]
         return out
+    if kind == "wgmma_rs":  # the Gluon kernel with the weight as the register operand: rows of x a tile, warp
+        # groups (64 outputs each), split-K; the ring as deep as 200 KB of shared memory holds (at most 8), or
+        # 100 KB (two programs an SM)
+        for bt in (64, 128, 256):
+            for warps in (4, 8):
+                for sk in (1, 2, 4):
+                    if bt > max(64, 2 * m) or (sk > 1 and bt * 2 < m):
+                        continue
+                    for stages in sorted({min(8, 200 * 1024 // (bt * 128)), min(8, 100 * 1024 // (bt * 128))}):
+                        out.append(dict(BLOCK_T=bt, STAGES=stages, SPLIT_K=sk, num_warps=warps))
+        return out
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):
@@ -363,7 +374,7 @@ def merge_winners(path: str, device: str, winners: dict) -> None:
 def winner_entry(k: int, n: int, m: int, cfg: dict) -> tuple:
     from prunus.kernels.quant_linear_triton import shape_key
 
-    kernel = ("int4_wgmma" if "STAGES" in cfg and "BLOCK_M" in cfg else "int4_gemv_mma" if "REPS" in cfg
+    kernel = ("int4_wgmma" if "STAGES" in cfg and ("BLOCK_M" in cfg or "BLOCK_T" in cfg) else "int4_gemv_mma" if "REPS" in cfg
               else "int4_gemv" if m == 1 else "int4_gemm")
     return (kernel, shape_key(m, n, k, GROUP)), cfg
 
@@ -401,9 +412,11 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=No
         case = Case("int4", k, n, gen)
         for m in ms:
             kind = gluon or ("gemv" if m == 1 else "gemm")
-            run = dict(gemv=qt.int4_gemv, gemm=qt.int4_gemm, wgmma=wgmma_op, gemv_mma=gemv_mma_op)[kind]
+            run = dict(gemv=qt.int4_gemv, gemm=qt.int4_gemm, wgmma=wgmma_op, wgmma_rs=wgmma_op,
+                       gemv_mma=gemv_mma_op)[kind]
             results = []
-            kernel = dict(wgmma=lambda: qg._int4_wgmma_kernel, gemv_mma=lambda: qg._int4_gemv_mma_kernel,
+            kernel = dict(wgmma=lambda: qg._int4_wgmma_kernel, wgmma_rs=lambda: qg._int4_wgmma_rs_kernel,
+                          gemv_mma=lambda: qg._int4_gemv_mma_kernel,
                           gemv=lambda: qt._int4_gemv_kernel, gemm=lambda: qt._int4_gemm_kernel)[kind]()
             defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
             for cfg in sweep_configs(kind, m):
@@ -426,10 +439,11 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=No
             # a Gluon kernel enters the table only where it beats the op's Triton path (wgmma: the tensor-core
             # kernel up to 256 rows, dequantize + cuBLAS beyond; gemv_mma: the GEMV at 1 row, the tensor-core kernel
             # above), timed here in the same run, and only within the op's row range for it
-            t_old = (case.time_quant(triton_path, m) if kind == "wgmma" else case.time_quant(few_rows_path, m)
+            gemm = kind in ("wgmma", "wgmma_rs")
+            t_old = (case.time_quant(triton_path, m) if gemm else case.time_quant(few_rows_path, m)
                      if kind == "gemv_mma" else math.inf)
             ql = pk.quant_linear
-            usable = (m >= ql.INT4_WGMMA_MIN_ROWS if kind == "wgmma" else m <= ql.INT4_GEMV_MMA_MAX_ROWS
+            usable = (m >= ql.INT4_WGMMA_MIN_ROWS if gemm else m <= ql.INT4_GEMV_MMA_MAX_ROWS
                       if kind == "gemv_mma" else True)
             right = [r for r in results if math.isfinite(r[0]) and isinstance(r[2], float) and r[2] < 1e-2]
             if table_path and usable and right and right[0][0] < t_old:  # the fastest config whose output is right
@@ -449,6 +463,8 @@ def main() -> None:
     ap.add_argument("--sweep-shapes", default=None, help="only these K,N shapes, e.g. 4096x4096,14336x4096")
     ap.add_argument("--sweep-only", default=None, help="only the configs with these values, e.g. W_AS_B=1,DEQUANT=3")
     ap.add_argument("--sweep-wgmma", action="store_true", help="sweep the Gluon wgmma kernel's configs (Hopper)")
+    ap.add_argument("--sweep-wgmma-rs", action="store_true",
+                    help="sweep the Gluon wgmma kernel with the weight as the register operand (Hopper)")
     ap.add_argument("--sweep-gemv-mma", action="store_true",
                     help="sweep the Gluon tensor-core GEMV's configs (few rows; sm_80+)")
     ap.add_argument("--sweep-log", default=None, help="file to append every swept config's time to")
@@ -473,7 +489,8 @@ def main() -> None:
         only = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.sweep_only.split(","))) \
             if args.sweep_only else None
         sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only,
-              "wgmma" if args.sweep_wgmma else "gemv_mma" if args.sweep_gemv_mma else None)
+              "wgmma" if args.sweep_wgmma else "wgmma_rs" if args.sweep_wgmma_rs else "gemv_mma"
+              if args.sweep_gemv_mma else None)
         return
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",

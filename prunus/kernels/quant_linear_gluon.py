@@ -45,6 +45,15 @@ and of the group size, BLOCK_K dividing the group size, 16-byte aligned rows of 
 else runs on the Triton kernels of `quant_linear_triton`. Gluon has no interpreter: the kernel runs in tests on a
 Hopper GPU only (tests/kernels/test_quant_linear.py, `-k wgmma`), and one CPU test compiles it offline.
 
+Part 1b, the weight as the wgmma's register operand (`_int4_wgmma_rs_kernel`, configs with BLOCK_T): swap A and B,
+y^T = W x^T. Each warp group takes 64 outputs as the wgmma's M and BLOCK_T rows of x (up to 256) as its N; x comes
+by TMA into a ring of STAGES shared-memory stages as the B operand, and the weight never goes through shared
+memory: each thread loads the words of its two rows straight from global memory, one step ahead, and converts the
+byte its place in the MMA's register layout needs (codes 2 t and 2 t + 1 of each word for lane t of a quad: four
+threads load the same words) into the A registers. Step j + 1's conversion runs while step j's wgmma does, with no
+barrier between them; one CTA barrier a step frees the x stage of step j - 1 for its refill. Same dequantization
+as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
+
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
 whole words of two weight rows and reads x at the same k, and the MMA's k slots are permuted to match (kernel
@@ -148,6 +157,19 @@ lop3.b32 $2, u, 0x000F000F, 0x43004300, 0xEA;
 shr.u32 u, $4, 12;
 lop3.b32 $3, u, 0x000F000F, 0x43004300, 0xEA;
 }""")
+# byte t of a word (codes 2 t, 2 t + 1) -> one register of two bf16, (v - (128 + zero)) * scale with v = 128 + q:
+# the low code as a magic float in the low half, the high one shifted up into the high half. pack=2: $1, $2 the
+# word, $3, $4 the shift 8 t, $5, $6 (128 + zero) twice, $7, $8 the scale twice (copies of one value each).
+BYTE_PAIR_BF16 = triton.language.constexpr("""{
+.reg .b32 u, v, a;
+shr.u32 u, $1, $3;
+lop3.b32 a, u, 0x0000000F, 0x43004300, 0xEA;
+shl.b32 v, u, 12;
+lop3.b32 a, v, 0x000F0000, a, 0xEA;
+sub.rn.bf16x2 a, a, $5;
+mul.rn.bf16x2 $0, a, $7;
+}""")
+BYTE_PAIR_BF16_CONSTRAINTS = triton.language.constexpr("=r," + ",".join(["r"] * 8))
 CODES_MINUS_ZERO_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
 CODES_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8))
 
@@ -160,6 +182,12 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     # split-K: enough programs for the SMs with few row tiles
     "m64n128k4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=5, SPLIT_K=4, num_warps=4),
     "m128n128k2": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=5, SPLIT_K=2, num_warps=8),
+    # the weight as the register operand (`_int4_wgmma_rs_kernel`): BLOCK_T rows of x, 16 num_warps outputs
+    "t256n128": dict(BLOCK_T=256, STAGES=4, num_warps=8),
+    "t128n128": dict(BLOCK_T=128, STAGES=6, num_warps=8),
+    "t128n64": dict(BLOCK_T=128, STAGES=6, num_warps=4),
+    "t64n128": dict(BLOCK_T=64, STAGES=8, num_warps=8),
+    "t128n128k2": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, num_warps=8),
 }
 
 # the tensor-core GEMV (`int4_gemv_mma`): BN = 16 REPS num_warps outputs a program, 8 rows of x a program
@@ -313,6 +341,144 @@ if gluon is not None:
         if HAS_BIAS:
             acc = acc + gl.load(b_ptr + n2, mask=mask, other=0.0).to(gl.float32)
         gl.store(y_ptr + m2 * stride_ym + n2, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    # -----------------------------------------------------------------------------------------------------
+    # many rows, the weight as the wgmma's register operand (swap AB: y^T = W x^T)
+
+    @gluon.jit
+    def _rs_issue(x_desc, xs, bars, j, count, first, off_t, STAGES: gl.constexpr):
+        """TMA load of the x tile [BLOCK_T, 64] of this program's step j (K step first + j) into stage j % STAGES
+        (none past count). Rows past M come as zeros."""
+        s = j % STAGES
+        ok = j < count
+        bar = bars.index(s)
+        mbarrier.expect(bar, x_desc.block_type.nbytes, pred=ok)
+        _tma_load(x_desc, [off_t, (first + j) * 64], bar, xs.index(s), pred=ok)
+
+    @gluon.jit
+    def _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step, lw: gl.constexpr,
+                 GROUP: gl.constexpr):
+        """Step `step`'s words [NW, 2, 8, 8] (64 codes of each of the thread's rows) and its rows' packed group
+        parameters (the scale twice, (128 + zero) twice as magic floats)."""
+        words = gl.convert_layout(gl.load(w_base + step * 8), lw, assert_trivial=True)
+        scale2, zoff = _group_params(s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step * 64 // GROUP)
+        return words, scale2, zoff | 0x43004300
+
+    @gluon.jit
+    def _rs_tile(words, scale2, zoff, shift, a_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The bf16 A operand [BLOCK_N, 64] in the wgmma's register layout, from words [NW, 2, 8, 8]: thread
+        (g, t) of a quad holds k = 8 w + 2 t + e of rows g and g + 8 of its warp's 16, codes 2 t and 2 t + 1 of
+        each word of those rows, byte t (shift = 8 t)."""
+        w6, sh = gl.broadcast(words[:, :, :, :, None, None], shift)
+        z6, _ = gl.broadcast(zoff[:, :, :, None, None, None], sh)
+        s6, _ = gl.broadcast(scale2[:, :, :, None, None, None], sh)
+        pairs = gl.inline_asm_elementwise(BYTE_PAIR_BF16, BYTE_PAIR_BF16_CONSTRAINTS, [w6, sh, z6, s6],
+                                          dtype=gl.bfloat16, is_pure=True, pack=2)
+        # [warp, h, g | w, t, e] is [row = 16 warp + 8 h + g, k = 8 w + 2 t + e]
+        return gl.convert_layout(gl.reshape(pairs, [BLOCK_N, 64]), a_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, shift, j, count,
+                 first, last, off_t, stride_sn, stride_zn, use_acc, lw: gl.constexpr, a_layout: gl.constexpr,
+                 GROUP: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Step j: load step j + 1's words, convert step j's into registers, issue its wgmma; once the MMA of
+        step j - 1 is done in every warp group (wait, then the CTA barrier), refill the x stage it read."""
+        words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
+                                          gl.minimum(first + j + 1, last), lw, GROUP)
+        a = _rs_tile(words, scale2, zoff, shift, a_layout, BLOCK_N)
+        s = j % STAGES
+        mbarrier.wait(bars.index(s), (j // STAGES) & 1)
+        acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
+        acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
+        _cta_barrier()
+        _rs_issue(x_desc, xs, bars, j - 1 + STAGES, count, first, off_t, STAGES)
+        return acc, words2, scale22, zoff2
+
+    @gluon.jit
+    def _int4_wgmma_rs_kernel(x_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                              stride_wn, stride_sn, stride_zn, stride_ym,
+                              GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr,
+                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+        """y^T tile [BLOCK_N = 16 num_warps outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
+
+        The weight is the wgmma's A operand, in registers: each warp group takes 64 outputs (the wgmma's M), the
+        rows of x are its N (BLOCK_T, up to 256), and x is its B operand in shared memory, brought by TMA through
+        a ring of STAGES stages. The words load from global memory straight into the registers of the threads
+        that convert them, one step ahead: thread (g, t) of a quad loads the 8 words (64 codes) of each of its two
+        rows (four threads load the same words) and keeps byte t of each, the two codes the MMA's layout gives it
+        (`_rs_tile`, asserted trivial at compile time). No shared-memory round trip of the weight tile and no
+        barrier between its conversion and the MMA: step j + 1's conversion runs while step j's wgmma does. One
+        CTA barrier a step frees the x stage of step j - 1 for its refill."""
+        BLOCK_N: gl.constexpr = 16 * num_warps
+        NW: gl.constexpr = num_warps
+        gl.static_assert(num_warps % 4 == 0, "whole warp groups")
+        gl.static_assert(GROUP % 64 == 0, "a step (64 codes) lies in one group")
+        gl.static_assert(STAGES >= 2, "the ring holds the step in flight and the next")
+        # [warp, h, g, w, t, e]: rows 16 warp + 8 h + g, k = 8 w + 2 t + e; registers e, h, w as the wgmma's
+        # register operand has them, lanes t, g
+        lT: gl.constexpr = gl.BlockedLayout([1, 2, 1, 8, 1, 2], [1, 1, 8, 1, 4, 1], [NW, 1, 1, 1, 1, 1],
+                                            [5, 4, 1, 2, 3, 0])
+        lw: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, lT))  # words [NW, 2, 8, 8]
+        lp: gl.constexpr = gl.SliceLayout(3, lw)  # per row [NW, 2, 8]
+        # the words as loaded: the same threads, each row's 8 words in consecutive registers (two 16-byte loads)
+        lwl: gl.constexpr = gl.BlockedLayout([1, 2, 1, 8], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 1, 2, 0])
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                      instr_shape=[16, BLOCK_T, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+
+        pid_t = gl.program_id(0)  # the row tiles of x that share a weight tile are neighbours: its words from L2
+        pid_n = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        off_t = pid_t * BLOCK_T
+        off_n = pid_n * BLOCK_N
+        count = K // 64 // SPLIT_K
+        first = pid_k * count
+        last = first + count - 1
+
+        r_w = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, lp)))
+        r_h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, lp)))
+        r_g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, lp)))
+        rows = off_n + r_w[:, None, None] * 16 + r_h[None, :, None] * 8 + r_g[None, None, :]
+        n_ok = rows < N
+        rows = gl.minimum(rows, N - 1)  # rows past N read the last one (masked at the store)
+        w_k = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, lwl))))
+        w_rows = gl.convert_layout(rows, gl.SliceLayout(3, lwl))
+        w_base = w_ptr + w_rows[:, :, :, None] * stride_wn + w_k[None, None, None, :]
+        # the shift 8 t of a thread's byte, [1, 1, 1, 1, 4, 2] (t along the quad's lanes, the same for both e)
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, gl.SliceLayout(5, lT))))))
+        e = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, gl.SliceLayout(4, lT))))))
+        shift = t[None, None, None, None, :, None] * 8 + e[None, None, None, None, None, :] * 0
+
+        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_T, 64], x_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        for i in gl.static_range(STAGES - 1):
+            _rs_issue(x_desc, xs, bars, i, count, first, off_t, STAGES)
+
+        words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, first, lw, GROUP)
+        # step 0 peeled, use_acc=False (see _int4_wgmma_kernel)
+        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
+        acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows,
+                                            n_ok, shift, 0, count, first, last, off_t, stride_sn, stride_zn, False,
+                                            lw, a_layout, GROUP, BLOCK_N, STAGES)
+        for j in range(1, count):
+            acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr,
+                                                rows, n_ok, shift, j, count, first, last, off_t, stride_sn,
+                                                stride_zn, True, lw, a_layout, GROUP, BLOCK_N, STAGES)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
+        mask = (offs_n < N)[:, None] & (offs_t < M)[None, :]
+        n2, m2 = gl.broadcast(offs_n[:, None], offs_t[None, :])
+        _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, N,
+                stride_ym, HAS_BIAS, SPLIT_K)
 
     # -----------------------------------------------------------------------------------------------------
     # few rows: the tensor-core GEMV (mma.sync, sm_80+)
@@ -545,7 +711,11 @@ def config_for(x, words, scales, zeros, group: int) -> dict | None:
 
 
 def _blocks(config: dict) -> list:
-    """(element type, TMA block shape, shared layout) of the activation (bf16) and word descriptors."""
+    """(element type, TMA block shape, shared layout) of the activation (bf16) and word descriptors (only the
+    activation's for the register-operand kernel)."""
+    if "BLOCK_T" in config:
+        bt = config["BLOCK_T"]
+        return [(gl.bfloat16, [bt, 64], gl.NVMMASharedLayout.get_default_for([bt, 64], gl.bfloat16))]
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     return [(gl.bfloat16, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)),
             (gl.int32, [bn, bk // 8], gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32))]
@@ -560,6 +730,18 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         return "needs scales in x's dtype and integer zero points"
     if K % group:
         return f"K={K} is not a multiple of the group size {group}"
+    if "BLOCK_T" in config:  # the register-operand kernel: steps of 64, whole warp groups, TMA for x only
+        if config["BLOCK_T"] not in (64, 128, 256) or config.get("num_warps") not in (4, 8) or config["STAGES"] < 2:
+            return f"bad config {config}"
+        if K % 64 or group % 64:
+            return "the K step of 64 must divide K and the group size"
+        if (K // 64) % config.get("SPLIT_K", 1):
+            return f"SPLIT_K={config.get('SPLIT_K', 1)} must divide the {K // 64} K steps"
+        if words.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
+            return "needs the words, scales and zero points contiguous along K"
+        if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+            return "TMA needs 16-byte aligned, contiguous rows of x"
+        return None
     if K % config["BLOCK_K"] or group % config["BLOCK_K"]:
         return f"BLOCK_K={config['BLOCK_K']} must divide K and the group size"
     if (K // config["BLOCK_K"]) % config.get("SPLIT_K", 1):
@@ -577,13 +759,24 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
         raise ValueError(reason)
     M, K = x.shape
     N = words.shape[0]
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
+    split_k = config.get("SPLIT_K", 1)
+    if "BLOCK_T" in config:  # the weight as the register operand
+        bt, bn = config["BLOCK_T"], 16 * config["num_warps"]
+        x_desc = TensorDescriptor.from_tensor(x, *_blocks(config)[0][1:])
+        grid = (triton.cdiv(M, bt), triton.cdiv(N, bn), split_k)
+        ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
+        _int4_wgmma_rs_kernel[grid](x_desc, words, scales.view(torch.int16), zeros,
+                                    bias if bias is not None else y, y, ws, cnt, M, N, K, words.stride(0),
+                                    scales.stride(0), zeros.stride(0), y.stride(0), GROUP=group,
+                                    HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
+                                    SPLIT_K=split_k, num_warps=config["num_warps"])
+        return y
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
                       for t, (_, block, layout) in zip((x, words), _blocks(config))]
-    split_k = config.get("SPLIT_K", 1)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split_k)
     ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
     _int4_wgmma_kernel[grid](x_desc, w_desc, scales.view(torch.int16), zeros, bias if bias is not None else y, y,
@@ -703,6 +896,14 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
         pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16",
                         ws_ptr="*fp32", cnt_ptr="*i32")
         divisible = ("K", "stride_xm", "stride_wn", "stride_ym")
+    elif "BLOCK_T" in config:
+        fn = _int4_wgmma_rs_kernel
+        consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
+                      SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
+        descs = dict(x_desc=_blocks(config)[0])
+        pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
+                        cnt_ptr="*i32")
+        divisible = ("N", "K", "stride_wn", "stride_sn", "stride_zn", "stride_ym")
     else:
         fn = _int4_wgmma_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_M=config["BLOCK_M"],

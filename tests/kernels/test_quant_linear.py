@@ -548,7 +548,8 @@ def qg():
 
 
 @needs_hopper
-@pytest.mark.parametrize("name", ["m128n128", "m128n64", "m64n128", "m256n128", "m64n64", "m64n128k4", "m128n128k2"])
+@pytest.mark.parametrize("name", ["m128n128", "m128n64", "m64n128", "m256n128", "m64n64", "m64n128k4", "m128n128k2",
+                                  "t256n128", "t128n128", "t128n64", "t64n128", "t128n128k2"])
 @pytest.mark.parametrize("m, n, k, group", [(200, 300, 2048, 128), (64, 128, 4096, 64), (513, 256, 4096, 256)],
                          ids=["ragged", "one-tile-long-k", "many-row-tiles"])
 def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
@@ -573,8 +574,10 @@ def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
 def test_cuda_every_measured_wgmma_config_is_correct(qg, kernel, config):
     if not config:
         pytest.skip("no wgmma config measured")
-    q, qw, s, z = int4_weight(config["BLOCK_N"] + 8, 2048, 128, seed=9, dtype=torch.bfloat16)
-    x = torch.randn(config["BLOCK_M"] + 5, 2048, generator=_gen(43)).bfloat16()
+    n, m = (16 * config["num_warps"], config["BLOCK_T"]) if "BLOCK_T" in config else (config["BLOCK_N"],
+                                                                                      config["BLOCK_M"])
+    q, qw, s, z = int4_weight(n + 8, 2048, 128, seed=9, dtype=torch.bfloat16)
+    x = torch.randn(m + 5, 2048, generator=_gen(43)).bfloat16()
     y = qg.int4_gemm_wgmma(*to("cuda", x), qw.cuda().view(torch.int32), *to("cuda", s, z), None, 128, config)
     assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 128).T) < 1e-2
 
@@ -621,12 +624,14 @@ def test_cuda_int4_wgmma_refuses_what_it_cannot_run(qg):
         qg.int4_gemm_wgmma(rows_off_16, words, s, z, None, 32, dict(qg.CONFIGS["m128n128"], BLOCK_K=32))
 
 
-@pytest.mark.parametrize("name", ["m128n128", "m64n128k4"])
+@pytest.mark.parametrize("name", ["m128n128", "m64n128k4", "t256n128", "t64n128"])
 def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     """Offline (no GPU): the kernel compiles for sm_90, fits in shared memory, and ptxas keeps its wgmmas
     asynchronous. A zero-initialized accumulator entering the loop made ptxas serialize them (C7515), which
-    would leave the conversion of the next tile unoverlapped. Compiled in a subprocess: the interpreter, which
-    the other tests run, patches Triton's language objects in this one."""
+    would leave the conversion of the next tile unoverlapped; with the weight as the register operand, so would
+    its registers redefined while a wgmma reads them (the conversion into them is asserted trivial at compile
+    time too). Compiled in a subprocess: the interpreter, which the other tests run, patches Triton's language
+    objects in this one."""
     import os
     import subprocess
     import sys
