@@ -262,14 +262,13 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                 for stages in (4, 8, 12) for ones in (0, 1)]
         return out
     if kind == "wgmma_rs":  # the Gluon kernel with the weight as the register operand: rows of x a tile, warp
-        # groups (64 outputs each), split-K; the ring as deep as 200 KB of shared memory holds (at most 8), or
-        # 100 KB (two programs an SM)
+        # groups (64 outputs each), split-K; the ring as deep as 1, 2 or 3 programs an SM leave room for (<= 8)
         for bt in (64, 128, 256):
             for warps in (4, 8):
                 for sk in (1, 2, 4):
                     if bt > max(64, 2 * m) or (sk > 1 and bt * 2 < m):
                         continue
-                    for stages in sorted({min(8, 200 * 1024 // (bt * 128)), min(8, 100 * 1024 // (bt * 128))}):
+                    for stages in sorted({min(8, 220 * 1024 // (c * bt * 128)) for c in (1, 2, 3)} - {0, 1}):
                         out.append(dict(BLOCK_T=bt, STAGES=stages, SPLIT_K=sk, num_warps=warps))
         return out
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB

@@ -50,8 +50,10 @@ y^T = W x^T. Each warp group takes 64 outputs as the wgmma's M and BLOCK_T rows 
 by TMA into a ring of STAGES shared-memory stages as the B operand, and the weight never goes through shared
 memory: each thread loads the words of its two rows straight from global memory, one step ahead, and converts the
 byte its place in the MMA's register layout needs (codes 2 t and 2 t + 1 of each word for lane t of a quad: four
-threads load the same words) into the A registers. Step j + 1's conversion runs while step j's wgmma does, with no
-barrier between them; one CTA barrier a step frees the x stage of step j - 1 for its refill. Same dequantization
+threads load the same words) into the A registers. A program waits for each step's wgmma before converting the
+next (with one left in flight, ptxas reused its A registers for the next conversion: wrong outputs), so the
+conversions overlap the MMAs of the other programs on the SM (one warp group a program, a ring small enough for 2-3
+programs an SM); one CTA barrier a step frees the x stage for its refill. Same dequantization
 as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
@@ -380,19 +382,23 @@ if gluon is not None:
     @gluon.jit
     def _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, shift, j, count,
                  first, last, off_t, stride_sn, stride_zn, use_acc, lw: gl.constexpr, a_layout: gl.constexpr,
-                 GROUP: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Step j: load step j + 1's words, convert step j's into registers, issue its wgmma; once the MMA of
-        step j - 1 is done in every warp group (wait, then the CTA barrier), refill the x stage it read."""
+                 GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Step j: load step j + 1's words, convert step j's into registers, run its wgmma to completion, then
+        (every warp group done: the CTA barrier) refill the x stage it read with step j + STAGES.
+
+        The MMA is waited for before the next step's conversion: with one wgmma left in flight (wait(1)), ptxas
+        (Triton 3.6) gave the next conversion the registers the MMA in flight was still reading (its A operand),
+        and the outputs were wrong on the H100 in most configs. The conversion of one program overlaps the MMAs
+        of the others on its SM instead (configs with one warp group and a ring small enough for 2-3 programs)."""
         words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
                                           gl.minimum(first + j + 1, last), lw, GROUP)
         a = _rs_tile(words, scale2, zoff, shift, a_layout, BLOCK_N)
         s = j % STAGES
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
         acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
-        acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         _cta_barrier()
-        _rs_issue(x_desc, xs, bars, j - 1 + STAGES, count, first, off_t, STAGES)
+        _rs_issue(x_desc, xs, bars, j + STAGES, count, first, off_t, STAGES)
         return acc, words2, scale22, zoff2
 
     @gluon.jit
@@ -407,14 +413,14 @@ if gluon is not None:
         a ring of STAGES stages. The words load from global memory straight into the registers of the threads
         that convert them, one step ahead: thread (g, t) of a quad loads the 8 words (64 codes) of each of its two
         rows (four threads load the same words) and keeps byte t of each, the two codes the MMA's layout gives it
-        (`_rs_tile`, asserted trivial at compile time). No shared-memory round trip of the weight tile and no
-        barrier between its conversion and the MMA: step j + 1's conversion runs while step j's wgmma does. One
-        CTA barrier a step frees the x stage of step j - 1 for its refill."""
+        (`_rs_tile`, asserted trivial at compile time). No shared-memory round trip of the weight tile. Each
+        step's MMA completes before the next conversion (`_rs_step`), and one CTA barrier a step then frees its x
+        stage for the refill."""
         BLOCK_N: gl.constexpr = 16 * num_warps
         NW: gl.constexpr = num_warps
         gl.static_assert(num_warps % 4 == 0, "whole warp groups")
         gl.static_assert(GROUP % 64 == 0, "a step (64 codes) lies in one group")
-        gl.static_assert(STAGES >= 2, "the ring holds the step in flight and the next")
+        gl.static_assert(STAGES >= 2, "the ring holds the step being multiplied and the next")
         # [warp, h, g, w, t, e]: rows 16 warp + 8 h + g, k = 8 w + 2 t + e; registers e, h, w as the wgmma's
         # register operand has them, lanes t, g
         lT: gl.constexpr = gl.BlockedLayout([1, 2, 1, 8, 1, 2], [1, 1, 8, 1, 4, 1], [NW, 1, 1, 1, 1, 1],
@@ -456,7 +462,7 @@ if gluon is not None:
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        for i in gl.static_range(STAGES - 1):
+        for i in gl.static_range(STAGES):
             _rs_issue(x_desc, xs, bars, i, count, first, off_t, STAGES)
 
         words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, first, lw, GROUP)
@@ -469,7 +475,6 @@ if gluon is not None:
             acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr,
                                                 rows, n_ok, shift, j, count, first, last, off_t, stride_sn,
                                                 stride_zn, True, lw, a_layout, GROUP, BLOCK_N, STAGES)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
