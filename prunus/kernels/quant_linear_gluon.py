@@ -159,19 +159,25 @@ lop3.b32 $2, u, 0x000F000F, 0x43004300, 0xEA;
 shr.u32 u, $4, 12;
 lop3.b32 $3, u, 0x000F000F, 0x43004300, 0xEA;
 }""")
-# byte t of a word (codes 2 t, 2 t + 1) -> one register of two bf16, (v - (128 + zero)) * scale with v = 128 + q:
-# the low code as a magic float in the low half, the high one shifted up into the high half. pack=2: $1, $2 the
-# word, $3, $4 the shift 8 t, $5, $6 (128 + zero) twice, $7, $8 the scale twice (copies of one value each).
-BYTE_PAIR_BF16 = triton.language.constexpr("""{
-.reg .b32 u, v, a;
-shr.u32 u, $1, $3;
-lop3.b32 a, u, 0x0000000F, 0x43004300, 0xEA;
-shl.b32 v, u, 12;
-lop3.b32 a, v, 0x000F0000, a, 0xEA;
-sub.rn.bf16x2 a, a, $5;
-mul.rn.bf16x2 $0, a, $7;
+# byte t (codes 2 t, 2 t + 1) of two words w0, w1 -> two registers of two bf16, (v - (128 + zero)) * scale with
+# v = 128 + q: PRMT gathers the two bytes, the low and the high codes become magic floats' low bytes (lop3, a shift),
+# and PRMT pairs each byte's two codes with the 0x43 high bytes. pack=4: $2..$5 the words (w0, w0, w1, w1), $6 the
+# PRMT selector of byte t (t 0x1111 + 0x4040: bytes t of w0, t of w1, twice), $10 (128 + zero) twice, $14 the
+# scale twice (copies of one value each in $6..$9, $10..$13, $14..$17).
+BYTE_PAIRS_BF16 = triton.language.constexpr("""{
+.reg .b32 d, x, u, y;
+prmt.b32 d, $2, $4, $6;
+lop3.b32 x, d, 0x00000F0F, 0x43430000, 0xEA;
+shr.u32 u, d, 4;
+lop3.b32 y, u, 0x00000F0F, 0x43430000, 0xEA;
+prmt.b32 $0, x, y, 0x6420;
+prmt.b32 $1, x, y, 0x7531;
+sub.rn.bf16x2 $0, $0, $10;
+sub.rn.bf16x2 $1, $1, $10;
+mul.rn.bf16x2 $0, $0, $14;
+mul.rn.bf16x2 $1, $1, $14;
 }""")
-BYTE_PAIR_BF16_CONSTRAINTS = triton.language.constexpr("=r," + ",".join(["r"] * 8))
+BYTE_PAIRS_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r," + ",".join(["r"] * 16))
 CODES_MINUS_ZERO_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
 CODES_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8))
 
@@ -362,27 +368,31 @@ if gluon is not None:
                  GROUP: gl.constexpr):
         """Step `step`'s words [NW, 2, 8, 8] (64 codes of each of the thread's rows) and its rows' packed group
         parameters (the scale twice, (128 + zero) twice as magic floats)."""
-        words = gl.convert_layout(gl.load(w_base + step * 8), lw, assert_trivial=True)
+        words = gl.load(w_base + step * 8)
         scale2, zoff = _group_params(s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step * 64 // GROUP)
         return words, scale2, zoff | 0x43004300
 
     @gluon.jit
-    def _rs_tile(words, scale2, zoff, shift, a_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    def _rs_tile(words, scale2, zoff, sel, lT: gl.constexpr, a_layout: gl.constexpr, BLOCK_N: gl.constexpr):
         """The bf16 A operand [BLOCK_N, 64] in the wgmma's register layout, from words [NW, 2, 8, 8]: thread
         (g, t) of a quad holds k = 8 w + 2 t + e of rows g and g + 8 of its warp's 16, codes 2 t and 2 t + 1 of
-        each word of those rows, byte t (shift = 8 t)."""
-        w6, sh = gl.broadcast(words[:, :, :, :, None, None], shift)
-        z6, _ = gl.broadcast(zoff[:, :, :, None, None, None], sh)
-        s6, _ = gl.broadcast(scale2[:, :, :, None, None, None], sh)
-        pairs = gl.inline_asm_elementwise(BYTE_PAIR_BF16, BYTE_PAIR_BF16_CONSTRAINTS, [w6, sh, z6, s6],
-                                          dtype=gl.bfloat16, is_pure=True, pack=2)
-        # [warp, h, g | w, t, e] is [row = 16 warp + 8 h + g, k = 8 w + 2 t + e]
+        each word of those rows, byte t (sel: its PRMT selector), two words an asm instance."""
+        NW: gl.constexpr = BLOCK_N // 16
+        # words [warp, h, g, c, s] (w = 2 c + s) in the registers lT gives them: a register permutation
+        w5 = gl.convert_layout(gl.reshape(words, [NW, 2, 8, 4, 2]), gl.SliceLayout(5, gl.SliceLayout(6, lT)),
+                               assert_trivial=True)
+        w7, sl = gl.broadcast(w5[:, :, :, :, :, None, None], sel)
+        z7, _ = gl.broadcast(zoff[:, :, :, None, None, None, None], sl)
+        s7, _ = gl.broadcast(scale2[:, :, :, None, None, None, None], sl)
+        pairs = gl.inline_asm_elementwise(BYTE_PAIRS_BF16, BYTE_PAIRS_BF16_CONSTRAINTS, [w7, sl, z7, s7],
+                                          dtype=gl.bfloat16, is_pure=True, pack=4)
+        # [warp, h, g | c, s, t, e] is [row = 16 warp + 8 h + g, k = 16 c + 8 s + 2 t + e]
         return gl.convert_layout(gl.reshape(pairs, [BLOCK_N, 64]), a_layout, assert_trivial=True)
 
     @gluon.jit
-    def _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, shift, j, count,
-                 first, last, off_t, stride_sn, stride_zn, use_acc, lw: gl.constexpr, a_layout: gl.constexpr,
-                 GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    def _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j, count,
+                 first, last, off_t, stride_sn, stride_zn, use_acc, lT: gl.constexpr, lw: gl.constexpr,
+                 a_layout: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """Step j: load step j + 1's words, convert step j's into registers, run its wgmma to completion, then
         (every warp group done: the CTA barrier) refill the x stage it read with step j + STAGES.
 
@@ -392,7 +402,7 @@ if gluon is not None:
         of the others on its SM instead (configs with one warp group and a ring small enough for 2-3 programs)."""
         words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
                                           gl.minimum(first + j + 1, last), lw, GROUP)
-        a = _rs_tile(words, scale2, zoff, shift, a_layout, BLOCK_N)
+        a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
         s = j % STAGES
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
         acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
@@ -421,14 +431,13 @@ if gluon is not None:
         gl.static_assert(num_warps % 4 == 0, "whole warp groups")
         gl.static_assert(GROUP % 64 == 0, "a step (64 codes) lies in one group")
         gl.static_assert(STAGES >= 2, "the ring holds the step being multiplied and the next")
-        # [warp, h, g, w, t, e]: rows 16 warp + 8 h + g, k = 8 w + 2 t + e; registers e, h, w as the wgmma's
-        # register operand has them, lanes t, g
-        lT: gl.constexpr = gl.BlockedLayout([1, 2, 1, 8, 1, 2], [1, 1, 8, 1, 4, 1], [NW, 1, 1, 1, 1, 1],
-                                            [5, 4, 1, 2, 3, 0])
-        lw: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, lT))  # words [NW, 2, 8, 8]
-        lp: gl.constexpr = gl.SliceLayout(3, lw)  # per row [NW, 2, 8]
-        # the words as loaded: the same threads, each row's 8 words in consecutive registers (two 16-byte loads)
-        lwl: gl.constexpr = gl.BlockedLayout([1, 2, 1, 8], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 1, 2, 0])
+        # [warp, h, g, c, s, t, e]: rows 16 warp + 8 h + g, k = 16 c + 8 s + 2 t + e (word w = 2 c + s); lanes
+        # t, g as the wgmma's register operand has them, registers e, s (an asm instance's two words), h, c
+        lT: gl.constexpr = gl.BlockedLayout([1, 2, 1, 4, 2, 1, 2], [1, 1, 8, 1, 1, 4, 1], [NW, 1, 1, 1, 1, 1, 1],
+                                            [6, 4, 1, 3, 5, 2, 0])
+        # words [NW, 2, 8, 8]: the threads of lT, each row's 8 words in consecutive registers (two 16-byte loads)
+        lw: gl.constexpr = gl.BlockedLayout([1, 2, 1, 8], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 1, 2, 0])
+        lp: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -448,15 +457,15 @@ if gluon is not None:
         rows = off_n + r_w[:, None, None] * 16 + r_h[None, :, None] * 8 + r_g[None, None, :]
         n_ok = rows < N
         rows = gl.minimum(rows, N - 1)  # rows past N read the last one (masked at the store)
-        w_k = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, lwl))))
-        w_rows = gl.convert_layout(rows, gl.SliceLayout(3, lwl))
+        w_k = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, lw))))
+        w_rows = gl.convert_layout(rows, gl.SliceLayout(3, lw))
         w_base = w_ptr + w_rows[:, :, :, None] * stride_wn + w_k[None, None, None, :]
-        # the shift 8 t of a thread's byte, [1, 1, 1, 1, 4, 2] (t along the quad's lanes, the same for both e)
+        # the PRMT selector of a thread's byte t, [1, 1, 1, 1, 1, 4, 2] (t along the quad's lanes, the same for e)
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
-            3, gl.SliceLayout(5, lT))))))
+            3, gl.SliceLayout(4, gl.SliceLayout(6, lT)))))))
         e = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
-            3, gl.SliceLayout(4, lT))))))
-        shift = t[None, None, None, None, :, None] * 8 + e[None, None, None, None, None, :] * 0
+            3, gl.SliceLayout(4, gl.SliceLayout(5, lT)))))))
+        sel = t[None, None, None, None, None, :, None] * 0x1111 + 0x4040 + e[None, None, None, None, None, None, :] * 0
 
         xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_T, 64], x_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -469,12 +478,12 @@ if gluon is not None:
         # step 0 peeled, use_acc=False (see _int4_wgmma_kernel)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
         acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows,
-                                            n_ok, shift, 0, count, first, last, off_t, stride_sn, stride_zn, False,
-                                            lw, a_layout, GROUP, BLOCK_N, STAGES)
+                                            n_ok, sel, 0, count, first, last, off_t, stride_sn, stride_zn, False,
+                                            lT, lw, a_layout, GROUP, BLOCK_N, STAGES)
         for j in range(1, count):
             acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr,
-                                                rows, n_ok, shift, j, count, first, last, off_t, stride_sn,
-                                                stride_zn, True, lw, a_layout, GROUP, BLOCK_N, STAGES)
+                                                rows, n_ok, sel, j, count, first, last, off_t, stride_sn,
+                                                stride_zn, True, lT, lw, a_layout, GROUP, BLOCK_N, STAGES)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
