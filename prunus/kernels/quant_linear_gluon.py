@@ -192,6 +192,7 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "m128n128k2": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=5, SPLIT_K=2, num_warps=8),
     # the weight as the register operand (`_int4_wgmma_rs_kernel`): BLOCK_T rows of x, 16 num_warps outputs
     "t256n128": dict(BLOCK_T=256, STAGES=4, num_warps=8),
+    "t256n64": dict(BLOCK_T=256, STAGES=3, num_warps=4),
     "t128n128": dict(BLOCK_T=128, STAGES=6, num_warps=8),
     "t128n64": dict(BLOCK_T=128, STAGES=6, num_warps=4),
     "t64n128": dict(BLOCK_T=64, STAGES=8, num_warps=8),
@@ -364,8 +365,7 @@ if gluon is not None:
         _tma_load(x_desc, [off_t, (first + j) * 64], bar, xs.index(s), pred=ok)
 
     @gluon.jit
-    def _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step, lw: gl.constexpr,
-                 GROUP: gl.constexpr):
+    def _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step, GROUP: gl.constexpr):
         """Step `step`'s words [NW, 2, 8, 8] (64 codes of each of the thread's rows) and its rows' packed group
         parameters (the scale twice, (128 + zero) twice as magic floats)."""
         words = gl.load(w_base + step * 8)
@@ -391,8 +391,8 @@ if gluon is not None:
 
     @gluon.jit
     def _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j, count,
-                 first, last, off_t, stride_sn, stride_zn, use_acc, lT: gl.constexpr, lw: gl.constexpr,
-                 a_layout: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                 first, last, off_t, stride_sn, stride_zn, use_acc, lT: gl.constexpr, a_layout: gl.constexpr,
+                 GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """Step j: load step j + 1's words, convert step j's into registers, run its wgmma to completion, then
         (every warp group done: the CTA barrier) refill the x stage it read with step j + STAGES.
 
@@ -401,7 +401,7 @@ if gluon is not None:
         and the outputs were wrong on the H100 in most configs. The conversion of one program overlaps the MMAs
         of the others on its SM instead (configs with one warp group and a ring small enough for 2-3 programs)."""
         words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
-                                          gl.minimum(first + j + 1, last), lw, GROUP)
+                                          gl.minimum(first + j + 1, last), GROUP)
         a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
         s = j % STAGES
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
@@ -474,16 +474,16 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             _rs_issue(x_desc, xs, bars, i, count, first, off_t, STAGES)
 
-        words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, first, lw, GROUP)
+        words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, first, GROUP)
         # step 0 peeled, use_acc=False (see _int4_wgmma_kernel)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
         acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows,
                                             n_ok, sel, 0, count, first, last, off_t, stride_sn, stride_zn, False,
-                                            lT, lw, a_layout, GROUP, BLOCK_N, STAGES)
+                                            lT, a_layout, GROUP, BLOCK_N, STAGES)
         for j in range(1, count):
             acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr,
                                                 rows, n_ok, sel, j, count, first, last, off_t, stride_sn,
-                                                stride_zn, True, lT, lw, a_layout, GROUP, BLOCK_N, STAGES)
+                                                stride_zn, True, lT, a_layout, GROUP, BLOCK_N, STAGES)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 

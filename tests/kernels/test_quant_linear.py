@@ -549,7 +549,7 @@ def qg():
 
 @needs_hopper
 @pytest.mark.parametrize("name", ["m128n128", "m128n64", "m64n128", "m256n128", "m64n64", "m64n128k4", "m128n128k2",
-                                  "t256n128", "t128n128", "t128n64", "t64n128", "t128n128k2"])
+                                  "t256n128", "t256n64", "t128n128", "t128n64", "t64n128", "t128n128k2"])
 @pytest.mark.parametrize("m, n, k, group", [(200, 300, 2048, 128), (64, 128, 4096, 64), (513, 256, 4096, 256)],
                          ids=["ragged", "one-tile-long-k", "many-row-tiles"])
 def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
