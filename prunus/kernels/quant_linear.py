@@ -29,8 +29,9 @@ dequantize + cuBLAS wins on every shape, 37-142 against 60-189). int8 uses the G
 INT8_GEMV_MAX_ROWS, beyond it the tensor-core weight-only kernel (without a dense cache; it beats dequantizing on
 every call at any row count) or the dense copy when a cache is set.
 On Hopper without a dense cache, int4 calls from INT4_WGMMA_MIN_ROWS rows whose shape and row bucket have a
-measured config of the Gluon wgmma kernel (`quant_linear_gluon`; `measured_configs.json` keeps one only where it
-beat the path above in the same run) run that kernel instead. Likewise int4 calls of up to INT4_GEMV_MMA_MAX_ROWS
+measured config of a Gluon wgmma kernel (`quant_linear_gluon`: the tiled one, or the one with the weight as the
+register operand; `measured_configs.json` keeps one only where it beat the path above in the same run) run that
+kernel instead. Likewise int4 calls of up to INT4_GEMV_MMA_MAX_ROWS
 rows with a measured config of the Gluon tensor-core GEMV (sm_80+) run it instead of the GEMV or the tensor-core
 kernel.
 """

@@ -37,7 +37,7 @@ before the per-step async-proxy fence, MEMBAR.ALL.CTA in SASS, to after the MMA 
 Fetching them by TMA with the tiles instead (tried at 6c49d40) crashed with an illegal instruction on the H100, not
 yet diagnosed. So the op uses this kernel only where `measured_configs.json` holds an "int4_wgmma" entry:
 `benchmarks/quant_linear_gpu.py --sweep-wgmma` writes one only where the kernel beat the Triton path in the same
-run. The one entry so far comes from the probe run of BENCHMARKS.md's table, by the same rule.
+run. Its one entry (4096->14336 at 256 rows) has since gone to Part 1b's kernel, which beat it there.
 
 Needs: a CUDA GPU of compute capability 9.x, Triton with Gluon's Hopper API (3.6 has it), bf16 activations and
 scales (fp16 would need the magic 1024 + q and f16x2 ops: not written), integer zero points, K a multiple of BLOCK_K
@@ -53,7 +53,11 @@ byte its place in the MMA's register layout needs (codes 2 t and 2 t + 1 of each
 threads load the same words) into the A registers. A program waits for each step's wgmma before converting the
 next (with one left in flight, ptxas reused its A registers for the next conversion: wrong outputs), so the
 conversions overlap the MMAs of the other programs on the SM (one warp group a program, a ring small enough for 2-3
-programs an SM); one CTA barrier a step frees the x stage for its refill. Same dequantization
+programs an SM); one CTA barrier a step frees the x stage for its refill. Needs K and the group size multiples of
+64 and 16-byte aligned rows of x (TMA); the words, scales and zero points contiguous along K. Status (H100,
+BENCHMARKS.md "int4 wgmma GEMM with the weight as the register operand"): faster than the Triton path at 128 and 256
+rows on all three Llama-3-8B shapes (4096->14336 at 256 rows: 61.1 against 86.0 µs, 0.86x bf16; at 128 rows 1.04x
+bf16), so these configs hold the table's "int4_wgmma" entries there; still below bf16 at 256 rows (0.59-0.86x). Same dequantization
 as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
