@@ -270,6 +270,9 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                         continue
                     for stages in sorted({min(8, 220 * 1024 // (c * bt * 128)) for c in (1, 2, 3)} - {0, 1}):
                         out.append(dict(BLOCK_T=bt, STAGES=stages, SPLIT_K=sk, num_warps=warps))
+                    if warps == 4 and bt < 256:  # REPS=2: 128 outputs a warp group share each x tile (2 an SM)
+                        out.append(dict(BLOCK_T=bt, STAGES=min(8, 110 * 1024 // (bt * 128)), SPLIT_K=sk, REPS=2,
+                                        num_warps=4))
         return out
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):

@@ -194,13 +194,14 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     # split-K: enough programs for the SMs with few row tiles
     "m64n128k4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=5, SPLIT_K=4, num_warps=4),
     "m128n128k2": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=5, SPLIT_K=2, num_warps=8),
-    # the weight as the register operand (`_int4_wgmma_rs_kernel`): BLOCK_T rows of x, 16 num_warps outputs
+    # the weight as the register operand (`_int4_wgmma_rs_kernel`): BLOCK_T rows of x, 16 num_warps REPS outputs
     "t256n128": dict(BLOCK_T=256, STAGES=4, num_warps=8),
     "t256n64": dict(BLOCK_T=256, STAGES=3, num_warps=4),
     "t128n128": dict(BLOCK_T=128, STAGES=6, num_warps=8),
     "t128n64": dict(BLOCK_T=128, STAGES=6, num_warps=4),
     "t64n128": dict(BLOCK_T=64, STAGES=8, num_warps=8),
     "t128n128k2": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, num_warps=8),
+    "t128n128r2": dict(BLOCK_T=128, STAGES=4, REPS=2, num_warps=4),
 }
 
 # the tensor-core GEMV (`int4_gemv_mma`): BN = 16 REPS num_warps outputs a program, 8 rows of x a program
@@ -378,19 +379,19 @@ if gluon is not None:
 
     @gluon.jit
     def _rs_tile(words, scale2, zoff, sel, lT: gl.constexpr, a_layout: gl.constexpr, BLOCK_N: gl.constexpr):
-        """The bf16 A operand [BLOCK_N, 64] in the wgmma's register layout, from words [NW, 2, 8, 8]: thread
-        (g, t) of a quad holds k = 8 w + 2 t + e of rows g and g + 8 of its warp's 16, codes 2 t and 2 t + 1 of
-        each word of those rows, byte t (sel: its PRMT selector), two words an asm instance."""
-        NW: gl.constexpr = BLOCK_N // 16
-        # words [warp, h, g, c, s] (w = 2 c + s) in the registers lT gives them: a register permutation
-        w5 = gl.convert_layout(gl.reshape(words, [NW, 2, 8, 4, 2]), gl.SliceLayout(5, gl.SliceLayout(6, lT)),
+        """The bf16 A operand [BLOCK_N, 64] in the wgmma's register layout, from words [RW, 2, 8, 8]: thread
+        (g, t) of a quad holds k = 8 w + 2 t + e of rows g and g + 8 of each block of 16 rows its warp has, codes
+        2 t and 2 t + 1 of each word of those rows, byte t (sel: its PRMT selector), two words an asm instance."""
+        RW: gl.constexpr = BLOCK_N // 16
+        # words [rw, h, g, c, s] (w = 2 c + s) in the registers lT gives them: a register permutation
+        w5 = gl.convert_layout(gl.reshape(words, [RW, 2, 8, 4, 2]), gl.SliceLayout(5, gl.SliceLayout(6, lT)),
                                assert_trivial=True)
         w7, sl = gl.broadcast(w5[:, :, :, :, :, None, None], sel)
         z7, _ = gl.broadcast(zoff[:, :, :, None, None, None, None], sl)
         s7, _ = gl.broadcast(scale2[:, :, :, None, None, None, None], sl)
         pairs = gl.inline_asm_elementwise(BYTE_PAIRS_BF16, BYTE_PAIRS_BF16_CONSTRAINTS, [w7, sl, z7, s7],
                                           dtype=gl.bfloat16, is_pure=True, pack=4)
-        # [warp, h, g | c, s, t, e] is [row = 16 warp + 8 h + g, k = 16 c + 8 s + 2 t + e]
+        # [rw, h, g | c, s, t, e] is [row = 16 rw + 8 h + g, k = 16 c + 8 s + 2 t + e]
         return gl.convert_layout(gl.reshape(pairs, [BLOCK_N, 64]), a_layout, assert_trivial=True)
 
     @gluon.jit
@@ -419,10 +420,12 @@ if gluon is not None:
     def _int4_wgmma_rs_kernel(x_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                               stride_wn, stride_sn, stride_zn, stride_ym,
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr,
-                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
-        """y^T tile [BLOCK_N = 16 num_warps outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
+                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, REPS: gl.constexpr,
+                              num_warps: gl.constexpr):
+        """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
-        The weight is the wgmma's A operand, in registers: each warp group takes 64 outputs (the wgmma's M), the
+        The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
+        M = 64 a k step: more outputs share each x tile, less x read from L2), the
         rows of x are its N (BLOCK_T, up to 256), and x is its B operand in shared memory, brought by TMA through
         a ring of STAGES stages. The words load from global memory straight into the registers of the threads
         that convert them, one step ahead: thread (g, t) of a quad loads the 8 words (64 codes) of each of its two
@@ -430,16 +433,17 @@ if gluon is not None:
         (`_rs_tile`, asserted trivial at compile time). No shared-memory round trip of the weight tile. Each
         step's MMA completes before the next conversion (`_rs_step`), and one CTA barrier a step then frees its x
         stage for the refill."""
-        BLOCK_N: gl.constexpr = 16 * num_warps
+        BLOCK_N: gl.constexpr = 16 * num_warps * REPS
         NW: gl.constexpr = num_warps
+        RW: gl.constexpr = num_warps * REPS  # row blocks of 16: block rw = REPS' index * NW + warp (lT wraps)
         gl.static_assert(num_warps % 4 == 0, "whole warp groups")
         gl.static_assert(GROUP % 64 == 0, "a step (64 codes) lies in one group")
         gl.static_assert(STAGES >= 2, "the ring holds the step being multiplied and the next")
-        # [warp, h, g, c, s, t, e]: rows 16 warp + 8 h + g, k = 16 c + 8 s + 2 t + e (word w = 2 c + s); lanes
+        # [rw, h, g, c, s, t, e]: rows 16 rw + 8 h + g, k = 16 c + 8 s + 2 t + e (word w = 2 c + s); lanes
         # t, g as the wgmma's register operand has them, registers e, s (an asm instance's two words), h, c
         lT: gl.constexpr = gl.BlockedLayout([1, 2, 1, 4, 2, 1, 2], [1, 1, 8, 1, 1, 4, 1], [NW, 1, 1, 1, 1, 1, 1],
                                             [6, 4, 1, 3, 5, 2, 0])
-        # words [NW, 2, 8, 8]: the threads of lT, each row's 8 words in consecutive registers (two 16-byte loads)
+        # words [RW, 2, 8, 8]: the threads of lT, each row's 8 words in consecutive registers (two 16-byte loads)
         lw: gl.constexpr = gl.BlockedLayout([1, 2, 1, 8], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 1, 2, 0])
         lp: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
@@ -455,7 +459,7 @@ if gluon is not None:
         first = pid_k * count
         last = first + count - 1
 
-        r_w = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, lp)))
+        r_w = gl.arange(0, RW, layout=gl.SliceLayout(1, gl.SliceLayout(2, lp)))
         r_h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, lp)))
         r_g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, lp)))
         rows = off_n + r_w[:, None, None] * 16 + r_h[None, :, None] * 8 + r_g[None, None, :]
@@ -749,7 +753,8 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
     if K % group:
         return f"K={K} is not a multiple of the group size {group}"
     if "BLOCK_T" in config:  # the register-operand kernel: steps of 64, whole warp groups, TMA for x only
-        if config["BLOCK_T"] not in (64, 128, 256) or config.get("num_warps") not in (4, 8) or config["STAGES"] < 2:
+        if (config["BLOCK_T"] not in (64, 128, 256) or config.get("num_warps") not in (4, 8) or config["STAGES"] < 2
+                or config.get("REPS", 1) not in (1, 2)):
             return f"bad config {config}"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"
@@ -782,7 +787,7 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
         return y
     split_k = config.get("SPLIT_K", 1)
     if "BLOCK_T" in config:  # the weight as the register operand
-        bt, bn = config["BLOCK_T"], 16 * config["num_warps"]
+        bt, bn = config["BLOCK_T"], 16 * config["num_warps"] * config.get("REPS", 1)
         x_desc = TensorDescriptor.from_tensor(x, *_blocks(config)[0][1:])
         grid = (triton.cdiv(M, bt), triton.cdiv(N, bn), split_k)
         ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
@@ -790,7 +795,7 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
                                     bias if bias is not None else y, y, ws, cnt, M, N, K, words.stride(0),
                                     scales.stride(0), zeros.stride(0), y.stride(0), GROUP=group,
                                     HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
-                                    SPLIT_K=split_k, num_warps=config["num_warps"])
+                                    SPLIT_K=split_k, REPS=config.get("REPS", 1), num_warps=config["num_warps"])
         return y
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
@@ -917,7 +922,7 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
     elif "BLOCK_T" in config:
         fn = _int4_wgmma_rs_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
-                      SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
+                      SPLIT_K=config.get("SPLIT_K", 1), REPS=config.get("REPS", 1), num_warps=config["num_warps"])
         descs = dict(x_desc=_blocks(config)[0])
         pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")
