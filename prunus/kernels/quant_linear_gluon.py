@@ -57,7 +57,12 @@ programs an SM); one CTA barrier a step frees the x stage for its refill. Needs 
 64 and 16-byte aligned rows of x (TMA); the words, scales and zero points contiguous along K. Status (H100,
 BENCHMARKS.md "int4 wgmma GEMM with the weight as the register operand"): faster than the Triton path at 128 and 256
 rows on all three Llama-3-8B shapes (4096->14336 at 256 rows: 61.1 against 86.0 µs, 0.86x bf16; at 128 rows 1.04x
-bf16), so these configs hold the table's "int4_wgmma" entries there; still below bf16 at 256 rows (0.59-0.86x). Same dequantization
+bf16), so these configs hold the table's "int4_wgmma" entries there; still below bf16 at 256 rows (0.59-0.86x). There the
+x tiles read from L2 are the likely limit: with 64 outputs a program, x is read N / 64 times (470 MB at
+4096->14336, 256 rows: 7.7 TB/s in 61 µs), and two warp groups sharing a tile run in lockstep (the CTA barrier),
+which lost. REPS=2 gives a warp group 128 outputs (two M = 64 wgmmas a k step) to halve that traffic with one warp
+group a program: compiled and checked offline (250 registers, no spills), not yet run on a GPU, so in no table
+entry. Same dequantization
 as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N

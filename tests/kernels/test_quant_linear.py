@@ -569,6 +569,24 @@ def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
     torch.testing.assert_close(y.float(), exact.to(dtype).float(), rtol=2 ** -7, atol=1e-4 * exact.abs().max().item())
 
 
+def test_every_measured_wgmma_entry_fits_its_shape(qg):
+    """On the CPU: each "int4_wgmma" entry of the measured table is a config the kernel takes for the shape it is
+    keyed by (tile sizes, split-K dividing the K steps, group), so the op cannot find an entry it must refuse."""
+    from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
+
+    entries = [(key, cfg) for kernels in json.loads(MEASURED_CONFIGS_PATH.read_text()).values()
+               for key, cfg in kernels.get("int4_wgmma", {}).items()]
+    assert entries
+    for key, cfg in entries:
+        shape, group, bucket = key.split("/")
+        k, n = (int(v) for v in shape.split("x"))
+        group, m = int(group[1:]), int(bucket[1:])
+        x = torch.zeros(m, k, dtype=torch.bfloat16)
+        words = torch.zeros(n, k // 8, dtype=torch.int32)
+        scales, zeros = torch.zeros(n, k // group, dtype=torch.bfloat16), torch.zeros(n, k // group, dtype=torch.uint8)
+        assert qg.unfit(x, words, scales, zeros, group, cfg) is None, (key, cfg)
+
+
 @needs_hopper
 @pytest.mark.parametrize("kernel, config", _measured_configs(gluon="int4_wgmma") or [("none", {})],
                          ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
