@@ -62,8 +62,8 @@ x tiles read from L2 are the likely limit: with 64 outputs a program, x is read 
 4096->14336, 256 rows: 7.7 TB/s in 61 µs), and two warp groups sharing a tile run in lockstep (the CTA barrier),
 which lost. REPS=2 gives a warp group 128 outputs (two M = 64 wgmmas a k step) to halve that traffic with one warp
 group a program: compiled and checked offline (250 registers, no spills), not yet run on a GPU, so in no table
-entry. Same dequantization
-as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
+entry. Same dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's
+weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
@@ -376,7 +376,7 @@ if gluon is not None:
 
     @gluon.jit
     def _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step, GROUP: gl.constexpr):
-        """Step `step`'s words [NW, 2, 8, 8] (64 codes of each of the thread's rows) and its rows' packed group
+        """Step `step`'s words [RW, 2, 8, 8] (64 codes of each of the thread's rows) and its rows' packed group
         parameters (the scale twice, (128 + zero) twice as magic floats)."""
         words = gl.load(w_base + step * 8)
         scale2, zoff = _group_params(s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step * 64 // GROUP)
@@ -430,9 +430,8 @@ if gluon is not None:
         """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
-        M = 64 a k step: more outputs share each x tile, less x read from L2), the
-        rows of x are its N (BLOCK_T, up to 256), and x is its B operand in shared memory, brought by TMA through
-        a ring of STAGES stages. The words load from global memory straight into the registers of the threads
+        M = 64 a k step: more outputs share each x tile, less x read from L2), the rows of x are its N (BLOCK_T,
+        up to 256), and x is its B operand in shared memory, brought by TMA through a ring of STAGES stages. The words load from global memory straight into the registers of the threads
         that convert them, one step ahead: thread (g, t) of a quad loads the 8 words (64 codes) of each of its two
         rows (four threads load the same words) and keeps byte t of each, the two codes the MMA's layout gives it
         (`_rs_tile`, asserted trivial at compile time). No shared-memory round trip of the weight tile. Each
