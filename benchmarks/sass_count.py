@@ -227,6 +227,10 @@ def main() -> None:
         print(f"triton {triton.__version__}, sm_{args.arch}, wgmma {config}: registers {regs.group(1) if regs else '?'}"
               f", shared memory {kernel.metadata.shared} bytes, {sum(ops.values())} instructions in all")
         print("  " + ", ".join(f"{op} {ops[op]}" for op in ("HGMMA", "WARPGROUP", "BAR", "UTMALDG", "LDG", "STS")))
+        aliased = qg.wgmma_a_aliasing(sass)
+        print(f"  register-operand HGMMAs whose A registers are written while in flight: {len(aliased)}")
+        for line in aliased:
+            print("    " + line)
         return
     loop = loop_counts(sass)
     line = f"triton {triton.__version__}, sm_{args.arch}, {args.kernel} {config} warps={warps}: "

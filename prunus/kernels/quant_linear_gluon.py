@@ -85,6 +85,7 @@ words alone takes 12.4-12.9 µs): neither fewer instructions nor more bytes in f
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import triton
@@ -953,3 +954,41 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))
+
+
+def wgmma_a_aliasing(sass: str) -> list[str]:
+    """Writes to a register-operand HGMMA's A registers before the wait that retires it, in the loop that holds the
+    HGMMAs: with `WARPGROUP.DEPBAR.LE gsb0, 0x1` in the loop that wait is the second DEPBAR after it, else the
+    first. ptxas (Triton 3.6) frees the A registers at the first, so a loop that leaves a wgmma in flight gets its
+    next conversion written into them (wrong outputs on the H100; `_int4_wgmma_rs_kernel`). Empty: none."""
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), a) for a, t in ins
+             if (m := re.search(r"@!?P\d+ BRA 0x([0-9a-f]+)", t)) and int(m.group(1), 16) < a]
+    loops = [(lo, hi) for lo, hi in loops if any("HGMMA" in t and lo <= a <= hi for a, t in ins)]
+    if not loops:
+        return []
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    body = [(a, t) for a, t in ins if lo <= a <= hi]
+    need = 2 if any("DEPBAR.LE gsb0, 0x1" in t for _, t in body) else 1
+    found = []
+    for i, (a, t) in enumerate(body):
+        m = re.search(r"HGMMA\S*\s+R\d+,\s*R(\d+),", t)
+        if not m:  # (an HGMMA whose A comes from shared memory names a descriptor there)
+            continue
+        regs, seen, j = set(range(int(m.group(1)), int(m.group(1)) + 4)), 0, i
+        while True:
+            j = (j + 1) % len(body)
+            other = re.sub(r"^@!?U?P\w+\s+", "", body[j][1])
+            if "WARPGROUP.DEPBAR" in other:
+                seen += 1
+                if seen == need:
+                    break
+                continue
+            if other.startswith(("ST", "HGMMA", "BAR", "BRA", "WARPGROUP", "SYNCS", "UTMA", "RED", "ATOM")):
+                continue
+            d = re.match(r"\S+\s+R(\d+)", other)
+            width = 4 if ".128" in other.split()[0] else 2 if (".64" in other.split()[0] or "WIDE" in other) else 1
+            if d and regs & set(range(int(d.group(1)), int(d.group(1)) + width)):
+                found.append(f"{a:#06x} {t} <- {body[j][0]:#06x} {body[j][1]}")
+                break
+    return found

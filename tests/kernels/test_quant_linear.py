@@ -674,6 +674,26 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
                           str(tmp_path / "k.cubin")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "C7515" not in out.stderr and "serialized" not in out.stderr
+    if name.startswith("t"):  # and no A register of an HGMMA is written before the wait that retires it
+        cuobjdump = str(Path(get_ptxas(90).path).with_name("cuobjdump"))
+        sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True,
+                              check=True).stdout
+        assert sass.count("HGMMA") >= 8 and qg.wgmma_a_aliasing(sass) == []
+
+
+def test_wgmma_a_aliasing_finds_a_register_written_while_in_flight(qg):
+    """The SASS check above on a loop that leaves one wgmma in flight (the shape of ptxas' output that gave wrong
+    outputs on the H100): the next conversion writes R169, an A register of the HGMMA still running."""
+    sass = """
+        /*0100*/                   LOP3.LUT R169, R12, 0xf0f, R15, 0xea, !PT ;
+        /*0110*/                   WARPGROUP.ARRIVE ;
+        /*0120*/                   HGMMA.64x256x16.F32.BF16 R24, R168, gdesc[UR12], R24, gsb0 ;
+        /*0130*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0140*/               @P1 BRA 0x100 ;
+    """
+    found = qg.wgmma_a_aliasing(sass)
+    assert len(found) == 1 and "R169" in found[0]
+    assert qg.wgmma_a_aliasing(sass.replace("0x1 ;", "0x0 ;")) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
