@@ -5,7 +5,7 @@
         [--sweep-table prunus/kernels/measured_configs.json] [--sweep-wgmma | --sweep-wgmma-rs | --sweep-gemv-mma]
     python benchmarks/quant_linear_gpu.py --table-from-log LOG --device-name NAME --sweep-table PATH
 
-Times `torch.ops.prunus.linear_int4` (group 128) at M = 1, 16, 64, 256 rows and `linear_int8` at M = 1, 256
+Times `torch.ops.prunus.linear_int4` (group 128) at M = 1, 16, 64, 128, 256 rows and `linear_int8` at M = 1, 16, 64, 256
 for the Llama-3-8B projection shapes, bf16 activations. Each figure is the median over 20 replays of a CUDA
 graph that calls the op on R copies of the weights (R x weight bytes >= 3 x the L2 cache), divided by R:
 the weights come from device memory as in a real decode step, and no CPU launch overhead is counted (as
@@ -195,7 +195,7 @@ def int8_op(x, q, s):
 
 def main_rows(gen):
     rows = []
-    for scheme, op, ms in (("int4", int4_op, [1, 16, 64, 256]), ("int8", int8_op, [1, 16, 64, 256])):
+    for scheme, op, ms in (("int4", int4_op, [1, 16, 64, 128, 256]), ("int8", int8_op, [1, 16, 64, 256])):
         for k, n in SHAPES:
             case = Case(scheme, k, n, gen)
             ao_linears = case.torchao_linears() if scheme == "int4" else None
