@@ -17,9 +17,9 @@ from that table. `--sweep` times every candidate launch config of the int4 GEMV 
 (M > 1) explicitly, without the autotuner, and prints the best five per shape and M: the autotuner's config
 lists in `prunus.kernels.quant_linear_triton` come from it, and `--sweep-table` merges each shape's winner into
 the table of measured configs the ops use as is (`measured_configs.json`, keyed by the GPU's name).
-`--table-from-log` does the same from a `--sweep-log` file, offline. `--sweep-wgmma`, `--sweep-wgmma-rs` (the weight as the
-register operand) and `--sweep-gemv-mma` sweep the Gluon kernels instead (`prunus.kernels.quant_linear_gluon`); their winners enter the table only where they beat
-the op's Triton path, timed in the same run.
+`--table-from-log` does the same from a `--sweep-log` file, offline. `--sweep-wgmma`, `--sweep-wgmma-rs` (the weight
+as the register operand) and `--sweep-gemv-mma` sweep the Gluon kernels instead (`prunus.kernels.quant_linear_gluon`);
+their winners enter the table only where they beat the op's Triton path, timed in the same run.
 """
 from __future__ import annotations
 
@@ -376,8 +376,8 @@ def merge_winners(path: str, device: str, winners: dict) -> None:
 def winner_entry(k: int, n: int, m: int, cfg: dict) -> tuple:
     from prunus.kernels.quant_linear_triton import shape_key
 
-    kernel = ("int4_wgmma" if "STAGES" in cfg and ("BLOCK_M" in cfg or "BLOCK_T" in cfg) else "int4_gemv_mma" if "REPS" in cfg
-              else "int4_gemv" if m == 1 else "int4_gemm")
+    kernel = ("int4_wgmma" if "STAGES" in cfg and ("BLOCK_M" in cfg or "BLOCK_T" in cfg)
+              else "int4_gemv_mma" if "REPS" in cfg else "int4_gemv" if m == 1 else "int4_gemm")
     return (kernel, shape_key(m, n, k, GROUP)), cfg
 
 

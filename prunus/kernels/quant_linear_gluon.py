@@ -57,8 +57,8 @@ programs an SM); one CTA barrier a step frees the x stage for its refill. Needs 
 64 and 16-byte aligned rows of x (TMA); the words, scales and zero points contiguous along K. Status (H100,
 BENCHMARKS.md "int4 wgmma GEMM with the weight as the register operand"): faster than the Triton path at 128 and 256
 rows on all three Llama-3-8B shapes (4096->14336 at 256 rows: 61.1 against 86.0 µs, 0.86x bf16; at 128 rows 1.04x
-bf16), so these configs hold the table's "int4_wgmma" entries there; still below bf16 at 256 rows (0.59-0.86x). There the
-x tiles read from L2 are the likely limit: with 64 outputs a program, x is read N / 64 times (470 MB at
+bf16), so these configs hold the table's "int4_wgmma" entries there; still below bf16 at 256 rows (0.59-0.86x).
+There the x tiles read from L2 are the likely limit: with 64 outputs a program, x is read N / 64 times (470 MB at
 4096->14336, 256 rows: 7.7 TB/s in 61 µs), and two warp groups sharing a tile run in lockstep (the CTA barrier),
 which lost. REPS=2 gives a warp group 128 outputs (two M = 64 wgmmas a k step) to halve that traffic with one warp
 group a program: compiled and checked offline (250 registers, no spills), not yet run on a GPU, so in no table
@@ -432,12 +432,13 @@ if gluon is not None:
 
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
         M = 64 a k step: more outputs share each x tile, less x read from L2), the rows of x are its N (BLOCK_T,
-        up to 256), and x is its B operand in shared memory, brought by TMA through a ring of STAGES stages. The words load from global memory straight into the registers of the threads
-        that convert them, one step ahead: thread (g, t) of a quad loads the 8 words (64 codes) of each of its two
-        rows (four threads load the same words) and keeps byte t of each, the two codes the MMA's layout gives it
-        (`_rs_tile`, asserted trivial at compile time). No shared-memory round trip of the weight tile. Each
-        step's MMA completes before the next conversion (`_rs_step`), and one CTA barrier a step then frees its x
-        stage for the refill."""
+        up to 256), and x is its B operand in shared memory, brought by TMA through a ring of STAGES stages. The
+        words load from global memory straight into the registers of the threads that convert them, one step
+        ahead: thread (g, t) of a quad loads the 8 words (64 codes) of each of its rows (two a block of 16; four
+        threads load the same words) and keeps byte t of each, the two codes the MMA's layout gives it (`_rs_tile`, asserted
+        trivial at compile time). No shared-memory round trip of the weight tile. Each step's MMA completes
+        before the next conversion (`_rs_step`), and one CTA barrier a step then frees its x stage for the
+        refill."""
         BLOCK_N: gl.constexpr = 16 * num_warps * REPS
         NW: gl.constexpr = num_warps
         RW: gl.constexpr = num_warps * REPS  # row blocks of 16: block rw = REPS' index * NW + warp (lT wraps)
