@@ -273,7 +273,9 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                     if warps == 4 and bt < 256:  # REPS=2: 128 outputs a warp group share each x tile (2 an SM)
                         out.append(dict(BLOCK_T=bt, STAGES=min(8, 110 * 1024 // (bt * 128)), SPLIT_K=sk, REPS=2,
                                         num_warps=4))
-        return out
+        # AHEAD=1: each step's conversion overlaps the previous step's MMA inside the program too (not with REPS=2
+        # and 128 rows or more: two A tiles and two steps' words then spill, offline)
+        return out + [dict(cfg, AHEAD=1) for cfg in out if cfg.get("REPS", 1) == 1 or cfg["BLOCK_T"] == 64]
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):

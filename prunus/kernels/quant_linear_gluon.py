@@ -208,6 +208,11 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "t64n128": dict(BLOCK_T=64, STAGES=8, num_warps=8),
     "t128n128k2": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, num_warps=8),
     "t128n128r2": dict(BLOCK_T=128, STAGES=4, REPS=2, num_warps=4),
+    # AHEAD=1: the next step's conversion runs while this step's MMA does (`_rs_step_ahead`)
+    "t256n64a": dict(BLOCK_T=256, STAGES=3, AHEAD=1, num_warps=4),
+    "t128n64a": dict(BLOCK_T=128, STAGES=6, AHEAD=1, num_warps=4),
+    "t128n128k2a": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, AHEAD=1, num_warps=8),
+    "t64n64r2a": dict(BLOCK_T=64, STAGES=8, REPS=2, AHEAD=1, num_warps=4),
 }
 
 # the tensor-core GEMV (`int4_gemv_mma`): BN = 16 REPS num_warps outputs a program, 8 rows of x a program
@@ -423,11 +428,32 @@ if gluon is not None:
         return acc, words2, scale22, zoff2
 
     @gluon.jit
+    def _rs_step_ahead(x_desc, xs, bars, acc, a, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j,
+                       count, first, last, off_t, stride_sn, stride_zn, use_acc, lT: gl.constexpr,
+                       a_layout: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Step j with its A operand `a` converted the step before (AHEAD=1): issue its wgmma, then, while it runs,
+        load step j + 2's words and convert step j + 1's (`words`) into new registers, then wait for the MMA.
+
+        No other wait comes between the wgmma and the one that retires it, so ptxas keeps its A registers from the
+        conversion (it frees them at the first wait after the HGMMA: `wgmma_a_aliasing`), and the conversion
+        overlaps the MMA within the program, with one wgmma in flight at a time."""
+        s = j % STAGES
+        mbarrier.wait(bars.index(s), (j // STAGES) & 1)
+        acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
+        words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
+                                          gl.minimum(first + j + 2, last), GROUP)
+        a2 = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        _cta_barrier()
+        _rs_issue(x_desc, xs, bars, j + STAGES, count, first, off_t, STAGES)
+        return acc, a2, words2, scale22, zoff2
+
+    @gluon.jit
     def _int4_wgmma_rs_kernel(x_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                               stride_wn, stride_sn, stride_zn, stride_ym,
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, REPS: gl.constexpr,
-                              num_warps: gl.constexpr):
+                              AHEAD: gl.constexpr, num_warps: gl.constexpr):
         """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
@@ -491,13 +517,27 @@ if gluon is not None:
         words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, first, GROUP)
         # step 0 peeled, use_acc=False (see _int4_wgmma_kernel)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
-        acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows,
-                                            n_ok, sel, 0, count, first, last, off_t, stride_sn, stride_zn, False,
-                                            lT, a_layout, GROUP, BLOCK_N, STAGES)
-        for j in range(1, count):
+        if AHEAD:  # each step's conversion runs while the previous step's MMA does (`_rs_step_ahead`)
+            a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
+            words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
+                                           gl.minimum(first + 1, last), GROUP)
+            acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, xs, bars, acc, a, words, scale2, zoff, w_base, s_ptr,
+                                                         z_ptr, rows, n_ok, sel, 0, count, first, last, off_t,
+                                                         stride_sn, stride_zn, False, lT, a_layout, GROUP, BLOCK_N,
+                                                         STAGES)
+            for j in range(1, count):
+                acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, xs, bars, acc, a, words, scale2, zoff, w_base,
+                                                             s_ptr, z_ptr, rows, n_ok, sel, j, count, first, last,
+                                                             off_t, stride_sn, stride_zn, True, lT, a_layout, GROUP,
+                                                             BLOCK_N, STAGES)
+        else:
             acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr,
-                                                rows, n_ok, sel, j, count, first, last, off_t, stride_sn,
-                                                stride_zn, True, lT, a_layout, GROUP, BLOCK_N, STAGES)
+                                                rows, n_ok, sel, 0, count, first, last, off_t, stride_sn, stride_zn,
+                                                False, lT, a_layout, GROUP, BLOCK_N, STAGES)
+            for j in range(1, count):
+                acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr,
+                                                    z_ptr, rows, n_ok, sel, j, count, first, last, off_t, stride_sn,
+                                                    stride_zn, True, lT, a_layout, GROUP, BLOCK_N, STAGES)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -760,7 +800,7 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         return f"K={K} is not a multiple of the group size {group}"
     if "BLOCK_T" in config:  # the register-operand kernel: steps of 64, whole warp groups, TMA for x only
         if (config["BLOCK_T"] not in (64, 128, 256) or config.get("num_warps") not in (4, 8) or config["STAGES"] < 2
-                or config.get("REPS", 1) not in (1, 2)):
+                or config.get("REPS", 1) not in (1, 2) or config.get("AHEAD", 0) not in (0, 1)):
             return f"bad config {config}"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"
@@ -801,7 +841,8 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
                                     bias if bias is not None else y, y, ws, cnt, M, N, K, words.stride(0),
                                     scales.stride(0), zeros.stride(0), y.stride(0), GROUP=group,
                                     HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
-                                    SPLIT_K=split_k, REPS=config.get("REPS", 1), num_warps=config["num_warps"])
+                                    SPLIT_K=split_k, REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
+                                    num_warps=config["num_warps"])
         return y
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
@@ -928,7 +969,8 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
     elif "BLOCK_T" in config:
         fn = _int4_wgmma_rs_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
-                      SPLIT_K=config.get("SPLIT_K", 1), REPS=config.get("REPS", 1), num_warps=config["num_warps"])
+                      SPLIT_K=config.get("SPLIT_K", 1), REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
+                      num_warps=config["num_warps"])
         descs = dict(x_desc=_blocks(config)[0])
         pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")
