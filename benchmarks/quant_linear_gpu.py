@@ -275,7 +275,9 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
                                         num_warps=4))
         # AHEAD=1: each step's conversion overlaps the previous step's MMA inside the program too (not with REPS=2
         # and 128 rows or more: two A tiles and two steps' words then spill, offline)
-        return out + [dict(cfg, AHEAD=1) for cfg in out if cfg.get("REPS", 1) == 1 or cfg["BLOCK_T"] == 64]
+        out += [dict(cfg, AHEAD=1) for cfg in out if cfg.get("REPS", 1) == 1 or cfg["BLOCK_T"] == 64]
+        # W_TMA=1: the words by TMA with x, through the ring, instead of loaded one step ahead into registers
+        return out + [dict(cfg, W_TMA=1) for cfg in out]
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):

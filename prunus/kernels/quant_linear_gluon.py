@@ -50,10 +50,15 @@ y^T = W x^T. Each warp group takes 64 outputs as the wgmma's M and BLOCK_T rows 
 by TMA into a ring of STAGES shared-memory stages as the B operand, and the weight never goes through shared
 memory: each thread loads the words of its two rows straight from global memory, one step ahead, and converts the
 byte its place in the MMA's register layout needs (codes 2 t and 2 t + 1 of each word for lane t of a quad: four
-threads load the same words) into the A registers. A program waits for each step's wgmma before converting the
-next (with one left in flight, ptxas reused its A registers for the next conversion: wrong outputs), so the
-conversions overlap the MMAs of the other programs on the SM (one warp group a program, a ring small enough for 2-3
-programs an SM); one CTA barrier a step frees the x stage for its refill. Needs K and the group size multiples of
+threads load the same words) into the A registers. Two schedules. AHEAD=0: a program converts a step's tile, then
+issues its wgmma and waits for it, so conversions overlap only the MMAs of the other programs on the SM (one warp
+group a program, a ring small enough for 2-3 programs an SM). AHEAD=1 (`_rs_step_ahead`): the tile of step j + 1
+is converted after step j's wgmma is issued and before the wait that retires it, into registers of its own, so
+the conversion overlaps the MMA inside the program too. Leaving a wgmma in flight across the next step's wait
+(wait(1)) does not work: ptxas frees an HGMMA's A registers at the first wait after it, whatever its depth, and
+wrote the next conversion into them (wrong outputs on the H100; `wgmma_a_aliasing` finds this in the SASS, and the
+offline compile test runs it). AHEAD=1 has no wait between a wgmma and the one that retires it. One CTA barrier a
+step frees the x stage for its refill. Needs K and the group size multiples of
 64 and 16-byte aligned rows of x (TMA); the words, scales and zero points contiguous along K. Status (H100,
 BENCHMARKS.md "int4 wgmma GEMM with the weight as the register operand"): faster than the Triton path at 128 and 256
 rows on all three Llama-3-8B shapes (4096->14336 at 256 rows: 61.1 against 86.0 µs, 0.86x bf16; at 128 rows 1.04x
@@ -107,6 +112,8 @@ try:
     # Triton 3.6 (the GPU machine's) names it async_copy_global_to_shared; later versions async_load
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise (bar.sync of the CTA)
+    _smem = gl.shared_memory_descriptor  # 3.6 names it _reinterpret, later versions reinterpret
+    _reinterpret = getattr(_smem, "reinterpret", None) or _smem._reinterpret
 except (ImportError, AttributeError):  # a Triton without Gluon's Hopper API: the Triton kernels serve all
     gluon = None
 try:
@@ -213,6 +220,11 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "t128n64a": dict(BLOCK_T=128, STAGES=6, AHEAD=1, num_warps=4),
     "t128n128k2a": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, AHEAD=1, num_warps=8),
     "t64n64r2a": dict(BLOCK_T=64, STAGES=8, REPS=2, AHEAD=1, num_warps=4),
+    # W_TMA=1: the words come by TMA through the ring with x (`_rs_words`)
+    "t256n64w": dict(BLOCK_T=256, STAGES=3, W_TMA=1, num_warps=4),
+    "t128n64aw": dict(BLOCK_T=128, STAGES=6, AHEAD=1, W_TMA=1, num_warps=4),
+    "t128n128k2w": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, W_TMA=1, num_warps=8),
+    "t64n128r2w": dict(BLOCK_T=64, STAGES=8, REPS=2, W_TMA=1, num_warps=4),
 }
 
 # the tensor-core GEMV (`int4_gemv_mma`): BN = 16 REPS num_warps outputs a program, 8 rows of x a program
@@ -371,20 +383,30 @@ if gluon is not None:
     # many rows, the weight as the wgmma's register operand (swap AB: y^T = W x^T)
 
     @gluon.jit
-    def _rs_issue(x_desc, xs, bars, j, count, first, off_t, STAGES: gl.constexpr):
+    def _rs_issue(x_desc, w_desc, xs, wring, bars, j, count, first, off_t, off_n, STAGES: gl.constexpr,
+                  W_TMA: gl.constexpr):
         """TMA load of the x tile [BLOCK_T, 64] of this program's step j (K step first + j) into stage j % STAGES
-        (none past count). Rows past M come as zeros."""
+        (none past count), and with W_TMA its word tile [BLOCK_N, 8]. Rows past M (and N) come as zeros."""
         s = j % STAGES
         ok = j < count
         bar = bars.index(s)
-        mbarrier.expect(bar, x_desc.block_type.nbytes, pred=ok)
+        if W_TMA:
+            mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=ok)
+            _tma_load(w_desc, [off_n, (first + j) * 8], bar, wring.index(s), pred=ok)
+        else:
+            mbarrier.expect(bar, x_desc.block_type.nbytes, pred=ok)
         _tma_load(x_desc, [off_t, (first + j) * 64], bar, xs.index(s), pred=ok)
 
     @gluon.jit
-    def _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step, GROUP: gl.constexpr):
-        """Step `step`'s words [RW, 2, 8, 8] (64 codes of each of the thread's rows) and its rows' packed group
-        parameters (the scale twice, (128 + zero) twice as magic floats)."""
-        words = gl.load(w_base + step * 8)
+    def _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step, GROUP: gl.constexpr,
+                 W_TMA: gl.constexpr):
+        """Step `step`'s words [RW, 2, 8, 8] (64 codes of each of the thread's rows; with W_TMA they come from the
+        ring instead, `_rs_words`, and this returns the step) and its rows' packed group parameters (the scale
+        twice, (128 + zero) twice as magic floats)."""
+        if W_TMA:
+            words = step
+        else:
+            words = gl.load(w_base + step * 8)
         scale2, zoff = _group_params(s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step * 64 // GROUP)
         return words, scale2, zoff | 0x43004300
 
@@ -406,33 +428,48 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(pairs, [BLOCK_N, 64]), a_layout, assert_trivial=True)
 
     @gluon.jit
-    def _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j, count,
-                 first, last, off_t, stride_sn, stride_zn, use_acc, lT: gl.constexpr, a_layout: gl.constexpr,
-                 GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Step j: load step j + 1's words, convert step j's into registers, run its wgmma to completion, then
-        (every warp group done: the CTA barrier) refill the x stage it read with step j + STAGES.
+    def _rs_words(wview, bars, j, count, lw: gl.constexpr, STAGES: gl.constexpr):
+        """W_TMA: step j's words [RW, 2, 8, 8] from its stage of the ring, once its TMA load has landed (no wait
+        past the last step: the words read then are never used)."""
+        s = j % STAGES
+        mbarrier.wait(bars.index(s), (j // STAGES) & 1, pred=j < count)
+        return wview.index(s).load(lw)
+
+    @gluon.jit
+    def _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok,
+                 sel, j, count, first, last, off_t, off_n, stride_sn, stride_zn, use_acc, lT: gl.constexpr,
+                 lw: gl.constexpr, a_layout: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, W_TMA: gl.constexpr):
+        """Step j: load step j + 1's words (from global memory; with W_TMA step j's come from the ring), convert
+        step j's into registers, run its wgmma to completion, then (every warp group done: the CTA barrier) refill
+        the stage it read with step j + STAGES.
 
         The MMA is waited for before the next step's conversion: with one wgmma left in flight (wait(1)), ptxas
         (Triton 3.6) gave the next conversion the registers the MMA in flight was still reading (its A operand),
         and the outputs were wrong on the H100 in most configs. The conversion of one program overlaps the MMAs
-        of the others on its SM instead (configs with one warp group and a ring small enough for 2-3 programs)."""
-        words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
-                                          gl.minimum(first + j + 1, last), GROUP)
-        a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
+        of the others on its SM instead (configs with one warp group and a ring small enough for 2-3 programs),
+        or with AHEAD=1 the previous step's MMA in the same program (`_rs_step_ahead`)."""
         s = j % STAGES
+        if W_TMA:
+            words = _rs_words(wview, bars, j, count, lw, STAGES)
+        words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
+                                          gl.minimum(first + j + 1, last), GROUP, W_TMA)
+        a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
         acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
         acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         _cta_barrier()
-        _rs_issue(x_desc, xs, bars, j + STAGES, count, first, off_t, STAGES)
+        _rs_issue(x_desc, w_desc, xs, wring, bars, j + STAGES, count, first, off_t, off_n, STAGES, W_TMA)
         return acc, words2, scale22, zoff2
 
     @gluon.jit
-    def _rs_step_ahead(x_desc, xs, bars, acc, a, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j,
-                       count, first, last, off_t, stride_sn, stride_zn, use_acc, lT: gl.constexpr,
-                       a_layout: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    def _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words, scale2, zoff, w_base, s_ptr, z_ptr,
+                       rows, n_ok, sel, j, count, first, last, off_t, off_n, stride_sn, stride_zn, use_acc,
+                       lT: gl.constexpr, lw: gl.constexpr, a_layout: gl.constexpr, GROUP: gl.constexpr,
+                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr):
         """Step j with its A operand `a` converted the step before (AHEAD=1): issue its wgmma, then, while it runs,
-        load step j + 2's words and convert step j + 1's (`words`) into new registers, then wait for the MMA.
+        load step j + 2's words and convert step j + 1's (`words`; with W_TMA from the ring) into new registers,
+        then wait for the MMA.
 
         No other wait comes between the wgmma and the one that retires it, so ptxas keeps its A registers from the
         conversion (it frees them at the first wait after the HGMMA: `wgmma_a_aliasing`), and the conversion
@@ -440,20 +477,22 @@ if gluon is not None:
         s = j % STAGES
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
         acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
+        if W_TMA:
+            words = _rs_words(wview, bars, j + 1, count, lw, STAGES)
         words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
-                                          gl.minimum(first + j + 2, last), GROUP)
+                                          gl.minimum(first + j + 2, last), GROUP, W_TMA)
         a2 = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
         acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         _cta_barrier()
-        _rs_issue(x_desc, xs, bars, j + STAGES, count, first, off_t, STAGES)
+        _rs_issue(x_desc, w_desc, xs, wring, bars, j + STAGES, count, first, off_t, off_n, STAGES, W_TMA)
         return acc, a2, words2, scale22, zoff2
 
     @gluon.jit
-    def _int4_wgmma_rs_kernel(x_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+    def _int4_wgmma_rs_kernel(x_desc, w_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                               stride_wn, stride_sn, stride_zn, stride_ym,
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, REPS: gl.constexpr,
-                              AHEAD: gl.constexpr, num_warps: gl.constexpr):
+                              AHEAD: gl.constexpr, W_TMA: gl.constexpr, num_warps: gl.constexpr):
         """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
@@ -508,36 +547,48 @@ if gluon is not None:
         sel = t[None, None, None, None, None, :, None] * 0x1111 + 0x4040 + e[None, None, None, None, None, None, :] * 0
 
         xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_T, 64], x_desc.layout)
+        if W_TMA:  # the word tiles [BLOCK_N, 8] in the same ring (unswizzled), read as lw's [RW, 2, 8, 8]
+            wring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 8], w_desc.layout)
+            wview = _reinterpret(wring, gl.int32, [STAGES, RW, 2, 8, 8],
+                                 gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+        else:
+            wring = xs
+            wview = xs
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         for i in gl.static_range(STAGES):
-            _rs_issue(x_desc, xs, bars, i, count, first, off_t, STAGES)
+            _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, W_TMA)
 
-        words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, first, GROUP)
+        words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, first, GROUP, W_TMA)
         # step 0 peeled, use_acc=False (see _int4_wgmma_kernel)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
         if AHEAD:  # each step's conversion runs while the previous step's MMA does (`_rs_step_ahead`)
+            if W_TMA:
+                words = _rs_words(wview, bars, 0, count, lw, STAGES)
             a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
             words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
-                                           gl.minimum(first + 1, last), GROUP)
-            acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, xs, bars, acc, a, words, scale2, zoff, w_base, s_ptr,
-                                                         z_ptr, rows, n_ok, sel, 0, count, first, last, off_t,
-                                                         stride_sn, stride_zn, False, lT, a_layout, GROUP, BLOCK_N,
-                                                         STAGES)
+                                           gl.minimum(first + 1, last), GROUP, W_TMA)
+            acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words,
+                                                         scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, 0,
+                                                         count, first, last, off_t, off_n, stride_sn, stride_zn,
+                                                         False, lT, lw, a_layout, GROUP, BLOCK_N, STAGES, W_TMA)
             for j in range(1, count):
-                acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, xs, bars, acc, a, words, scale2, zoff, w_base,
-                                                             s_ptr, z_ptr, rows, n_ok, sel, j, count, first, last,
-                                                             off_t, stride_sn, stride_zn, True, lT, a_layout, GROUP,
-                                                             BLOCK_N, STAGES)
+                acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words,
+                                                             scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j,
+                                                             count, first, last, off_t, off_n, stride_sn,
+                                                             stride_zn, True, lT, lw, a_layout, GROUP, BLOCK_N,
+                                                             STAGES, W_TMA)
         else:
-            acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr,
-                                                rows, n_ok, sel, 0, count, first, last, off_t, stride_sn, stride_zn,
-                                                False, lT, a_layout, GROUP, BLOCK_N, STAGES)
+            acc, words, scale2, zoff = _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2, zoff,
+                                                w_base, s_ptr, z_ptr, rows, n_ok, sel, 0, count, first, last, off_t,
+                                                off_n, stride_sn, stride_zn, False, lT, lw, a_layout, GROUP,
+                                                BLOCK_N, STAGES, W_TMA)
             for j in range(1, count):
-                acc, words, scale2, zoff = _rs_step(x_desc, xs, bars, acc, words, scale2, zoff, w_base, s_ptr,
-                                                    z_ptr, rows, n_ok, sel, j, count, first, last, off_t, stride_sn,
-                                                    stride_zn, True, lT, a_layout, GROUP, BLOCK_N, STAGES)
+                acc, words, scale2, zoff = _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2,
+                                                    zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j, count, first,
+                                                    last, off_t, off_n, stride_sn, stride_zn, True, lT, lw,
+                                                    a_layout, GROUP, BLOCK_N, STAGES, W_TMA)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -781,9 +832,10 @@ def config_for(x, words, scales, zeros, group: int) -> dict | None:
 def _blocks(config: dict) -> list:
     """(element type, TMA block shape, shared layout) of the activation (bf16) and word descriptors (only the
     activation's for the register-operand kernel)."""
-    if "BLOCK_T" in config:
-        bt = config["BLOCK_T"]
-        return [(gl.bfloat16, [bt, 64], gl.NVMMASharedLayout.get_default_for([bt, 64], gl.bfloat16))]
+    if "BLOCK_T" in config:  # with W_TMA the word tiles too, unswizzled (read back in the threads' layout)
+        bt, bn = config["BLOCK_T"], 16 * config["num_warps"] * config.get("REPS", 1)
+        x = (gl.bfloat16, [bt, 64], gl.NVMMASharedLayout.get_default_for([bt, 64], gl.bfloat16))
+        return [x, (gl.int32, [bn, 8], gl.NVMMASharedLayout(0, 32, rank=2))] if config.get("W_TMA") else [x]
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     return [(gl.bfloat16, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)),
             (gl.int32, [bn, bk // 8], gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32))]
@@ -800,7 +852,8 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         return f"K={K} is not a multiple of the group size {group}"
     if "BLOCK_T" in config:  # the register-operand kernel: steps of 64, whole warp groups, TMA for x only
         if (config["BLOCK_T"] not in (64, 128, 256) or config.get("num_warps") not in (4, 8) or config["STAGES"] < 2
-                or config.get("REPS", 1) not in (1, 2) or config.get("AHEAD", 0) not in (0, 1)):
+                or config.get("REPS", 1) not in (1, 2) or config.get("AHEAD", 0) not in (0, 1)
+                or config.get("W_TMA", 0) not in (0, 1)):
             return f"bad config {config}"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"
@@ -808,8 +861,9 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
             return f"SPLIT_K={config.get('SPLIT_K', 1)} must divide the {K // 64} K steps"
         if words.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
             return "needs the words, scales and zero points contiguous along K"
-        if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
-            return "TMA needs 16-byte aligned, contiguous rows of x"
+        for t in (x, words) if config.get("W_TMA") else (x,):
+            if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+                return "TMA needs 16-byte aligned, contiguous rows of x" + (" and of the words" * (t is words))
         return None
     if K % config["BLOCK_K"] or group % config["BLOCK_K"]:
         return f"BLOCK_K={config['BLOCK_K']} must divide K and the group size"
@@ -834,15 +888,16 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
     split_k = config.get("SPLIT_K", 1)
     if "BLOCK_T" in config:  # the weight as the register operand
         bt, bn = config["BLOCK_T"], 16 * config["num_warps"] * config.get("REPS", 1)
-        x_desc = TensorDescriptor.from_tensor(x, *_blocks(config)[0][1:])
+        descs = [TensorDescriptor.from_tensor(t, block, layout) for t, (_, block, layout) in zip((x, words),
+                                                                                                 _blocks(config))]
         grid = (triton.cdiv(M, bt), triton.cdiv(N, bn), split_k)
         ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
-        _int4_wgmma_rs_kernel[grid](x_desc, words, scales.view(torch.int16), zeros,
+        _int4_wgmma_rs_kernel[grid](descs[0], descs[-1], words, scales.view(torch.int16), zeros,
                                     bias if bias is not None else y, y, ws, cnt, M, N, K, words.stride(0),
                                     scales.stride(0), zeros.stride(0), y.stride(0), GROUP=group,
                                     HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
                                     SPLIT_K=split_k, REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
-                                    num_warps=config["num_warps"])
+                                    W_TMA=config.get("W_TMA", 0), num_warps=config["num_warps"])
         return y
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
@@ -970,8 +1025,8 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
         fn = _int4_wgmma_rs_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
                       SPLIT_K=config.get("SPLIT_K", 1), REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
-                      num_warps=config["num_warps"])
-        descs = dict(x_desc=_blocks(config)[0])
+                      W_TMA=config.get("W_TMA", 0), num_warps=config["num_warps"])
+        descs = dict(x_desc=_blocks(config)[0], w_desc=_blocks(config)[-1])
         pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")
         divisible = ("N", "K", "stride_wn", "stride_sn", "stride_zn", "stride_ym")

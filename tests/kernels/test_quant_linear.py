@@ -550,7 +550,8 @@ def qg():
 @needs_hopper
 @pytest.mark.parametrize("name", ["m128n128", "m128n64", "m64n128", "m256n128", "m64n64", "m64n128k4", "m128n128k2",
                                   "t256n128", "t256n64", "t128n128", "t128n64", "t64n128", "t128n128k2",
-                                  "t128n128r2", "t256n64a", "t128n64a", "t128n128k2a", "t64n64r2a"])
+                                  "t128n128r2", "t256n64a", "t128n64a", "t128n128k2a", "t64n64r2a", "t256n64w",
+                                  "t128n64aw", "t128n128k2w", "t64n128r2w"])
 @pytest.mark.parametrize("m, n, k, group", [(200, 300, 2048, 128), (64, 128, 4096, 64), (513, 256, 4096, 256)],
                          ids=["ragged", "one-tile-long-k", "many-row-tiles"])
 def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
@@ -644,7 +645,7 @@ def test_cuda_int4_wgmma_refuses_what_it_cannot_run(qg):
 
 
 @pytest.mark.parametrize("name", ["m128n128", "m64n128k4", "t256n128", "t64n128", "t128n128r2", "t256n64a",
-                                  "t64n64r2a"])
+                                  "t64n64r2a", "t128n64aw"])
 def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     """Offline (no GPU): the kernel compiles for sm_90, fits in shared memory, and ptxas keeps its wgmmas
     asynchronous. A zero-initialized accumulator entering the loop made ptxas serialize them (C7515), which
