@@ -46,28 +46,29 @@ else runs on the Triton kernels of `quant_linear_triton`. Gluon has no interpret
 Hopper GPU only (tests/kernels/test_quant_linear.py, `-k wgmma`), and one CPU test compiles it offline.
 
 Part 1b, the weight as the wgmma's register operand (`_int4_wgmma_rs_kernel`, configs with BLOCK_T): swap A and B,
-y^T = W x^T. Each warp group takes 64 outputs as the wgmma's M and BLOCK_T rows of x (up to 256) as its N; x comes
-by TMA into a ring of STAGES shared-memory stages as the B operand, and the weight never goes through shared
-memory: each thread loads the words of its two rows straight from global memory, one step ahead, and converts the
-byte its place in the MMA's register layout needs (codes 2 t and 2 t + 1 of each word for lane t of a quad: four
-threads load the same words) into the A registers. Two schedules. AHEAD=0: a program converts a step's tile, then
-issues its wgmma and waits for it, so conversions overlap only the MMAs of the other programs on the SM (one warp
-group a program, a ring small enough for 2-3 programs an SM). AHEAD=1 (`_rs_step_ahead`): the tile of step j + 1
-is converted after step j's wgmma is issued and before the wait that retires it, into registers of its own, so
-the conversion overlaps the MMA inside the program too. Leaving a wgmma in flight across the next step's wait
-(wait(1)) does not work: ptxas frees an HGMMA's A registers at the first wait after it, whatever its depth, and
-wrote the next conversion into them (wrong outputs on the H100; `wgmma_a_aliasing` finds this in the SASS, and the
-offline compile test runs it). AHEAD=1 has no wait between a wgmma and the one that retires it. One CTA barrier a
-step frees the x stage for its refill. Needs K and the group size multiples of
-64 and 16-byte aligned rows of x (TMA); the words, scales and zero points contiguous along K. Status (H100,
-BENCHMARKS.md "int4 wgmma GEMM with the weight as the register operand"): faster than the Triton path at 128 and 256
-rows on all three Llama-3-8B shapes (4096->14336 at 256 rows: 61.1 against 86.0 µs, 0.86x bf16; at 128 rows 1.04x
-bf16), so these configs hold the table's "int4_wgmma" entries there; still below bf16 at 256 rows (0.59-0.86x).
-There the x tiles read from L2 are the likely limit: with 64 outputs a program, x is read N / 64 times (470 MB at
-4096->14336, 256 rows: 7.7 TB/s in 61 µs), and two warp groups sharing a tile run in lockstep (the CTA barrier),
-which lost. REPS=2 gives a warp group 128 outputs (two M = 64 wgmmas a k step) to halve that traffic with one warp
-group a program: compiled and checked offline (250 registers, no spills), not yet run on a GPU, so in no table
-entry. Same dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's
+y^T = W x^T. Each warp group takes 64 REPS outputs as the wgmma's M (REPS wgmmas of M = 64 a k step) and BLOCK_T
+rows of x (up to 256) as its N; x comes by TMA into a ring of STAGES shared-memory stages as the B operand. The
+weight tile never goes through shared memory as bf16: each thread gets the words of its rows (W_TMA=0: loaded
+straight from global memory, one step ahead; W_TMA=1: by TMA through the same ring as x, STAGES - 1 steps ahead,
+then read from an unswizzled view of the stage in the threads' layout) and converts the byte its place in the MMA's
+register layout needs (codes 2 t and 2 t + 1 of each word for lane t of a quad: four threads read the same words)
+into the A registers. Two schedules. AHEAD=0: a program converts a step's tile, then issues its wgmma and waits for
+it, so conversions overlap only the MMAs of the other programs on the SM (one warp group a program, a ring small
+enough for 2-3 programs an SM). AHEAD=1 (`_rs_step_ahead`): the tile of step j + 1 is converted after step j's
+wgmma is issued and before the wait that retires it, into registers of its own, so the conversion overlaps the MMA
+inside the program too. Leaving a wgmma in flight across the next step's wait (wait(1)) does not work: ptxas frees
+an HGMMA's A registers at the first wait after it, whatever its depth, and wrote the next conversion into them
+(wrong outputs on the H100; `wgmma_a_aliasing` finds this in the SASS, and the offline compile test runs it).
+AHEAD=1 has no wait between a wgmma and the one that retires it. One CTA barrier a step frees the stage for its
+refill. Needs K and the group size multiples of 64 and 16-byte aligned rows of x (TMA; with W_TMA of the words
+too); the words, scales and zero points contiguous along K. Status (H100, BENCHMARKS.md "int4 wgmma GEMM with the
+weight as the register operand" and "... (AHEAD) and 128 outputs a warp group (REPS=2)"): faster than the Triton
+path at 128 and 256 rows on all three Llama-3-8B shapes, so these configs hold the table's "int4_wgmma" entries
+there (128 rows: 0.74 / 1.04 / 1.02x bf16; 256 rows: 0.60 / 0.85 / 0.76x). AHEAD=1 is slower than AHEAD=0 except
+with two warp groups at 14336->4096, 256 rows, and REPS=2 (half the reads of x from L2) is slower everywhere. A step
+takes about 1 µs at 256 rows, several times its MMA and conversion, which fits the words' one-step-ahead global
+loads waiting on DRAM: W_TMA=1 is built for that, compiled and checked offline, and not yet run on a GPU, so in no
+table entry. Same dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's
 weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
@@ -498,12 +499,13 @@ if gluon is not None:
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
         M = 64 a k step: more outputs share each x tile, less x read from L2), the rows of x are its N (BLOCK_T,
         up to 256), and x is its B operand in shared memory, brought by TMA through a ring of STAGES stages. The
-        words load from global memory straight into the registers of the threads that convert them, one step
-        ahead: thread (g, t) of a quad loads the 8 words (64 codes) of each of its rows (two a block of 16; four
-        threads load the same words) and keeps byte t of each, the two codes the MMA's layout gives it (`_rs_tile`, asserted
-        trivial at compile time). No shared-memory round trip of the weight tile. Each step's MMA completes
-        before the next conversion (`_rs_step`), and one CTA barrier a step then frees its x stage for the
-        refill."""
+        words go into the registers of the threads that convert them (W_TMA=0: loaded from global memory one step
+        ahead; W_TMA=1: by TMA with x, read back from the stage): thread (g, t) of a quad takes the 8 words (64
+        codes) of each of its rows (two a block of 16; four threads read the same words) and keeps byte t of each,
+        the two codes the MMA's layout gives it (`_rs_tile`, asserted trivial at compile time). The bf16 weight
+        tile never goes through shared memory. With AHEAD=0 each step's MMA completes before the next conversion
+        (`_rs_step`); with AHEAD=1 the next conversion runs while it does (`_rs_step_ahead`). One CTA barrier a
+        step then frees its stage for the refill."""
         BLOCK_N: gl.constexpr = 16 * num_warps * REPS
         NW: gl.constexpr = num_warps
         RW: gl.constexpr = num_warps * REPS  # row blocks of 16: block rw = REPS' index * NW + warp (lT wraps)
