@@ -865,7 +865,7 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
             return "needs the words, scales and zero points contiguous along K"
         for t in (x, words) if config.get("W_TMA") else (x,):
             if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-                return "TMA needs 16-byte aligned, contiguous rows of x" + (" and of the words" * (t is words))
+                return f"TMA needs 16-byte aligned, contiguous rows of {'the words' if t is words else 'x'}"
         return None
     if K % config["BLOCK_K"] or group % config["BLOCK_K"]:
         return f"BLOCK_K={config['BLOCK_K']} must divide K and the group size"

@@ -588,6 +588,20 @@ def test_every_measured_wgmma_entry_fits_its_shape(qg):
         assert qg.unfit(x, words, scales, zeros, group, cfg) is None, (key, cfg)
 
 
+def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
+    """On the CPU: the register-operand kernel's own checks. Words by TMA (W_TMA=1) need 16-byte aligned rows of
+    words too (here 33 words a row: 132 bytes), which the global loads of W_TMA=0 do not; unknown variants are
+    refused by name."""
+    x = torch.zeros(256, 256, dtype=torch.bfloat16)
+    words = torch.zeros(64, 33, dtype=torch.int32)[:, :32]
+    scales, zeros = torch.zeros(64, 2, dtype=torch.bfloat16), torch.zeros(64, 2, dtype=torch.uint8)
+    assert qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64a"]) is None
+    assert "rows of the words" in qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64w"])
+    assert qg.unfit(x, words.contiguous(), scales, zeros, 128, qg.CONFIGS["t256n64w"]) is None
+    for bad in (dict(AHEAD=2), dict(W_TMA=2), dict(REPS=4), dict(BLOCK_T=96)):
+        assert "bad config" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64w"], **bad))
+
+
 @needs_hopper
 @pytest.mark.parametrize("kernel, config", _measured_configs(gluon="int4_wgmma") or [("none", {})],
                          ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
