@@ -3,6 +3,7 @@
     python benchmarks/quant_linear_gpu.py [--explore] [--report PATH]
     python benchmarks/quant_linear_gpu.py --sweep 1,64,256 [--sweep-shapes 4096x4096] [--sweep-log PATH]
         [--sweep-table prunus/kernels/measured_configs.json] [--sweep-wgmma | --sweep-wgmma-rs | --sweep-gemv-mma]
+        [--sweep-only W_TMA=1]
     python benchmarks/quant_linear_gpu.py --table-from-log LOG --device-name NAME --sweep-table PATH
 
 Times `torch.ops.prunus.linear_int4` (group 128) at M = 1, 16, 64, 128, 256 rows and `linear_int8` at M = 1, 16, 64, 256
@@ -19,7 +20,9 @@ lists in `prunus.kernels.quant_linear_triton` come from it, and `--sweep-table` 
 the table of measured configs the ops use as is (`measured_configs.json`, keyed by the GPU's name).
 `--table-from-log` does the same from a `--sweep-log` file, offline. `--sweep-wgmma`, `--sweep-wgmma-rs` (the weight
 as the register operand) and `--sweep-gemv-mma` sweep the Gluon kernels instead (`prunus.kernels.quant_linear_gluon`);
-their winners enter the table only where they beat the op's Triton path, timed in the same run.
+their winners enter the table only where they beat the op's Triton path, timed in the same run. `--sweep-only
+KEY=V,...` times the configs with those values only; with `--sweep-table` the table's entry for each shape and M is
+timed too, so a subset's winner replaces it only where it is faster in the same run.
 """
 from __future__ import annotations
 
@@ -385,6 +388,20 @@ def winner_entry(k: int, n: int, m: int, cfg: dict) -> tuple:
     return (kernel, shape_key(m, n, k, GROUP)), cfg
 
 
+def current_entry(table_path, device: str, kind: str, k: int, n: int, m: int) -> dict | None:
+    """The measured table's entry for this sweep kind's kernel, shape and row bucket on `device`, if any."""
+    import json
+
+    from prunus.kernels.quant_linear_triton import shape_key
+
+    if not table_path or not os.path.exists(table_path):
+        return None
+    kernel = dict(wgmma="int4_wgmma", wgmma_rs="int4_wgmma", gemv_mma="int4_gemv_mma", gemv="int4_gemv",
+                  gemm="int4_gemm")[kind]
+    table = json.loads(open(table_path).read()).get(device, {})
+    return table.get(kernel, {}).get(shape_key(m, n, k, GROUP))
+
+
 def table_from_log(log_path: str) -> dict:
     """The fastest finite config per (shape, M) of a `--sweep-log` file."""
     import ast
@@ -425,9 +442,12 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=No
                           gemv_mma=lambda: qg._int4_gemv_mma_kernel,
                           gemv=lambda: qt._int4_gemv_kernel, gemm=lambda: qt._int4_gemm_kernel)[kind]()
             defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
-            for cfg in sweep_configs(kind, m):
-                if any(cfg.get(key, defaults.get(key)) != value for key, value in (only or {}).items()):
-                    continue
+            configs = [cfg for cfg in sweep_configs(kind, m)
+                       if all(cfg.get(key, defaults.get(key)) == value for key, value in (only or {}).items())]
+            current = current_entry(table_path, torch.cuda.get_device_name(), kind, k, n, m) if only else None
+            if current and current not in configs:  # a subset's winner must beat the entry it would replace
+                configs.append(current)
+            for cfg in configs:
                 fn = lambda x, qw, s, z, cfg=cfg: run(x, qw, s, z, None, GROUP, cfg)  # noqa: E731
                 try:
                     t = case.time_quant(fn, m)
@@ -467,7 +487,9 @@ def main() -> None:
     ap.add_argument("--explore", action="store_true", help="also time each int4 kernel path at M = 1..256")
     ap.add_argument("--sweep", default=None, help="time every candidate int4 config at these M (e.g. 1,64) and exit")
     ap.add_argument("--sweep-shapes", default=None, help="only these K,N shapes, e.g. 4096x4096,14336x4096")
-    ap.add_argument("--sweep-only", default=None, help="only the configs with these values, e.g. W_AS_B=1,DEQUANT=3")
+    ap.add_argument("--sweep-only", default=None,
+                    help="only the configs with these values, e.g. W_AS_B=1,DEQUANT=3 (with --sweep-table, plus the "
+                         "table's entry for each shape and M, so a winner must beat it in the same run)")
     ap.add_argument("--sweep-wgmma", action="store_true", help="sweep the Gluon wgmma kernel's configs (Hopper)")
     ap.add_argument("--sweep-wgmma-rs", action="store_true",
                     help="sweep the Gluon wgmma kernel with the weight as the register operand (Hopper)")
@@ -490,8 +512,6 @@ def main() -> None:
     if args.sweep:
         shapes = ([tuple(int(d) for d in s.split("x")) for s in args.sweep_shapes.split(",")]
                   if args.sweep_shapes else SHAPES)
-        if args.sweep_only and args.sweep_table:
-            sys.exit("--sweep-only times a subset: merge its log with --table-from-log, not --sweep-table")
         only = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.sweep_only.split(","))) \
             if args.sweep_only else None
         sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only,

@@ -417,6 +417,23 @@ def test_measured_config_table_off_and_from_sweep_log(qt, monkeypatch, tmp_path)
                   "int4_gemm": {"4096x4096/g128/m64": {"BLOCK_M": 64, "DEQUANT": 2}}}}
 
 
+def test_sweep_subset_competes_with_the_table_entry_it_would_replace(tmp_path):
+    """`--sweep-only` with `--sweep-table` also times the table's entry for each shape and row bucket: the one
+    `current_entry` finds for the sweep's kernel family (both wgmma kinds share "int4_wgmma")."""
+    from benchmarks.quant_linear_gpu import current_entry, merge_winners
+
+    path = tmp_path / "table.json"
+    assert current_entry(str(path), "GPU A", "wgmma_rs", 4096, 4096, 256) is None  # no table yet
+    merge_winners(str(path), "GPU A", {("int4_wgmma", "4096x4096/g128/m256"): {"BLOCK_T": 128, "STAGES": 4},
+                                       ("int4_gemv", "4096x4096/g128/m1"): {"BLOCK_N": 8}})
+    assert current_entry(str(path), "GPU A", "wgmma_rs", 4096, 4096, 200) == {"BLOCK_T": 128, "STAGES": 4}
+    assert current_entry(str(path), "GPU A", "wgmma", 4096, 4096, 256) == {"BLOCK_T": 128, "STAGES": 4}
+    assert current_entry(str(path), "GPU A", "gemv", 4096, 4096, 1) == {"BLOCK_N": 8}
+    assert current_entry(str(path), "GPU A", "wgmma_rs", 4096, 4096, 128) is None  # another bucket
+    assert current_entry(str(path), "GPU A", "gemv_mma", 4096, 4096, 1) is None  # another kernel
+    assert current_entry(str(path), "GPU B", "wgmma_rs", 4096, 4096, 256) is None  # another GPU
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tile", [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_stages=4),
