@@ -64,7 +64,7 @@ refill. Needs K and the group size multiples of 64 and 16-byte aligned rows of x
 too); the words, scales and zero points contiguous along K. Status (H100, BENCHMARKS.md "int4 wgmma GEMM with the
 weight as the register operand" and "... (AHEAD) and 128 outputs a warp group (REPS=2)"): faster than the Triton
 path at 128 and 256 rows on all three Llama-3-8B shapes, so these configs hold the table's "int4_wgmma" entries
-there (128 rows: 0.74 / 1.04 / 1.02x bf16; 256 rows: 0.60 / 0.85 / 0.76x). AHEAD=1 is slower than AHEAD=0 except
+there (128 rows: 0.74 / 1.04 / 1.02x bf16; 256 rows: 0.60 / 0.84 / 0.76x). AHEAD=1 is slower than AHEAD=0 except
 with two warp groups at 14336->4096, 256 rows, and REPS=2 (half the reads of x from L2) is slower everywhere. A step
 takes about 1 µs at 256 rows, several times its MMA and conversion, which fits the words' one-step-ahead global
 loads waiting on DRAM: W_TMA=1 is built for that, compiled and checked offline, and not yet run on a GPU, so in no

@@ -727,6 +727,19 @@ def test_wgmma_a_aliasing_finds_a_register_written_while_in_flight(qg):
     found = qg.wgmma_a_aliasing(sass)
     assert len(found) == 1 and "R169" in found[0]
     assert qg.wgmma_a_aliasing(sass.replace("0x1 ;", "0x0 ;")) == []
+    # AHEAD=1's shape: the next conversion between the HGMMA and the wait(0) that retires it, into registers of its
+    # own (R176, clean) or into the HGMMA's A registers (R169, caught)
+    ahead = """
+        /*0100*/                   WARPGROUP.ARRIVE ;
+        /*0110*/                   HGMMA.64x256x16.F32.BF16 R24, R168, gdesc[UR12], R24, gsb0 ;
+        /*0120*/                   LOP3.LUT R176, R12, 0xf0f, R15, 0xea, !PT ;
+        /*0130*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0140*/                   IMAD.MOV.U32 R168, RZ, RZ, R176 ;
+        /*0150*/               @P1 BRA 0x100 ;
+    """
+    assert qg.wgmma_a_aliasing(ahead) == []
+    found = qg.wgmma_a_aliasing(ahead.replace("LOP3.LUT R176", "LOP3.LUT R169"))
+    assert len(found) == 1 and "R169" in found[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
