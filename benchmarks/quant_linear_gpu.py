@@ -279,8 +279,10 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
         # AHEAD=1: each step's conversion overlaps the previous step's MMA inside the program too (not with REPS=2
         # and 128 rows or more: two A tiles and two steps' words then spill, offline)
         out += [dict(cfg, AHEAD=1) for cfg in out if cfg.get("REPS", 1) == 1 or cfg["BLOCK_T"] == 64]
-        # W_TMA=1: the words by TMA with x, through the ring, instead of loaded one step ahead into registers
-        return out + [dict(cfg, W_TMA=1) for cfg in out]
+        # W_TMA=1: the words by TMA with x, through the ring, instead of loaded one step ahead into registers;
+        # with P_SMEM=1 also the group parameters from a table in shared memory: no global load left in the loop
+        w_tma = [dict(cfg, W_TMA=1) for cfg in out]
+        return out + w_tma + [dict(cfg, P_SMEM=1) for cfg in w_tma]
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):

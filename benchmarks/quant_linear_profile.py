@@ -5,8 +5,10 @@ its compiled PTX / SASS in Triton's cache for reading.
         python benchmarks/quant_linear_profile.py --kernel gemv --shape 4096x14336 \\
         --config BLOCK_N=8,GROUPS=8,SPLIT_K=1 [--dump DIR]
 
---kernel gemv (int4 GEMV), gemm (int4 tensor-core kernel) or int8_gemv; --rows M (default 1); --config the
-kernel's block sizes plus num_warps / num_stages. --dump copies the kernel's .ptx / .ttgir / .cubin from
+--kernel gemv (int4 GEMV), gemm (int4 tensor-core kernel), int8_gemv, or the Gluon kernels of
+`prunus.kernels.quant_linear_gluon` (sm_90): wgmma (the wgmma GEMM; a config with BLOCK_T runs the register-operand
+kernel `_int4_wgmma_rs_kernel`) or gemv_mma (the tensor-core GEMV; with STAGES its TMA variant); --rows M (default 1);
+--config the kernel's block sizes plus num_warps / num_stages. --dump copies the kernel's .ptx / .ttgir / .cubin from
 Triton's cache into DIR and writes its SASS (cuobjdump) there.
 """
 from __future__ import annotations
@@ -23,10 +25,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prunus.kernels as pk  # noqa: E402
+from prunus.kernels import quant_linear_gluon as qg  # noqa: E402
 from prunus.kernels import quant_linear_triton as qt  # noqa: E402
 
 KERNELS = {"gemv": ("_int4_gemv_kernel", qt.int4_gemv), "gemm": ("_int4_gemm_kernel", qt.int4_gemm),
-           "int8_gemv": ("_int8_gemv_kernel", qt.int8_gemv)}
+           "int8_gemv": ("_int8_gemv_kernel", qt.int8_gemv), "wgmma": ("_int4_wgmma_kernel", qg.int4_gemm_wgmma),
+           "gemv_mma": ("_int4_gemv_mma_kernel", qg.int4_gemv_mma)}
+
+
+def kernel_name(kernel: str, config: dict) -> str:
+    """The name the launch compiles under (ncu's -k, the cache files of --dump)."""
+    if kernel == "wgmma" and "BLOCK_T" in config:
+        return "_int4_wgmma_rs_kernel"
+    if kernel == "gemv_mma" and config.get("STAGES", 0) > 0:
+        return "_int4_gemv_tma_kernel"
+    return KERNELS[kernel][0]
 
 
 def main() -> None:
@@ -45,7 +58,8 @@ def main() -> None:
     config = {key: int(value) for key, value in (item.split("=") for item in args.config.split(","))}
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    name, launch = KERNELS[args.kernel]
+    launch = KERNELS[args.kernel][1]
+    name = kernel_name(args.kernel, config)
     if args.kernel == "int8_gemv":
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda", generator=gen)
         s = torch.rand(n, device="cuda", generator=gen).to(torch.bfloat16)
@@ -55,6 +69,10 @@ def main() -> None:
         s = torch.rand(n, k // args.group, device="cuda", generator=gen).to(torch.bfloat16)
         z = torch.randint(0, 16, (n, k // args.group), dtype=torch.uint8, device="cuda", generator=gen)
         weights = (pk.pack_int4(q), s, z)
+        if args.kernel in ("wgmma", "gemv_mma"):
+            refused = (qg.unfit if args.kernel == "wgmma" else qg.gemv_unfit)(x, *weights, args.group, config)
+            if refused:
+                sys.exit(f"{args.kernel} cannot take {config}: {refused}")
         run = lambda: launch(x, *weights, None, args.group, config)  # noqa: E731
     for _ in range(args.launches):
         run()

@@ -226,7 +226,14 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "t128n64aw": dict(BLOCK_T=128, STAGES=6, AHEAD=1, W_TMA=1, num_warps=4),
     "t128n128k2w": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, W_TMA=1, num_warps=8),
     "t64n128r2w": dict(BLOCK_T=64, STAGES=8, REPS=2, W_TMA=1, num_warps=4),
+    # P_SMEM=1: the group parameters from a table in shared memory filled before the loop (`_rs_params`)
+    "t256n64wp": dict(BLOCK_T=256, STAGES=3, W_TMA=1, P_SMEM=1, num_warps=4),
+    "t128n128k2wp": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, W_TMA=1, P_SMEM=1, num_warps=8),
+    "t128n64ap": dict(BLOCK_T=128, STAGES=6, AHEAD=1, P_SMEM=1, num_warps=4),
+    "t64n64r2awp": dict(BLOCK_T=64, STAGES=8, REPS=2, AHEAD=1, W_TMA=1, P_SMEM=1, num_warps=4),
 }
+
+P_SMEM_BYTES = 32768  # the register-operand kernel's group-parameter table (P_SMEM=1) takes at most this
 
 # the tensor-core GEMV (`int4_gemv_mma`): BN = 16 REPS num_warps outputs a program, 8 rows of x a program
 GEMV_CONFIGS = {f"r{r}w{w}k{k}": dict(REPS=r, SPLIT_K=k, num_warps=w)
@@ -399,17 +406,41 @@ if gluon is not None:
         _tma_load(x_desc, [off_t, (first + j) * 64], bar, xs.index(s), pred=ok)
 
     @gluon.jit
-    def _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step, GROUP: gl.constexpr,
-                 W_TMA: gl.constexpr):
+    def _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn, step, lp: gl.constexpr,
+                 GROUP: gl.constexpr, W_TMA: gl.constexpr, P_SMEM: gl.constexpr):
         """Step `step`'s words [RW, 2, 8, 8] (64 codes of each of the thread's rows; with W_TMA they come from the
         ring instead, `_rs_words`, and this returns the step) and its rows' packed group parameters (the scale
-        twice, (128 + zero) twice as magic floats)."""
+        twice, (128 + zero) twice as magic floats; with P_SMEM from the program's table in shared memory,
+        `_rs_params`, instead of global memory)."""
         if W_TMA:
             words = step
         else:
             words = gl.load(w_base + step * 8)
-        scale2, zoff = _group_params(s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step * 64 // GROUP)
+        if P_SMEM:
+            v = pview.index(step * 64 // GROUP - g0).load(lp)
+            sc = v & 0xFFFF
+            z = v >> 16
+            scale2, zoff = sc | (sc << 16), z | (z << 16)
+        else:
+            scale2, zoff = _group_params(s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, step * 64 // GROUP)
         return words, scale2, zoff | 0x43004300
+
+    @gluon.jit
+    def _rs_params(s_ptr, z_ptr, off_n, N, g0, g_end, stride_sn, stride_zn, PG: gl.constexpr,
+                   BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
+        """P_SMEM: the group parameters of all the groups this program's K range touches (g0 .. g_end - 1, at most
+        PG), read from global memory once, before the loop: [PG, BLOCK_N] int32 in shared memory, the scale's bits
+        in the low half and the zero point in the high half. The loop then reads each step's from there, so no
+        global load of the loop waits on DRAM for them."""
+        lg: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])  # along the groups: coalesced
+        gi = gl.arange(0, PG, layout=gl.SliceLayout(1, lg))
+        ni = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, lg))
+        ok = ((g0 + gi) < g_end)[:, None] & (ni < N)[None, :]
+        g = g0 + gl.minimum(gi, g_end - 1 - g0)
+        sc = gl.load(s_ptr + ni[None, :] * stride_sn + g[:, None], mask=ok, other=0).to(gl.int32) & 0xFFFF
+        z = gl.load(z_ptr + ni[None, :] * stride_zn + g[:, None], mask=ok, other=0).to(gl.int32)
+        return gl.allocate_shared_memory(gl.int32, [PG, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                                         sc | (z << 16))
 
     @gluon.jit
     def _rs_tile(words, scale2, zoff, sel, lT: gl.constexpr, a_layout: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -437,10 +468,10 @@ if gluon is not None:
         return wview.index(s).load(lw)
 
     @gluon.jit
-    def _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok,
-                 sel, j, count, first, last, off_t, off_n, stride_sn, stride_zn, use_acc, lT: gl.constexpr,
-                 lw: gl.constexpr, a_layout: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, W_TMA: gl.constexpr):
+    def _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2, zoff, w_base, s_ptr, z_ptr, pview, g0,
+                 rows, n_ok, sel, j, count, first, last, off_t, off_n, stride_sn, stride_zn, use_acc,
+                 lT: gl.constexpr, lw: gl.constexpr, lp: gl.constexpr, a_layout: gl.constexpr, GROUP: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr, P_SMEM: gl.constexpr):
         """Step j: load step j + 1's words (from global memory; with W_TMA step j's come from the ring), convert
         step j's into registers, run its wgmma to completion, then (every warp group done: the CTA barrier) refill
         the stage it read with step j + STAGES.
@@ -453,8 +484,8 @@ if gluon is not None:
         s = j % STAGES
         if W_TMA:
             words = _rs_words(wview, bars, j, count, lw, STAGES)
-        words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
-                                          gl.minimum(first + j + 1, last), GROUP, W_TMA)
+        words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn,
+                                          gl.minimum(first + j + 1, last), lp, GROUP, W_TMA, P_SMEM)
         a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
         acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
@@ -465,9 +496,10 @@ if gluon is not None:
 
     @gluon.jit
     def _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words, scale2, zoff, w_base, s_ptr, z_ptr,
-                       rows, n_ok, sel, j, count, first, last, off_t, off_n, stride_sn, stride_zn, use_acc,
-                       lT: gl.constexpr, lw: gl.constexpr, a_layout: gl.constexpr, GROUP: gl.constexpr,
-                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr):
+                       pview, g0, rows, n_ok, sel, j, count, first, last, off_t, off_n, stride_sn, stride_zn,
+                       use_acc, lT: gl.constexpr, lw: gl.constexpr, lp: gl.constexpr, a_layout: gl.constexpr,
+                       GROUP: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr,
+                       P_SMEM: gl.constexpr):
         """Step j with its A operand `a` converted the step before (AHEAD=1): issue its wgmma, then, while it runs,
         load step j + 2's words and convert step j + 1's (`words`; with W_TMA from the ring) into new registers,
         then wait for the MMA.
@@ -480,8 +512,8 @@ if gluon is not None:
         acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
         if W_TMA:
             words = _rs_words(wview, bars, j + 1, count, lw, STAGES)
-        words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
-                                          gl.minimum(first + j + 2, last), GROUP, W_TMA)
+        words2, scale22, zoff2 = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn,
+                                          gl.minimum(first + j + 2, last), lp, GROUP, W_TMA, P_SMEM)
         a2 = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
         acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         _cta_barrier()
@@ -493,7 +525,8 @@ if gluon is not None:
                               stride_wn, stride_sn, stride_zn, stride_ym,
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, REPS: gl.constexpr,
-                              AHEAD: gl.constexpr, W_TMA: gl.constexpr, num_warps: gl.constexpr):
+                              AHEAD: gl.constexpr, W_TMA: gl.constexpr, P_SMEM: gl.constexpr, PG: gl.constexpr,
+                              num_warps: gl.constexpr):
         """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
@@ -505,7 +538,8 @@ if gluon is not None:
         the two codes the MMA's layout gives it (`_rs_tile`, asserted trivial at compile time). The bf16 weight
         tile never goes through shared memory. With AHEAD=0 each step's MMA completes before the next conversion
         (`_rs_step`); with AHEAD=1 the next conversion runs while it does (`_rs_step_ahead`). One CTA barrier a
-        step then frees its stage for the refill."""
+        step then frees its stage for the refill. The group parameters come from global memory one step ahead, or
+        with P_SMEM=1 from a table of the program's groups (PG rows) filled before the loop (`_rs_params`)."""
         BLOCK_N: gl.constexpr = 16 * num_warps * REPS
         NW: gl.constexpr = num_warps
         RW: gl.constexpr = num_warps * REPS  # row blocks of 16: block rw = REPS' index * NW + warp (lT wraps)
@@ -561,36 +595,46 @@ if gluon is not None:
             mbarrier.init(bars.index(i), count=1)
         for i in gl.static_range(STAGES):
             _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, W_TMA)
+        g0 = first * 64 // GROUP
+        if P_SMEM:  # the program's group parameters into shared memory while the ring's first loads fly
+            params = _rs_params(s_ptr, z_ptr, off_n, N, g0, last * 64 // GROUP + 1, stride_sn, stride_zn, PG,
+                                BLOCK_N, num_warps)
+            pview = _reinterpret(params, gl.int32, [PG, RW, 2, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+            _cta_barrier()
+        else:
+            pview = xs
 
-        words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn, first, GROUP, W_TMA)
+        words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn, first,
+                                       lp, GROUP, W_TMA, P_SMEM)
         # step 0 peeled, use_acc=False (see _int4_wgmma_kernel)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
         if AHEAD:  # each step's conversion runs while the previous step's MMA does (`_rs_step_ahead`)
             if W_TMA:
                 words = _rs_words(wview, bars, 0, count, lw, STAGES)
             a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
-            words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, rows, n_ok, stride_sn, stride_zn,
-                                           gl.minimum(first + 1, last), GROUP, W_TMA)
+            words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn,
+                                           gl.minimum(first + 1, last), lp, GROUP, W_TMA, P_SMEM)
             acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words,
-                                                         scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, 0,
-                                                         count, first, last, off_t, off_n, stride_sn, stride_zn,
-                                                         False, lT, lw, a_layout, GROUP, BLOCK_N, STAGES, W_TMA)
+                                                         scale2, zoff, w_base, s_ptr, z_ptr, pview, g0, rows, n_ok,
+                                                         sel, 0, count, first, last, off_t, off_n, stride_sn,
+                                                         stride_zn, False, lT, lw, lp, a_layout, GROUP, BLOCK_N,
+                                                         STAGES, W_TMA, P_SMEM)
             for j in range(1, count):
                 acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words,
-                                                             scale2, zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j,
-                                                             count, first, last, off_t, off_n, stride_sn,
-                                                             stride_zn, True, lT, lw, a_layout, GROUP, BLOCK_N,
-                                                             STAGES, W_TMA)
+                                                             scale2, zoff, w_base, s_ptr, z_ptr, pview, g0, rows,
+                                                             n_ok, sel, j, count, first, last, off_t, off_n,
+                                                             stride_sn, stride_zn, True, lT, lw, lp, a_layout,
+                                                             GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
         else:
             acc, words, scale2, zoff = _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2, zoff,
-                                                w_base, s_ptr, z_ptr, rows, n_ok, sel, 0, count, first, last, off_t,
-                                                off_n, stride_sn, stride_zn, False, lT, lw, a_layout, GROUP,
-                                                BLOCK_N, STAGES, W_TMA)
+                                                w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, sel, 0, count, first,
+                                                last, off_t, off_n, stride_sn, stride_zn, False, lT, lw, lp,
+                                                a_layout, GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
             for j in range(1, count):
                 acc, words, scale2, zoff = _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2,
-                                                    zoff, w_base, s_ptr, z_ptr, rows, n_ok, sel, j, count, first,
-                                                    last, off_t, off_n, stride_sn, stride_zn, True, lT, lw,
-                                                    a_layout, GROUP, BLOCK_N, STAGES, W_TMA)
+                                                    zoff, w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, sel, j,
+                                                    count, first, last, off_t, off_n, stride_sn, stride_zn, True,
+                                                    lT, lw, lp, a_layout, GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -831,6 +875,17 @@ def config_for(x, words, scales, zeros, group: int) -> dict | None:
     return None if config is None or unfit(x, words, scales, zeros, group, config) else config
 
 
+def _param_groups(K: int, group: int, config: dict) -> int:
+    """P_SMEM: the rows of the register-operand kernel's group-parameter table, the most groups one program's K
+    range touches, rounded up to a power of two (1 without P_SMEM)."""
+    if not config.get("P_SMEM"):
+        return 1
+    count = K // 64 // config.get("SPLIT_K", 1)
+    span = max((p * count + count - 1) * 64 // group - p * count * 64 // group + 1
+               for p in range(config.get("SPLIT_K", 1)))
+    return triton.next_power_of_2(span)
+
+
 def _blocks(config: dict) -> list:
     """(element type, TMA block shape, shared layout) of the activation (bf16) and word descriptors (only the
     activation's for the register-operand kernel)."""
@@ -855,12 +910,16 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
     if "BLOCK_T" in config:  # the register-operand kernel: steps of 64, whole warp groups, TMA for x only
         if (config["BLOCK_T"] not in (64, 128, 256) or config.get("num_warps") not in (4, 8) or config["STAGES"] < 2
                 or config.get("REPS", 1) not in (1, 2) or config.get("AHEAD", 0) not in (0, 1)
-                or config.get("W_TMA", 0) not in (0, 1)):
+                or config.get("W_TMA", 0) not in (0, 1) or config.get("P_SMEM", 0) not in (0, 1)):
             return f"bad config {config}"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"
         if (K // 64) % config.get("SPLIT_K", 1):
             return f"SPLIT_K={config.get('SPLIT_K', 1)} must divide the {K // 64} K steps"
+        table = _param_groups(K, group, config) * 16 * config["num_warps"] * config.get("REPS", 1) * 4
+        if table > P_SMEM_BYTES:
+            return (f"P_SMEM: the group parameters of a program's K range take {table} bytes of shared memory "
+                    f"(at most {P_SMEM_BYTES}): use SPLIT_K or P_SMEM=0")
         if words.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(1) != 1:
             return "needs the words, scales and zero points contiguous along K"
         for t in (x, words) if config.get("W_TMA") else (x,):
@@ -899,7 +958,8 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
                                     scales.stride(0), zeros.stride(0), y.stride(0), GROUP=group,
                                     HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
                                     SPLIT_K=split_k, REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
-                                    W_TMA=config.get("W_TMA", 0), num_warps=config["num_warps"])
+                                    W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
+                                    PG=_param_groups(K, group, config), num_warps=config["num_warps"])
         return y
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
@@ -996,7 +1056,7 @@ def int4_gemv_mma(x, words, scales, zeros, bias, group: int, config: dict) -> to
     return y
 
 
-def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "wgmma"):
+def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "wgmma", k: int = 4096):
     """Compile a kernel ("wgmma": the Hopper GEMM, "gemv": the tensor-core GEMV) for `arch` without a GPU (for
     inspection: PTX, SASS, shared memory): a Triton CompiledKernel. Used by `benchmarks/sass_count.py` and by the
     tests, which check on the CPU that ptxas keeps the wgmmas asynchronous and that the GEMV's operands need no
@@ -1027,7 +1087,8 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
         fn = _int4_wgmma_rs_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
                       SPLIT_K=config.get("SPLIT_K", 1), REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
-                      W_TMA=config.get("W_TMA", 0), num_warps=config["num_warps"])
+                      W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
+                      PG=_param_groups(k, group, config), num_warps=config["num_warps"])
         descs = dict(x_desc=_blocks(config)[0], w_desc=_blocks(config)[-1])
         pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")

@@ -434,6 +434,21 @@ def test_sweep_subset_competes_with_the_table_entry_it_would_replace(tmp_path):
     assert current_entry(str(path), "GPU B", "wgmma_rs", 4096, 4096, 256) is None  # another GPU
 
 
+def test_profile_script_names_the_kernel_each_config_launches(qt, qg):
+    """benchmarks/quant_linear_profile.py filters Nsight Compute by kernel name: a renamed kernel or a variant
+    launched under another name would leave the profile empty."""
+    from benchmarks.quant_linear_profile import kernel_name
+
+    cases = [("gemv", {}, qt, "_int4_gemv_kernel"), ("gemm", {}, qt, "_int4_gemm_kernel"),
+             ("int8_gemv", {}, qt, "_int8_gemv_kernel"), ("wgmma", {"BLOCK_M": 64}, qg, "_int4_wgmma_kernel"),
+             ("wgmma", {"BLOCK_T": 128, "W_TMA": 1}, qg, "_int4_wgmma_rs_kernel"),
+             ("gemv_mma", {"REPS": 2}, qg, "_int4_gemv_mma_kernel"),
+             ("gemv_mma", {"REPS": 2, "STAGES": 4}, qg, "_int4_gemv_tma_kernel")]
+    for kernel, config, module, name in cases:
+        assert kernel_name(kernel, config) == name
+        assert getattr(module, name).fn.__name__ == name
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tile", [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_stages=4),
@@ -568,7 +583,8 @@ def qg():
 @pytest.mark.parametrize("name", ["m128n128", "m128n64", "m64n128", "m256n128", "m64n64", "m64n128k4", "m128n128k2",
                                   "t256n128", "t256n64", "t128n128", "t128n64", "t64n128", "t128n128k2",
                                   "t128n128r2", "t256n64a", "t128n64a", "t128n128k2a", "t64n64r2a", "t256n64w",
-                                  "t128n64aw", "t128n128k2w", "t64n128r2w"])
+                                  "t128n64aw", "t128n128k2w", "t64n128r2w", "t256n64wp", "t128n128k2wp", "t128n64ap",
+                                  "t64n64r2awp"])
 @pytest.mark.parametrize("m, n, k, group", [(200, 300, 2048, 128), (64, 128, 4096, 64), (513, 256, 4096, 256)],
                          ids=["ragged", "one-tile-long-k", "many-row-tiles"])
 def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
@@ -615,8 +631,28 @@ def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
     assert qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64a"]) is None
     assert "rows of the words" in qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64w"])
     assert qg.unfit(x, words.contiguous(), scales, zeros, 128, qg.CONFIGS["t256n64w"]) is None
-    for bad in (dict(AHEAD=2), dict(W_TMA=2), dict(REPS=4), dict(BLOCK_T=96)):
+    for bad in (dict(AHEAD=2), dict(W_TMA=2), dict(REPS=4), dict(BLOCK_T=96), dict(P_SMEM=2)):
         assert "bad config" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64w"], **bad))
+
+
+def test_register_operand_group_parameter_table_covers_each_programs_groups(qg):
+    """On the CPU: with P_SMEM=1 each program reads its group parameters from a table of PG rows, the groups its
+    K range touches (a range that starts or ends inside a group touches one more), rounded up to a power of two;
+    a table beyond P_SMEM_BYTES of shared memory is refused with the way out."""
+    assert qg._param_groups(4096, 128, dict(P_SMEM=1)) == 32  # 64 steps of 64: 32 groups
+    assert qg._param_groups(4096, 128, {}) == 1  # no table without P_SMEM
+    assert qg._param_groups(4096, 128, dict(P_SMEM=1, SPLIT_K=2)) == 16
+    # 14336 = 224 steps; split 4: 56 steps a program, 28 groups of 128
+    assert qg._param_groups(14336, 128, dict(P_SMEM=1, SPLIT_K=4)) == 32
+    # 6 steps of 64 in groups of 256 (4 steps): split 2 gives programs of 3 steps, the second one across groups
+    assert qg._param_groups(384, 256, dict(P_SMEM=1, SPLIT_K=2)) == 2
+    assert qg._param_groups(384, 256, dict(P_SMEM=1, SPLIT_K=1)) == 2
+    x = torch.zeros(256, 14336, dtype=torch.bfloat16)
+    words = torch.zeros(4096, 14336 // 8, dtype=torch.int32)
+    scales, zeros = torch.zeros(4096, 112, dtype=torch.bfloat16), torch.zeros(4096, 112, dtype=torch.uint8)
+    cfg = dict(qg.CONFIGS["t256n64wp"], num_warps=8)  # 128 rows of 128 groups of 4 bytes: 64 KB
+    assert "P_SMEM" in qg.unfit(x, words, scales, zeros, 128, cfg)
+    assert qg.unfit(x, words, scales, zeros, 128, dict(cfg, SPLIT_K=4)) is None  # 32 groups: 16 KB
 
 
 @needs_hopper
@@ -676,7 +712,7 @@ def test_cuda_int4_wgmma_refuses_what_it_cannot_run(qg):
 
 
 @pytest.mark.parametrize("name", ["m128n128", "m64n128k4", "t256n128", "t64n128", "t128n128r2", "t256n64a",
-                                  "t64n64r2a", "t128n64aw"])
+                                  "t64n64r2a", "t128n64aw", "t128n128k2wp"])
 def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     """Offline (no GPU): the kernel compiles for sm_90, fits in shared memory, and ptxas keeps its wgmmas
     asynchronous. A zero-initialized accumulator entering the loop made ptxas serialize them (C7515), which
