@@ -69,7 +69,8 @@ def main() -> None:
         s = torch.rand(n, k // args.group, device="cuda", generator=gen).to(torch.bfloat16)
         z = torch.randint(0, 16, (n, k // args.group), dtype=torch.uint8, device="cuda", generator=gen)
         weights = (pk.pack_int4(q), s, z)
-        if args.kernel in ("wgmma", "gemv_mma"):
+        if args.kernel in ("wgmma", "gemv_mma"):  # the Gluon kernels take the words as int32, as the op passes them
+            weights = (weights[0].view(torch.int32), s, z)
             refused = (qg.unfit if args.kernel == "wgmma" else qg.gemv_unfit)(x, *weights, args.group, config)
             if refused:
                 sys.exit(f"{args.kernel} cannot take {config}: {refused}")
