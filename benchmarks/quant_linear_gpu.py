@@ -260,10 +260,14 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
         few = [cfg for cfg in qg.GEMV_CONFIGS.values() if cfg["REPS"] <= 2 and cfg["num_warps"] == 4]
         out += [dict(cfg, ONES=0) for cfg in few] + [dict(cfg, ONES=1, AHEAD=2) for cfg in few]
         # the words by TMA through a ring of STAGES stages (`_int4_gemv_tma_kernel`)
-        out += [dict(REPS=reps, SPLIT_K=sk, num_warps=4, ONES=ones, STAGES=stages)
-                for reps, sk in [(1, 4), (1, 8), (1, 16), (2, 2), (2, 4), (2, 8), (2, 16)]
-                for stages in (4, 8, 12) for ones in (0, 1)]
-        return out
+        tma = [dict(REPS=reps, SPLIT_K=sk, num_warps=4, ONES=ones, STAGES=stages)
+               for reps, sk in [(1, 4), (1, 8), (1, 16), (2, 2), (2, 4), (2, 8), (2, 16)]
+               for stages in (4, 8, 12) for ones in (0, 1)]
+        # XP=1: x by TMA with the words and the group parameters from tables in shared memory (no global load in
+        # the loop); also 4 warps of 4 REPS (256 outputs a program) and 8 warps
+        xp = [dict(cfg, XP=1) for cfg in tma] + [dict(REPS=r, SPLIT_K=sk, num_warps=w, ONES=0, STAGES=st, XP=1)
+                                                 for r, w in [(4, 4), (2, 8)] for sk in (4, 8, 16) for st in (4, 8)]
+        return out + tma + xp
     if kind == "wgmma_rs":  # the Gluon kernel with the weight as the register operand: rows of x a tile, warp
         # groups (64 outputs each), split-K; the ring as deep as 1, 2 or 3 programs an SM leave room for (<= 8)
         for bt in (64, 128, 256):

@@ -411,7 +411,7 @@ if gluon is not None:
         """Step `step`'s words [RW, 2, 8, 8] (64 codes of each of the thread's rows; with W_TMA they come from the
         ring instead, `_rs_words`, and this returns the step) and its rows' packed group parameters (the scale
         twice, (128 + zero) twice as magic floats; with P_SMEM from the program's table in shared memory,
-        `_rs_params`, instead of global memory)."""
+        `_param_table`, instead of global memory)."""
         if W_TMA:
             words = step
         else:
@@ -426,18 +426,24 @@ if gluon is not None:
         return words, scale2, zoff | 0x43004300
 
     @gluon.jit
-    def _rs_params(s_ptr, z_ptr, off_n, N, g0, g_end, stride_sn, stride_zn, PG: gl.constexpr,
-                   BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
-        """P_SMEM: the group parameters of all the groups this program's K range touches (g0 .. g_end - 1, at most
-        PG), read from global memory once, before the loop: [PG, BLOCK_N] int32 in shared memory, the scale's bits
-        in the low half and the zero point in the high half. The loop then reads each step's from there, so no
-        global load of the loop waits on DRAM for them."""
+    def _param_table(s_ptr, z_ptr, off_n, N, g0, g_end, stride_sn, stride_zn, PG: gl.constexpr,
+                     BLOCK_N: gl.constexpr, MMA_ORDER: gl.constexpr, num_warps: gl.constexpr):
+        """The group parameters of all the groups this program's K range touches (g0 .. g_end - 1, at most PG),
+        read from global memory once, before the loop: [PG, BLOCK_N] int32 in shared memory, the scale's bits in
+        the low half and the zero point in the high half, column i for output off_n + i (MMA_ORDER=1: for the
+        output of the mma.sync accumulator's row i, `_gemv_bases`). The loop then reads each step's from there,
+        so no global load of the loop waits on DRAM for them (P_SMEM of the register-operand GEMM, XP of the
+        GEMV)."""
         lg: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])  # along the groups: coalesced
         gi = gl.arange(0, PG, layout=gl.SliceLayout(1, lg))
-        ni = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, lg))
+        i = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, lg))
+        if MMA_ORDER:
+            i = (i // 16) * 16 + (i % 8) * 2 + (i // 8) % 2
+        ni = off_n + i
         ok = ((g0 + gi) < g_end)[:, None] & (ni < N)[None, :]
         g = g0 + gl.minimum(gi, g_end - 1 - g0)
-        sc = gl.load(s_ptr + ni[None, :] * stride_sn + g[:, None], mask=ok, other=0).to(gl.int32) & 0xFFFF
+        sc = gl.load(s_ptr + ni[None, :] * stride_sn + g[:, None], mask=ok, other=0)
+        sc = sc.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF  # (bf16 scales or their int16 view)
         z = gl.load(z_ptr + ni[None, :] * stride_zn + g[:, None], mask=ok, other=0).to(gl.int32)
         return gl.allocate_shared_memory(gl.int32, [PG, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                                          sc | (z << 16))
@@ -539,7 +545,7 @@ if gluon is not None:
         tile never goes through shared memory. With AHEAD=0 each step's MMA completes before the next conversion
         (`_rs_step`); with AHEAD=1 the next conversion runs while it does (`_rs_step_ahead`). One CTA barrier a
         step then frees its stage for the refill. The group parameters come from global memory one step ahead, or
-        with P_SMEM=1 from a table of the program's groups (PG rows) filled before the loop (`_rs_params`)."""
+        with P_SMEM=1 from a table of the program's groups (PG rows) filled before the loop (`_param_table`)."""
         BLOCK_N: gl.constexpr = 16 * num_warps * REPS
         NW: gl.constexpr = num_warps
         RW: gl.constexpr = num_warps * REPS  # row blocks of 16: block rw = REPS' index * NW + warp (lT wraps)
@@ -597,8 +603,8 @@ if gluon is not None:
             _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, W_TMA)
         g0 = first * 64 // GROUP
         if P_SMEM:  # the program's group parameters into shared memory while the ring's first loads fly
-            params = _rs_params(s_ptr, z_ptr, off_n, N, g0, last * 64 // GROUP + 1, stride_sn, stride_zn, PG,
-                                BLOCK_N, num_warps)
+            params = _param_table(s_ptr, z_ptr, off_n, N, g0, last * 64 // GROUP + 1, stride_sn, stride_zn, PG,
+                                  BLOCK_N, 0, num_warps)
             pview = _reinterpret(params, gl.int32, [PG, RW, 2, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
             _cta_barrier()
         else:
@@ -784,23 +790,33 @@ if gluon is not None:
                      SPLIT_K)
 
     @gluon.jit
-    def _gemv_issue(w_desc, ws, bars, j, count, first, n0, STAGES: gl.constexpr):
+    def _gemv_issue(w_desc, x_desc, ws, xr, bars, j, count, first, n0, m0, STAGES: gl.constexpr, XP: gl.constexpr):
         """TMA load of the words of this program's step j (K step first + j) into stage j % STAGES (none past
-        count). Rows past N come as zeros."""
+        count), and with XP its x tile [8, 128] too. Rows past N (and M) come as zeros."""
         s = j % STAGES
         ok = j < count
         bar = bars.index(s)
-        mbarrier.expect(bar, w_desc.block_type.nbytes, pred=ok)
+        if XP:
+            mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=ok)
+            _tma_load(x_desc, [m0, (first + j) * 128], bar, xr.index(s), pred=ok)
+        else:
+            mbarrier.expect(bar, w_desc.block_type.nbytes, pred=ok)
         _tma_load(w_desc, [n0, (first + j) * 16], bar, ws.index(s), pred=ok)
 
     @gluon.jit
-    def _int4_gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+    def _int4_gemv_tma_kernel(x_ptr, w_desc, x_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                               stride_xm, stride_sn, stride_zn, stride_ym,
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, REPS: gl.constexpr, ONES: gl.constexpr,
-                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+                              STAGES: gl.constexpr, SPLIT_K: gl.constexpr, XP: gl.constexpr, PG: gl.constexpr,
+                              num_warps: gl.constexpr):
         """`_int4_gemv_mma_kernel` with the words brought by TMA into a ring of STAGES shared-memory stages, all
         of them in flight: up to STAGES x BN x 64 bytes a program on their way, against one step's in registers.
-        One CTA barrier a step (after every warp has read its stage) frees the stage for the refill."""
+        One CTA barrier a step (after every warp has read its stage) frees the stage for the refill.
+
+        x and the group parameters: XP=0, plain loads one step ahead (each step can wait on them); XP=1, the x
+        tile by TMA with the words (rows past M as zeros) and the parameters of the program's groups from tables
+        in shared memory filled before the loop (`_param_table`: PG rows, in the accumulator's row order for the
+        scales, and for ONES=0 one in the word tile's order for the zero points), so the loop has no global load."""
         BN: gl.constexpr = 16 * REPS * num_warps
         gl.static_assert(GROUP % 128 == 0, "a step (128 codes) lies in one group")
         l3: gl.constexpr = gl.BlockedLayout([2, 4, 8], [8, 4, 1], [num_warps, 1, 1], [2, 1, 0])
@@ -821,11 +837,15 @@ if gluon is not None:
         n0 = pid_n * BN
 
         ws = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 16], w_desc.layout)
+        if XP:
+            xr = gl.allocate_shared_memory(gl.bfloat16, [STAGES, 8, 128], x_desc.layout)
+        else:
+            xr = ws
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         for i in gl.static_range(STAGES):
-            _gemv_issue(w_desc, ws, bars, i, count, first, n0, STAGES)
+            _gemv_issue(w_desc, x_desc, ws, xr, bars, i, count, first, n0, pid_m * 8, STAGES, XP)
 
         rows = gl.minimum(n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, lw)), N - 1)
         x_base, z_words, z_rows, s_base, m_rows = _gemv_bases(x_ptr, s_ptr, z_ptr, rows, n0, pid_m, M, N, stride_xm,
@@ -833,18 +853,47 @@ if gluon is not None:
 
         out = gl.zeros([BN, 8], gl.float32, mma)
         last = first + count - 1  # (read in the loop only, where count >= 1)
-        xt, z, sc = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first, steps - 1), GROUP, ONES)
-        for j in range(0, count):
-            # x and the group parameters one step ahead in registers, the words STAGES steps ahead by TMA
-            xt2, z2, sc2 = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first + j + 1, last), GROUP,
-                                        ONES)
-            s = j % STAGES
-            mbarrier.wait(bars.index(s), (j // STAGES) & 1)
-            words = ws.index(s).load(lw)
-            _cta_barrier()  # every warp has read stage s: refill it
-            _gemv_issue(w_desc, ws, bars, j + STAGES, count, first, n0, STAGES)
-            out = _gemv_step(words, xt, z, sc, out, l3, a_layout, b_layout, REPS, ONES, num_warps)
-            xt, z, sc = xt2, z2, sc2
+        if XP:
+            g0 = first * 128 // GROUP
+            g_end = last * 128 // GROUP + 1
+            # (viewed with a layout of the rank a row has, to read one row a step)
+            row: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            acc_t = _reinterpret(_param_table(s_ptr, z_ptr, n0, N, g0, g_end, stride_sn, stride_zn, PG, BN, 1,
+                                              num_warps), gl.int32, [PG, BN], row)
+            if ONES:
+                w_t = acc_t
+            else:
+                w_t = _reinterpret(_param_table(s_ptr, z_ptr, n0, N, g0, g_end, stride_sn, stride_zn, PG, BN, 0,
+                                                num_warps), gl.int32, [PG, BN], row)
+            _cta_barrier()
+            for j in range(0, count):
+                s = j % STAGES
+                mbarrier.wait(bars.index(s), (j // STAGES) & 1)
+                words = ws.index(s).load(lw)
+                xt = xr.index(s).load(lx)
+                _cta_barrier()  # every warp has read stage s: refill it
+                _gemv_issue(w_desc, x_desc, ws, xr, bars, j + STAGES, count, first, n0, pid_m * 8, STAGES, XP)
+                g = (first + j) * 128 // GROUP - g0
+                v = acc_t.index(g).load(gl.SliceLayout(1, mma))
+                sc = (v << 16).to(gl.float32, bitcast=True)  # the scale's bf16 bits, as fp32
+                if ONES:
+                    z = v >> 16
+                else:
+                    z = w_t.index(g).load(gl.SliceLayout(1, lw)) >> 16
+                out = _gemv_step(words, xt, z, sc, out, l3, a_layout, b_layout, REPS, ONES, num_warps)
+        else:
+            xt, z, sc = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first, steps - 1), GROUP, ONES)
+            for j in range(0, count):
+                # x and the group parameters one step ahead in registers, the words STAGES steps ahead by TMA
+                xt2, z2, sc2 = _gemv_params(x_base, s_base, z_words, z_rows, gl.minimum(first + j + 1, last),
+                                            GROUP, ONES)
+                s = j % STAGES
+                mbarrier.wait(bars.index(s), (j // STAGES) & 1)
+                words = ws.index(s).load(lw)
+                _cta_barrier()  # every warp has read stage s: refill it
+                _gemv_issue(w_desc, x_desc, ws, xr, bars, j + STAGES, count, first, n0, pid_m * 8, STAGES, XP)
+                out = _gemv_step(words, xt, z, sc, out, l3, a_layout, b_layout, REPS, ONES, num_warps)
+                xt, z, sc = xt2, z2, sc2
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -1015,7 +1064,33 @@ def gemv_unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
             return "STAGES (TMA) takes at most 256 outputs a program"
         if (words.stride(0) * 4) % 16 or words.data_ptr() % 16:  # (contiguous along K: checked above)
             return "TMA needs 16-byte aligned rows of the weights"
+        if config.get("XP", 0) not in (0, 1):
+            return f"bad config {config}"
+        if config.get("XP"):
+            if x.stride(-1) == 1 and ((x.stride(0) * 2) % 16 or x.data_ptr() % 16):  # (else copied: aligned)
+                return "XP (x by TMA) needs 16-byte aligned rows of x"
+            tables = _gemv_param_groups(x.shape[1], group, config) * 16 * config["REPS"] * config["num_warps"] * 4
+            if tables * (1 if config.get("ONES", 1) else 2) > P_SMEM_BYTES:
+                return (f"XP: the group parameters of a program's steps take more than {P_SMEM_BYTES} bytes of "
+                        "shared memory: use SPLIT_K or XP=0")
+    elif config.get("XP"):
+        return "XP needs STAGES (the TMA ring)"
     return None
+
+
+_GEMV_X_BLOCK = ([8, 128], gl.NVMMASharedLayout(0, 16, rank=2)) if gluon is not None else None  # XP's x tile
+
+
+def _gemv_param_groups(K: int, group: int, config: dict) -> int:
+    """XP: the rows of the tensor-core GEMV's group-parameter tables, the most groups one program's steps of 128
+    touch (split-K gives each ceil(steps / SPLIT_K) steps), rounded up to a power of two (1 without XP)."""
+    if not config.get("XP"):
+        return 1
+    steps, split = K // 128, config.get("SPLIT_K", 1)
+    per = -(-steps // split)
+    spans = [(min(steps, p * per + per) - 1) * 128 // group - p * per * 128 // group + 1
+             for p in range(split) if p * per < steps]
+    return triton.next_power_of_2(max(spans))
 
 
 def _gemv_words_block(config: dict):
@@ -1042,10 +1117,12 @@ def int4_gemv_mma(x, words, scales, zeros, bias, group: int, config: dict) -> to
     ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
     if config.get("STAGES"):
         w_desc = TensorDescriptor.from_tensor(words, *_gemv_words_block(config))
-        _int4_gemv_tma_kernel[grid](x, w_desc, scales, zeros, bias if bias is not None else y, y, ws, cnt, M, N, K,
-                                    x.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
+        x_desc = TensorDescriptor.from_tensor(x, *_GEMV_X_BLOCK) if config.get("XP") else w_desc
+        _int4_gemv_tma_kernel[grid](x, w_desc, x_desc, scales, zeros, bias if bias is not None else y, y, ws, cnt,
+                                    M, N, K, x.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
                                     GROUP=group, HAS_BIAS=bias is not None, REPS=config["REPS"],
                                     ONES=config.get("ONES", 1), STAGES=config["STAGES"], SPLIT_K=split_k,
+                                    XP=config.get("XP", 0), PG=_gemv_param_groups(K, group, config),
                                     num_warps=config["num_warps"])
         return y
     _int4_gemv_mma_kernel[grid](x, words, scales, zeros, bias if bias is not None else y, y, ws, cnt, M, N, K,
@@ -1067,9 +1144,11 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
     if kernel == "gemv" and config.get("STAGES"):
         fn = _int4_gemv_tma_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, REPS=config["REPS"], ONES=config.get("ONES", 1),
-                      STAGES=config["STAGES"], SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
+                      STAGES=config["STAGES"], SPLIT_K=config.get("SPLIT_K", 1), XP=config.get("XP", 0),
+                      PG=_gemv_param_groups(k, group, config), num_warps=config["num_warps"])
         block, layout = _gemv_words_block(config)
-        descs = dict(w_desc=(gl.int32, block, layout))
+        descs = dict(w_desc=(gl.int32, block, layout),
+                     x_desc=(gl.bfloat16, *_GEMV_X_BLOCK) if config.get("XP") else (gl.int32, block, layout))
         pointers = dict(x_ptr="*bf16", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")
         divisible = ("K", "stride_xm", "stride_ym")

@@ -635,6 +635,20 @@ def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
         assert "bad config" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64w"], **bad))
 
 
+def test_gemv_group_parameter_tables_cover_each_programs_groups(qg):
+    """On the CPU: the tensor-core GEMV with XP=1 reads its group parameters from tables of PG rows, the groups
+    the steps of 128 of a program touch (split-K gives each ceil(steps / SPLIT_K) steps); XP needs the TMA ring."""
+    assert qg._gemv_param_groups(4096, 128, dict(XP=1, SPLIT_K=4, STAGES=4)) == 8  # 32 steps, 8 a program
+    assert qg._gemv_param_groups(4096, 128, dict(SPLIT_K=4, STAGES=4)) == 1  # no tables without XP
+    assert qg._gemv_param_groups(14336, 128, dict(XP=1, SPLIT_K=16, STAGES=4)) == 8  # 112 steps: 7 a program
+    assert qg._gemv_param_groups(14336, 256, dict(XP=1, SPLIT_K=16, STAGES=4)) == 4  # 7 steps across 4 groups
+    assert qg._gemv_param_groups(3 * 128, 128, dict(XP=1, SPLIT_K=2, STAGES=4)) == 2  # 2 + 1 steps
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    words = torch.zeros(256, 512, dtype=torch.int32)
+    scales, zeros = torch.zeros(256, 32, dtype=torch.bfloat16), torch.zeros(256, 32, dtype=torch.uint8)
+    assert "XP needs STAGES" in qg.gemv_unfit(x, words, scales, zeros, 128, dict(qg.GEMV_CONFIGS["r2w4k4"], XP=1))
+
+
 def test_register_operand_group_parameter_table_covers_each_programs_groups(qg):
     """On the CPU: with P_SMEM=1 each program reads its group parameters from a table of PG rows, the groups its
     K range touches (a range that starts or ends inside a group touches one more), rounded up to a power of two;
@@ -787,7 +801,8 @@ needs_sm80 = pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability()
 
 
 @needs_sm80
-@pytest.mark.parametrize("name", ["r1w4k1", "r2w4k4", "r4w8k2", "r1w8k16", "r2w4k4-tma", "r1w4k16-tma"])
+@pytest.mark.parametrize("name", ["r1w4k1", "r2w4k4", "r4w8k2", "r1w8k16", "r2w4k4-tma", "r1w4k16-tma", "r2w4k4-xp",
+                                  "r1w4k16-xp", "r4w4k1-xp"])
 @pytest.mark.parametrize("ones", [1, 0])
 @pytest.mark.parametrize("m, n, k, group", [(1, 300, 2048, 128), (8, 256, 4096, 256), (13, 100, 1024, 128),
                                             (16, 512, 3072, 128)],
@@ -800,11 +815,11 @@ def test_cuda_int4_gemv_mma(qg, name, ones, m, n, k, group):
     q, qw, s, z = int4_weight(n, k, group, seed=m + n, dtype=dtype)
     x, b = torch.randn(m, k, generator=_gen(50)).to(dtype), torch.randn(n, generator=_gen(51)).to(dtype)
     xc, qwc, sc, zc, bc = to("cuda", x, qw, s, z, b)
-    config = dict(qg.GEMV_CONFIGS[name.removesuffix("-tma")], ONES=ones)
-    if name.endswith("-tma"):
+    config = dict(qg.GEMV_CONFIGS[name.split("-")[0]], ONES=ones)
+    if name.endswith(("-tma", "-xp")):  # the words by TMA; with XP x too, and the group parameters from tables
         if not _hopper():
             pytest.skip("STAGES (TMA) needs a Hopper GPU")
-        config["STAGES"] = 4
+        config.update(STAGES=4, XP=int(name.endswith("-xp")))
     for bias in (bc, None):
         y = qg.int4_gemv_mma(xc, qwc.view(torch.int32), sc, zc, bias, group, config)
         assert y.dtype == dtype and y.shape == (m, n)
@@ -876,8 +891,9 @@ def test_cuda_int4_gemv_mma_refuses_what_it_cannot_run(qg):
 @pytest.mark.parametrize("config", [dict(REPS=2, SPLIT_K=4, num_warps=4, ONES=1),
                                     dict(REPS=1, SPLIT_K=1, num_warps=8, ONES=0),
                                     dict(REPS=2, SPLIT_K=1, num_warps=4, ONES=1, STAGES=4),
-                                    dict(REPS=2, SPLIT_K=2, num_warps=4, ONES=1, AHEAD=2)],
-                         ids=["ones", "minus-zero", "tma", "two-steps-ahead"])
+                                    dict(REPS=2, SPLIT_K=2, num_warps=4, ONES=1, AHEAD=2),
+                                    dict(REPS=2, SPLIT_K=4, num_warps=4, ONES=0, STAGES=4, XP=1)],
+                         ids=["ones", "minus-zero", "tma", "two-steps-ahead", "tma-x-and-tables"])
 def test_int4_gemv_mma_compiles_without_layout_conversions(qg, config, tmp_path):
     """Offline (no GPU): the tensor-core GEMV compiles for sm_90 with its operands converted and loaded straight
     into the MMA's register layout: the conversions are asserted trivial at compile time, and the kernel uses no
@@ -894,7 +910,10 @@ def test_int4_gemv_mma_compiles_without_layout_conversions(qg, config, tmp_path)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
-    ring = config.get("STAGES", 0) * (16 * config["REPS"] * config["num_warps"] * 64 + 8)  # words by TMA, mbarriers
+    bn = 16 * config["REPS"] * config["num_warps"]
+    ring = config.get("STAGES", 0) * (bn * 64 + 8)  # words by TMA, mbarriers
+    if config.get("XP"):  # x tiles [8, 128] in the ring, the group-parameter tables (8 groups of 128 a program)
+        ring += config["STAGES"] * 8 * 128 * 2 + 8 * bn * 4 * (1 if config["ONES"] else 2)
     assert ring <= int(done.stdout.split()[-1]) <= ring + (16 if config["SPLIT_K"] > 1 else 0)
     ptx = (tmp_path / "k.ptx").read_text()
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") >= 8
