@@ -61,15 +61,16 @@ an HGMMA's A registers at the first wait after it, whatever its depth, and wrote
 (wrong outputs on the H100; `wgmma_a_aliasing` finds this in the SASS, and the offline compile test runs it).
 AHEAD=1 has no wait between a wgmma and the one that retires it. One CTA barrier a step frees the stage for its
 refill. Needs K and the group size multiples of 64 and 16-byte aligned rows of x (TMA; with W_TMA of the words
-too); the words, scales and zero points contiguous along K. Status (H100, BENCHMARKS.md "int4 wgmma GEMM with the
-weight as the register operand" and "... (AHEAD) and 128 outputs a warp group (REPS=2)"): faster than the Triton
-path at 128 and 256 rows on all three Llama-3-8B shapes, so these configs hold the table's "int4_wgmma" entries
-there (128 rows: 0.74 / 1.04 / 1.02x bf16; 256 rows: 0.60 / 0.84 / 0.76x). AHEAD=1 is slower than AHEAD=0 except
-with two warp groups at 14336->4096, 256 rows, and REPS=2 (half the reads of x from L2) is slower everywhere. A step
-takes about 1 µs at 256 rows, several times its MMA and conversion, which fits the words' one-step-ahead global
-loads waiting on DRAM: W_TMA=1 is built for that, compiled and checked offline, and not yet run on a GPU, so in no
-table entry. Same dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's
-weight bit for bit).
+too); the words, scales and zero points contiguous along K. The group parameters come by plain loads one step
+ahead, or with P_SMEM=1 from a table in shared memory of every group the program's K range touches, filled once
+before the loop (`_param_table`; at most P_SMEM_BYTES). Status (H100, BENCHMARKS.md "int4 wgmma GEMM, weight as the
+register operand: words by TMA (W_TMA) and group parameters from shared memory (P_SMEM)"): a step took about 1 µs
+while its loads, issued one step ahead, waited on DRAM; with W_TMA=1 and P_SMEM=1 the loop has no global load, and
+then AHEAD=1 pays too. That family holds all six "int4_wgmma" entries of the table (128 and 256 rows): 128 rows
+0.82 / 1.25 / 1.25x bf16, 256 rows 0.78 / 0.95 / 0.88x (from 0.74 / 1.04 / 1.02x and 0.60 / 0.84 / 0.76x). REPS=2
+(half the reads of x from L2) was slower everywhere. At 4096->4096 the 128 programs leave one an SM, so a step's
+wait for its wgmma (0.39 µs a step) is not hidden by another program. Same dequantization as above ((128 + q) -
+(128 + zero), then one rounded product: the dense fallback's weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
@@ -80,8 +81,9 @@ checks that no shared memory is used beyond split-K's few bytes). Instructions a
 code in the loop (offline SASS, Triton 3.6, sm_90): 2.0 at 32 rows a warp against 3.5 for the best Triton GEMV
 (`quant_linear_triton`, ASM). Variants: ONES (the zero point applied after the MMA, from a second MMA with an
 all-ones A that sums x, instead of subtracted from the codes), AHEAD (loads one or two steps ahead in registers),
-STAGES (the words by TMA through a ring of shared-memory stages, `_int4_gemv_tma_kernel`, sm_90). Needs bf16, integer
-zero points and groups of a multiple of 128 (a step's 128 codes in one group). Used by the op only where
+STAGES (the words by TMA through a ring of shared-memory stages, `_int4_gemv_tma_kernel`, sm_90), and with it XP
+(x by TMA too and the group parameters from tables filled before the loop: no global load in the loop). Needs
+bf16, integer zero points and groups of a multiple of 128 (a step's 128 codes in one group). Used by the op only where
 `measured_configs.json` holds an "int4_gemv_mma" entry, written by `quant_linear_gpu.py --sweep-gemv-mma` only where
 it beat the Triton path in the same run. Status (H100, BENCHMARKS.md "int4 tensor-core GEMV in Gluon"): at 4 rows
 1.85-2.40x bf16 against the Triton path's 1.33-1.45x (the MMA's N is 8 whatever M), at 16 rows ahead at the two
@@ -739,7 +741,8 @@ if gluon is not None:
         the zero point subtracted from the codes, exact in bf16) or (128 + q) . x, with the sums of x from a second
         MMA whose A is all ones (ONES=1: fewer instructions a code; its rounding error scales with 143 |x| rather
         than |q - zero| |x|, 10-20x ONES=0's, still far below a bf16 unit unless x has outliers of ~1000x); the
-        scale, and with ONES the zero point, then apply to the step's [BN, 8] sums in fp32. The loads run AHEAD (1 or 2) steps ahead, in registers.
+        scale, and with ONES the zero point, then apply to the step's [BN, 8] sums in fp32. The loads run AHEAD (1
+        or 2) steps ahead, in registers.
         """
         BN: gl.constexpr = 16 * REPS * num_warps
         gl.static_assert(GROUP % 128 == 0, "a step (128 codes) lies in one group")
