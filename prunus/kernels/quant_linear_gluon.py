@@ -1199,6 +1199,22 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))
 
 
+def loop_global_loads(sass: str) -> int:
+    """Global loads (LDG) in the K loop of a kernel's SASS: the shortest span of a backward branch that holds an
+    MMA (HGMMA or HMMA); the longer ones that hold one are mbarrier retries, branching from the end of the kernel
+    back into the loop. 0 for the register-operand GEMM with W_TMA and P_SMEM and the GEMV with XP: each step then
+    waits on nothing but its stage of the TMA ring."""
+    ins = [(int(a, 16), re.sub(r"^@!?U?P\w+\s+", "", t.strip()))
+           for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    spans = [(int(m.group(1), 16), a) for a, t in ins
+             if (m := re.match(r"BRA 0x([0-9a-f]+)", t)) and int(m.group(1), 16) < a]
+    spans = [(lo, hi) for lo, hi in spans if any(t.startswith(("HGMMA", "HMMA")) and lo <= a <= hi for a, t in ins)]
+    if not spans:
+        raise ValueError("no loop with an MMA in this SASS")
+    lo, hi = min(spans, key=lambda span: span[1] - span[0])
+    return sum(1 for a, t in ins if lo <= a <= hi and t.startswith("LDG"))
+
+
 def wgmma_a_aliasing(sass: str) -> list[str]:
     """Writes to a register-operand HGMMA's A registers before the wait that retires it, in the loop that holds the
     HGMMAs: with `WARPGROUP.DEPBAR.LE gsb0, 0x1` in the loop that wait is the second DEPBAR after it, else the

@@ -762,6 +762,29 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
         sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True,
                               check=True).stdout
         assert sass.count("HGMMA") >= 8 and qg.wgmma_a_aliasing(sass) == []
+        # words by TMA and group parameters from shared memory ("wp"): no global load left in the K loop
+        assert (qg.loop_global_loads(sass) == 0) == name.endswith("wp")
+
+
+def test_loop_global_loads_counts_the_k_loop_only(qg):
+    """The K loop is the shortest backward branch around an MMA: the mbarrier retry that jumps from the end of the
+    kernel back into the loop spans the epilogue too, whose loads (split-K's partials) are not the loop's."""
+    sass = """
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR8+0x13000], RZ ;
+        /*0110*/               @!P1 BRA 0x0300 ;
+        /*0120*/                   LDS.128 R16, [R9+UR8+0x10000] ;
+        /*0130*/                   HGMMA.64x128x16.F32.BF16 R24, R16, gdesc[UR20], R24, gsb0 ;
+        /*0140*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0150*/               @P2 BRA 0x0100 ;
+        /*0200*/                   LDG.E R4, desc[UR10][R2.64] ;
+        /*0210*/                   EXIT ;
+        /*0300*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR8+0x13000], RZ ;
+        /*0310*/                   BRA 0x0120 ;
+    """
+    assert qg.loop_global_loads(sass) == 0
+    assert qg.loop_global_loads(sass.replace("LDS.128 R16, [R9+UR8+0x10000]", "LDG.E.128 R16, desc[UR10][R6.64]")) == 1
+    with pytest.raises(ValueError, match="no loop"):
+        qg.loop_global_loads(sass.replace("HGMMA", "IMAD"))
 
 
 def test_wgmma_a_aliasing_finds_a_register_written_while_in_flight(qg):
@@ -917,3 +940,15 @@ def test_int4_gemv_mma_compiles_without_layout_conversions(qg, config, tmp_path)
     assert ring <= int(done.stdout.split()[-1]) <= ring + (16 if config["SPLIT_K"] > 1 else 0)
     ptx = (tmp_path / "k.ptx").read_text()
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") >= 8
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", str(tmp_path / "k.ptx"), "-o",
+                          str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cuobjdump = str(Path(get_ptxas(90).path).with_name("cuobjdump"))
+    sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True,
+                          check=True).stdout
+    # XP: x by TMA and the group parameters from tables, so no global load in the loop; else x and the parameters
+    # (and without STAGES the words) are loaded in it
+    assert (qg.loop_global_loads(sass) == 0) == bool(config.get("XP"))
