@@ -286,7 +286,9 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
         # W_TMA=1: the words by TMA with x, through the ring, instead of loaded one step ahead into registers;
         # with P_SMEM=1 also the group parameters from a table in shared memory: no global load left in the loop
         w_tma = [dict(cfg, W_TMA=1) for cfg in out]
-        return out + w_tma + [dict(cfg, P_SMEM=1) for cfg in w_tma]
+        w_tma_p = [dict(cfg, P_SMEM=1) for cfg in w_tma]
+        # SLOTS=1: split-K partials by plain stores into a slot a split instead of atomic adds (`_finish_slots`)
+        return out + w_tma + w_tma_p + [dict(cfg, SLOTS=1) for cfg in w_tma_p if cfg["SPLIT_K"] > 1]
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):

@@ -63,7 +63,9 @@ AHEAD=1 has no wait between a wgmma and the one that retires it. One CTA barrier
 refill. Needs K and the group size multiples of 64 and 16-byte aligned rows of x (TMA; with W_TMA of the words
 too); the words, scales and zero points contiguous along K. The group parameters come by plain loads one step
 ahead, or with P_SMEM=1 from a table in shared memory of every group the program's K range touches, filled once
-before the loop (`_param_table`; at most P_SMEM_BYTES). Status (H100, BENCHMARKS.md "int4 wgmma GEMM, weight as the
+before the loop (`_param_table`; at most P_SMEM_BYTES). Split-K partials meet by atomic adds in a zeroed workspace,
+or with SLOTS=1 by plain stores into a slot a split, summed by the last split to arrive (`_finish_slots`: no
+atomics, nothing to re-zero; not yet run on a GPU, so in no table entry). Status (H100, BENCHMARKS.md "int4 wgmma GEMM, weight as the
 register operand: words by TMA (W_TMA) and group parameters from shared memory (P_SMEM)"): a step took about 1 µs
 while its loads, issued one step ahead, waited on DRAM; with W_TMA=1 and P_SMEM=1 the loop has no global load, and
 then AHEAD=1 pays too. That family holds all six "int4_wgmma" entries of the table (128 and 256 rows): 128 rows
@@ -233,6 +235,9 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "t128n128k2wp": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, W_TMA=1, P_SMEM=1, num_warps=8),
     "t128n64ap": dict(BLOCK_T=128, STAGES=6, AHEAD=1, P_SMEM=1, num_warps=4),
     "t64n64r2awp": dict(BLOCK_T=64, STAGES=8, REPS=2, AHEAD=1, W_TMA=1, P_SMEM=1, num_warps=4),
+    # SLOTS=1: split-K partials in a slot a split, summed by the last to arrive (`_finish_slots`)
+    "t128n64k2awps": dict(BLOCK_T=128, STAGES=4, SPLIT_K=2, AHEAD=1, W_TMA=1, P_SMEM=1, SLOTS=1, num_warps=4),
+    "t256n64k4awps": dict(BLOCK_T=256, STAGES=3, SPLIT_K=4, AHEAD=1, W_TMA=1, P_SMEM=1, SLOTS=1, num_warps=4),
 }
 
 P_SMEM_BYTES = 32768  # the register-operand kernel's group-parameter table (P_SMEM=1) takes at most this
@@ -381,6 +386,25 @@ if gluon is not None:
                 gl.store(partial, gl.zeros_like(total), mask=mask)
                 gl.atomic_xchg(cnt_ptr + tile, 0)
                 _write(total, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
+
+    @gluon.jit
+    def _finish_slots(acc, m2, n2, mask, b_ptr, y_ptr, slot_ptr, cnt_ptr, tile, pid_k, M, N, stride_ym,
+                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr):
+        """Split-K without atomics on the partials (SLOTS=1): each split stores its partial into a slot of its
+        own [SPLIT_K, M, N] (plain stores, nothing to re-zero), counts itself in, and the last to arrive adds the
+        other splits' slots to its own partial in registers and writes the tile. Against `_finish`: per element
+        SPLIT_K stores and SPLIT_K - 1 loads instead of SPLIT_K atomic adds, a load and a zeroing store."""
+        here = m2 * N + n2
+        gl.store(slot_ptr + (pid_k * M).to(gl.int64) * N + here, acc, mask=mask)
+        _cta_barrier()  # every thread's partial is stored before this program counts itself in
+        arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = acc
+            for k in range(SPLIT_K):  # (a loop, not unrolled: one slot's values in registers at a time)
+                slot = slot_ptr + (k * M).to(gl.int64) * N + here
+                total += gl.load(slot, mask=mask & (pid_k != k), other=0.0, cache_modifier=".cg")
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+            _write(total, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
 
     @gluon.jit
     def _write(acc, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS: gl.constexpr):
@@ -534,7 +558,7 @@ if gluon is not None:
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, REPS: gl.constexpr,
                               AHEAD: gl.constexpr, W_TMA: gl.constexpr, P_SMEM: gl.constexpr, PG: gl.constexpr,
-                              num_warps: gl.constexpr):
+                              SLOTS: gl.constexpr, num_warps: gl.constexpr):
         """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
@@ -547,7 +571,9 @@ if gluon is not None:
         tile never goes through shared memory. With AHEAD=0 each step's MMA completes before the next conversion
         (`_rs_step`); with AHEAD=1 the next conversion runs while it does (`_rs_step_ahead`). One CTA barrier a
         step then frees its stage for the refill. The group parameters come from global memory one step ahead, or
-        with P_SMEM=1 from a table of the program's groups (PG rows) filled before the loop (`_param_table`)."""
+        with P_SMEM=1 from a table of the program's groups (PG rows) filled before the loop (`_param_table`).
+        Split-K partials meet by atomic adds in a zeroed workspace (`_finish`), or with SLOTS=1 in a slot a split
+        (`_finish_slots`; ws_ptr is then the slots)."""
         BLOCK_N: gl.constexpr = 16 * num_warps * REPS
         NW: gl.constexpr = num_warps
         RW: gl.constexpr = num_warps * REPS  # row blocks of 16: block rw = REPS' index * NW + warp (lT wraps)
@@ -650,8 +676,12 @@ if gluon is not None:
         offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
         mask = (offs_n < N)[:, None] & (offs_t < M)[None, :]
         n2, m2 = gl.broadcast(offs_n[:, None], offs_t[None, :])
-        _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, N,
-                stride_ym, HAS_BIAS, SPLIT_K)
+        if SLOTS:
+            _finish_slots(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n,
+                          pid_k, M, N, stride_ym, HAS_BIAS, SPLIT_K)
+        else:
+            _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, N,
+                    stride_ym, HAS_BIAS, SPLIT_K)
 
     # -----------------------------------------------------------------------------------------------------
     # few rows: the tensor-core GEMV (mma.sync, sm_80+)
@@ -927,6 +957,20 @@ def config_for(x, words, scales, zeros, group: int) -> dict | None:
     return None if config is None or unfit(x, words, scales, zeros, group, config) else config
 
 
+_SLOTS = {}
+
+
+def _split_k_slots(device, numel: int) -> torch.Tensor:
+    """SLOTS=1's partials, [SPLIT_K, M, N] fp32, one buffer a device, grown on demand (uninitialized: every slot
+    read is written first in the same launch). Like the atomic workspace: launches must not overlap, and a CUDA
+    graph is captured after a warm-up call at the largest shape."""
+    slots = _SLOTS.get(device)
+    if slots is None or slots.numel() < numel:
+        slots = torch.empty(max(numel, 1 << 16), dtype=torch.float32, device=device)
+        _SLOTS[device] = slots
+    return slots
+
+
 def _param_groups(K: int, group: int, config: dict) -> int:
     """P_SMEM: the rows of the register-operand kernel's group-parameter table, the most groups one program's K
     range touches, rounded up to a power of two (1 without P_SMEM)."""
@@ -962,7 +1006,8 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
     if "BLOCK_T" in config:  # the register-operand kernel: steps of 64, whole warp groups, TMA for x only
         if (config["BLOCK_T"] not in (64, 128, 256) or config.get("num_warps") not in (4, 8) or config["STAGES"] < 2
                 or config.get("REPS", 1) not in (1, 2) or config.get("AHEAD", 0) not in (0, 1)
-                or config.get("W_TMA", 0) not in (0, 1) or config.get("P_SMEM", 0) not in (0, 1)):
+                or config.get("W_TMA", 0) not in (0, 1) or config.get("P_SMEM", 0) not in (0, 1)
+                or config.get("SLOTS", 0) not in (0, 1)):
             return f"bad config {config}"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"
@@ -1005,13 +1050,17 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
                                                                                                  _blocks(config))]
         grid = (triton.cdiv(M, bt), triton.cdiv(N, bn), split_k)
         ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
+        slots = config.get("SLOTS", 0) and split_k > 1
+        if slots:  # a slot a split, overwritten on every launch: not the zeroed workspace of the atomic protocol
+            ws = _split_k_slots(x.device, split_k * M * N)
         _int4_wgmma_rs_kernel[grid](descs[0], descs[-1], words, scales.view(torch.int16), zeros,
                                     bias if bias is not None else y, y, ws, cnt, M, N, K, words.stride(0),
                                     scales.stride(0), zeros.stride(0), y.stride(0), GROUP=group,
                                     HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
                                     SPLIT_K=split_k, REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
                                     W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
-                                    PG=_param_groups(K, group, config), num_warps=config["num_warps"])
+                                    PG=_param_groups(K, group, config), SLOTS=int(slots),
+                                    num_warps=config["num_warps"])
         return y
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
@@ -1170,7 +1219,9 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
         consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
                       SPLIT_K=config.get("SPLIT_K", 1), REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
                       W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
-                      PG=_param_groups(k, group, config), num_warps=config["num_warps"])
+                      PG=_param_groups(k, group, config),
+                      SLOTS=int(bool(config.get("SLOTS")) and config.get("SPLIT_K", 1) > 1),
+                      num_warps=config["num_warps"])
         descs = dict(x_desc=_blocks(config)[0], w_desc=_blocks(config)[-1])
         pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")
