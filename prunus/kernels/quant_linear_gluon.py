@@ -393,7 +393,9 @@ if gluon is not None:
         """Split-K without atomics on the partials (SLOTS=1): each split stores its partial into a slot of its
         own [SPLIT_K, M, N] (plain stores, nothing to re-zero), counts itself in, and the last to arrive adds the
         other splits' slots to its own partial in registers and writes the tile. Against `_finish`: per element
-        SPLIT_K stores and SPLIT_K - 1 loads instead of SPLIT_K atomic adds, a load and a zeroing store."""
+        SPLIT_K stores and SPLIT_K - 1 loads instead of SPLIT_K atomic adds, a load and a zeroing store. The
+        caller passes the tile in a layout of 4 consecutive outputs a thread, so these are 16-byte accesses
+        (offline SASS: no spills, where the atomic epilogue of BLOCK_T=256 spills its addresses)."""
         here = m2 * N + n2
         gl.store(slot_ptr + (pid_k * M).to(gl.int64) * N + here, acc, mask=mask)
         _cta_barrier()  # every thread's partial is stored before this program counts itself in
@@ -676,9 +678,14 @@ if gluon is not None:
         offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
         mask = (offs_n < N)[:, None] & (offs_t < M)[None, :]
         n2, m2 = gl.broadcast(offs_n[:, None], offs_t[None, :])
-        if SLOTS:
-            _finish_slots(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n,
-                          pid_k, M, N, stride_ym, HAS_BIAS, SPLIT_K)
+        if SLOTS:  # the tile moved to a layout with 4 consecutive outputs a thread first: 16-byte stores and loads
+            lc: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])
+            offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, lc))
+            offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, lc))
+            n2, m2 = gl.broadcast(offs_n[:, None], offs_t[None, :])
+            _finish_slots(gl.convert_layout(acc, lc), m2, n2, (offs_n < N)[:, None] & (offs_t < M)[None, :], b_ptr,
+                          y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, pid_k, M, N, stride_ym,
+                          HAS_BIAS, SPLIT_K)
         else:
             _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, N,
                     stride_ym, HAS_BIAS, SPLIT_K)
