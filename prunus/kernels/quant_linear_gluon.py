@@ -63,10 +63,11 @@ AHEAD=1 has no wait between a wgmma and the one that retires it. One CTA barrier
 refill. Needs K and the group size multiples of 64 and 16-byte aligned rows of x (TMA; with W_TMA of the words
 too); the words, scales and zero points contiguous along K. The group parameters come by plain loads one step
 ahead, or with P_SMEM=1 from a table in shared memory of every group the program's K range touches, filled once
-before the loop (`_param_table`; at most P_SMEM_BYTES). Split-K partials meet by atomic adds in a zeroed workspace,
-or with SLOTS=1 by plain stores into a slot a split, summed by the last split to arrive (`_finish_slots`: no
-atomics, nothing to re-zero; not yet run on a GPU, so in no table entry). Status (H100, BENCHMARKS.md "int4 wgmma GEMM, weight as the
-register operand: words by TMA (W_TMA) and group parameters from shared memory (P_SMEM)"): a step took about 1 µs
+before the loop (`_param_table`; at most P_SMEM_BYTES). Split-K partials meet by atomic adds in a zeroed
+workspace, or with SLOTS=1 by plain stores into a slot a split, summed by the last split to arrive
+(`_finish_slots`: no atomics, nothing to re-zero; not yet run on a GPU, so in no table entry). Status (H100,
+BENCHMARKS.md "int4 wgmma GEMM, weight as the register operand: words by TMA (W_TMA) and group parameters from
+shared memory (P_SMEM)"): a step took about 1 µs
 while its loads, issued one step ahead, waited on DRAM; with W_TMA=1 and P_SMEM=1 the loop has no global load, and
 then AHEAD=1 pays too. That family holds all six "int4_wgmma" entries of the table (128 and 256 rows): 128 rows
 0.82 / 1.25 / 1.25x bf16, 256 rows 0.78 / 0.95 / 0.88x (from 0.74 / 1.04 / 1.02x and 0.60 / 0.84 / 0.76x). REPS=2
@@ -230,7 +231,7 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "t128n64aw": dict(BLOCK_T=128, STAGES=6, AHEAD=1, W_TMA=1, num_warps=4),
     "t128n128k2w": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, W_TMA=1, num_warps=8),
     "t64n128r2w": dict(BLOCK_T=64, STAGES=8, REPS=2, W_TMA=1, num_warps=4),
-    # P_SMEM=1: the group parameters from a table in shared memory filled before the loop (`_rs_params`)
+    # P_SMEM=1: the group parameters from a table in shared memory filled before the loop (`_param_table`)
     "t256n64wp": dict(BLOCK_T=256, STAGES=3, W_TMA=1, P_SMEM=1, num_warps=4),
     "t128n128k2wp": dict(BLOCK_T=128, STAGES=6, SPLIT_K=2, W_TMA=1, P_SMEM=1, num_warps=8),
     "t128n64ap": dict(BLOCK_T=128, STAGES=6, AHEAD=1, P_SMEM=1, num_warps=4),
@@ -454,6 +455,12 @@ if gluon is not None:
         return words, scale2, zoff | 0x43004300
 
     @gluon.jit
+    def _mma_rows(m):
+        """The word tile's row (rep, warp, g, h) that the tensor-core GEMV's accumulator row m (rep, warp, h, g)
+        holds: each thread converts two adjacent rows, the mma.sync layout puts them 8 apart."""
+        return (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
+
+    @gluon.jit
     def _param_table(s_ptr, z_ptr, off_n, N, g0, g_end, stride_sn, stride_zn, PG: gl.constexpr,
                      BLOCK_N: gl.constexpr, MMA_ORDER: gl.constexpr, num_warps: gl.constexpr):
         """The group parameters of all the groups this program's K range touches (g0 .. g_end - 1, at most PG),
@@ -466,7 +473,7 @@ if gluon is not None:
         gi = gl.arange(0, PG, layout=gl.SliceLayout(1, lg))
         i = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, lg))
         if MMA_ORDER:
-            i = (i // 16) * 16 + (i % 8) * 2 + (i // 8) % 2
+            i = _mma_rows(i)
         ni = off_n + i
         ok = ((g0 + gi) < g_end)[:, None] & (ni < N)[None, :]
         g = g0 + gl.minimum(gi, g_end - 1 - g0)
@@ -701,8 +708,7 @@ if gluon is not None:
         h (8 rows), g: the word tile's row rep, warp, g, h), past N clamped for the loads."""
         x_rows = gl.minimum(pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, lx)), M - 1)
         x_base = x_ptr + x_rows[:, None] * stride_xm + gl.arange(0, 128, layout=gl.SliceLayout(0, lx))[None, :]
-        m = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-        m_rows = n0 + (m // 16) * 16 + (m % 8) * 2 + (m // 8) % 2
+        m_rows = n0 + _mma_rows(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)))
         m_safe = gl.minimum(m_rows, N - 1)
         return x_base, z_ptr + rows * stride_zn, z_ptr + m_safe * stride_zn, s_ptr + m_safe * stride_sn, m_rows
 

@@ -728,6 +728,21 @@ def test_cuda_int4_wgmma_refuses_what_it_cannot_run(qg):
         qg.int4_gemm_wgmma(rows_off_16, words, s, z, None, 32, dict(qg.CONFIGS["m128n128"], BLOCK_K=32))
 
 
+def _offline_sass(ptx: Path) -> tuple:
+    """ptxas (Triton's bundled one, sm_90a) on a kernel's PTX, then its SASS by cuobjdump: (SASS, ptxas' -v log)."""
+    import subprocess
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cubin = ptx.with_suffix(".cubin")
+    out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cuobjdump = str(Path(get_ptxas(90).path).with_name("cuobjdump"))
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return sass, out.stderr
+
+
 @pytest.mark.parametrize("name", ["m128n128", "m64n128k4", "t256n128", "t64n128", "t128n128r2", "t256n64a",
                                   "t64n64r2a", "t128n64aw", "t128n128k2wp", "t128n64k2awps"])
 def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
@@ -754,16 +769,9 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     # of the MMA in flight for the next conversion, so each MMA completes first
     assert ("wgmma.wait_group.sync.aligned 1;" in ptx) != name.startswith("t")
 
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o",
-                          str(tmp_path / "k.cubin")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "C7515" not in out.stderr and "serialized" not in out.stderr
+    sass, ptxas_log = _offline_sass(tmp_path / "k.ptx")
+    assert "C7515" not in ptxas_log and "serialized" not in ptxas_log
     if name.startswith("t"):  # and no A register of an HGMMA is written before the wait that retires it
-        cuobjdump = str(Path(get_ptxas(90).path).with_name("cuobjdump"))
-        sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True,
-                              check=True).stdout
         assert sass.count("HGMMA") >= 8 and qg.wgmma_a_aliasing(sass) == []
         # words by TMA and group parameters from shared memory ("wp"): no global load left in the K loop
         assert (qg.loop_global_loads(sass) == 0) == ("wp" in name)
@@ -927,8 +935,9 @@ def test_cuda_int4_gemv_mma_refuses_what_it_cannot_run(qg):
 def test_int4_gemv_mma_compiles_without_layout_conversions(qg, config, tmp_path):
     """Offline (no GPU): the tensor-core GEMV compiles for sm_90 with its operands converted and loaded straight
     into the MMA's register layout: the conversions are asserted trivial at compile time, and the kernel uses no
-    shared memory beyond the few bytes that broadcast split-K's arrival count (a conversion of an operand tile
-    through shared memory would take kilobytes). In a subprocess (see the wgmma test above)."""
+    shared memory beyond its TMA ring (STAGES, with XP the x tiles and group-parameter tables too) and the few
+    bytes that broadcast split-K's arrival count (a conversion of an operand tile through shared memory would take
+    kilobytes more). XP leaves no global load in its loop (SASS). In a subprocess (see the wgmma test above)."""
     import os
     import subprocess
     import sys
@@ -948,14 +957,7 @@ def test_int4_gemv_mma_compiles_without_layout_conversions(qg, config, tmp_path)
     ptx = (tmp_path / "k.ptx").read_text()
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") >= 8
 
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", str(tmp_path / "k.ptx"), "-o",
-                          str(tmp_path / "k.cubin")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    cuobjdump = str(Path(get_ptxas(90).path).with_name("cuobjdump"))
-    sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True,
-                          check=True).stdout
+    sass, _ = _offline_sass(tmp_path / "k.ptx")
     # XP: x by TMA and the group parameters from tables, so no global load in the loop; else x and the parameters
     # (and without STAGES the words) are loaded in it
     assert (qg.loop_global_loads(sass) == 0) == bool(config.get("XP"))
