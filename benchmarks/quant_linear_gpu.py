@@ -288,7 +288,14 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
         w_tma = [dict(cfg, W_TMA=1) for cfg in out]
         w_tma_p = [dict(cfg, P_SMEM=1) for cfg in w_tma]
         # SLOTS=1: split-K partials by plain stores into a slot a split instead of atomic adds (`_finish_slots`)
-        return out + w_tma + w_tma_p + [dict(cfg, SLOTS=1) for cfg in w_tma_p if cfg["SPLIT_K"] > 1]
+        slots = [dict(cfg, SLOTS=1) for cfg in w_tma_p if cfg["SPLIT_K"] > 1]
+        # WS=2, 3: warp-specialized, consumer warp groups taking turns at the K steps; one program an SM, the ring
+        # as deep (<= 8) as 227 KB leave beside the consumers' partials and a full parameter table (32 KB)
+        ws = [dict(BLOCK_T=bt, STAGES=stages, SPLIT_K=sk, W_TMA=1, P_SMEM=1, WS=n_ws, num_warps=4, **slot)
+              for bt in (64, 128, 256) for n_ws in (2, 3) for sk in (1, 2, 4) for slot in ({}, dict(SLOTS=1))
+              if bt <= max(64, 2 * m) and not (sk > 1 and bt * 2 < m) and (sk > 1 or not slot)
+              and (stages := min(8, (227 * 1024 - (n_ws - 1) * 256 * bt - 33 * 1024) // (bt * 128 + 2048))) >= 2]
+        return out + w_tma + w_tma_p + slots + ws
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):
@@ -451,7 +458,7 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=No
                           gemv=lambda: qt._int4_gemv_kernel, gemm=lambda: qt._int4_gemm_kernel)[kind]()
             defaults = {p.name: p.default for p in kernel.params if p.default is not inspect.Parameter.empty}
             configs = [cfg for cfg in sweep_configs(kind, m)
-                       if all(cfg.get(key, defaults.get(key)) == value for key, value in (only or {}).items())]
+                       if all(cfg.get(key, defaults.get(key)) in values for key, values in (only or {}).items())]
             current = current_entry(table_path, torch.cuda.get_device_name(), kind, k, n, m) if only else None
             if current and current not in configs:  # a subset's winner must beat the entry it would replace
                 configs.append(current)
@@ -496,7 +503,7 @@ def main() -> None:
     ap.add_argument("--sweep", default=None, help="time every candidate int4 config at these M (e.g. 1,64) and exit")
     ap.add_argument("--sweep-shapes", default=None, help="only these K,N shapes, e.g. 4096x4096,14336x4096")
     ap.add_argument("--sweep-only", default=None,
-                    help="only the configs with these values, e.g. W_AS_B=1,DEQUANT=3 (with --sweep-table, plus the "
+                    help="only the configs with these values, e.g. W_AS_B=1,DEQUANT=2/3 (with --sweep-table, plus the "
                          "table's entry for each shape and M, so a winner must beat it in the same run)")
     ap.add_argument("--sweep-wgmma", action="store_true", help="sweep the Gluon wgmma kernel's configs (Hopper)")
     ap.add_argument("--sweep-wgmma-rs", action="store_true",
@@ -520,8 +527,8 @@ def main() -> None:
     if args.sweep:
         shapes = ([tuple(int(d) for d in s.split("x")) for s in args.sweep_shapes.split(",")]
                   if args.sweep_shapes else SHAPES)
-        only = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.sweep_only.split(","))) \
-            if args.sweep_only else None
+        only = dict((key, [int(v) for v in values.split("/")])  # KEY=V or KEY=V1/V2
+                    for key, values in (kv.split("=") for kv in args.sweep_only.split(","))) if args.sweep_only else None
         sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only,
               "wgmma" if args.sweep_wgmma else "wgmma_rs" if args.sweep_wgmma_rs else "gemv_mma"
               if args.sweep_gemv_mma else None)

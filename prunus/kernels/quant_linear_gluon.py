@@ -239,6 +239,11 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     # SLOTS=1: split-K partials in a slot a split, summed by the last to arrive (`_finish_slots`)
     "t128n64k2awps": dict(BLOCK_T=128, STAGES=4, SPLIT_K=2, AHEAD=1, W_TMA=1, P_SMEM=1, SLOTS=1, num_warps=4),
     "t256n64k4awps": dict(BLOCK_T=256, STAGES=3, SPLIT_K=4, AHEAD=1, W_TMA=1, P_SMEM=1, SLOTS=1, num_warps=4),
+    # WS=2, 3: warp-specialized, WS consumer warp groups taking turns at the K steps and a TMA warp (`_rs_ws_consume`)
+    "t128n64ws2": dict(BLOCK_T=128, STAGES=4, W_TMA=1, P_SMEM=1, WS=2, num_warps=4),
+    "t256n64ws2": dict(BLOCK_T=256, STAGES=3, W_TMA=1, P_SMEM=1, WS=2, num_warps=4),
+    "t64n64ws3": dict(BLOCK_T=64, STAGES=6, W_TMA=1, P_SMEM=1, WS=3, num_warps=4),
+    "t128n64k2ws2s": dict(BLOCK_T=128, STAGES=4, SPLIT_K=2, W_TMA=1, P_SMEM=1, SLOTS=1, WS=2, num_warps=4),
 }
 
 P_SMEM_BYTES = 32768  # the register-operand kernel's group-parameter table (P_SMEM=1) takes at most this
@@ -419,6 +424,35 @@ if gluon is not None:
     # -----------------------------------------------------------------------------------------------------
     # many rows, the weight as the wgmma's register operand (swap AB: y^T = W x^T)
 
+    @gluon.constexpr_function
+    def _rs_tile_layout(NW):
+        """[rw, h, g, c, s, t, e]: rows 16 rw + 8 h + g, k = 16 c + 8 s + 2 t + e (word w = 2 c + s) of the weight
+        tile; lanes t, g as the wgmma's register operand has them, registers e, s (an asm instance's two words),
+        h, c."""
+        return gl.BlockedLayout([1, 2, 1, 4, 2, 1, 2], [1, 1, 8, 1, 1, 4, 1], [NW, 1, 1, 1, 1, 1, 1],
+                                [6, 4, 1, 3, 5, 2, 0])
+
+    @gluon.constexpr_function
+    def _rs_words_layout(NW):
+        """Words [RW, 2, 8, 8]: the threads of `_rs_tile_layout`, each row's 8 words in consecutive registers (two
+        16-byte loads)."""
+        return gl.BlockedLayout([1, 2, 1, 8], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 1, 2, 0])
+
+    @gluon.constexpr_function
+    def _rs_acc_layout(NW, BLOCK_T):
+        """The wgmma accumulator y^T [16 NW REPS outputs, BLOCK_T rows of x]."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BLOCK_T, 16])
+
+    @gluon.jit
+    def _rs_selector(lT: gl.constexpr):
+        """The PRMT selector of a thread's byte t, [1, 1, 1, 1, 1, 4, 2] (t along the quad's lanes, the same for
+        e)."""
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, gl.SliceLayout(4, gl.SliceLayout(6, lT)))))))
+        e = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, gl.SliceLayout(4, gl.SliceLayout(5, lT)))))))
+        return t[None, None, None, None, None, :, None] * 0x1111 + 0x4040 + e[None, None, None, None, None, None, :] * 0
+
     @gluon.jit
     def _rs_issue(x_desc, w_desc, xs, wring, bars, j, count, first, off_t, off_n, STAGES: gl.constexpr,
                   W_TMA: gl.constexpr):
@@ -562,12 +596,67 @@ if gluon is not None:
         return acc, a2, words2, scale22, zoff2
 
     @gluon.jit
+    def _rs_ws_loader(x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES: gl.constexpr):
+        """WS: the TMA partition (one warp). Step j's x and word tiles go into stage j % STAGES once the consumer
+        of step j - STAGES has freed it (`empty`; a fresh barrier passes the wait for the phase before its
+        first)."""
+        for j in range(count):
+            mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
+            _rs_issue(x_desc, w_desc, xs, wring, ready, j, count, first, off_t, off_n, STAGES, 1)
+
+    @gluon.jit
+    def _rs_ws_consume(xs, wview, pview, ready, empty, part, count, first, g0, GROUP: gl.constexpr,
+                       BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+        """WS: one consumer warp group's partial y^T [64, BLOCK_T], over steps part, part + WS, ...: each step's
+        words (from the ring) and group parameters (from the table) converted into the A registers, its wgmma
+        run to completion, and the stage freed for the loader. While one warp group waits for its MMA, the others
+        convert: the MMA of one overlaps the conversion of the next without a second wgmma in flight in any warp
+        group (see `_rs_step` on ptxas and the A registers of a wgmma in flight)."""
+        lT: gl.constexpr = _rs_tile_layout(4)
+        lw: gl.constexpr = _rs_words_layout(4)
+        lp: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))
+        mma: gl.constexpr = _rs_acc_layout(4, BLOCK_T)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        sel = _rs_selector(lT)
+        acc = gl.zeros([64, BLOCK_T], gl.float32, mma)
+        for j in range(part, count, WS):
+            s = j % STAGES
+            words = _rs_words(wview, ready, j, count, lw, STAGES)
+            _, scale2, zoff = _rs_load(0, 0, 0, pview, g0, 0, 0, 0, 0, first + j, lp, GROUP, 1, 1)
+            a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, 64)
+            acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            fence_async_shared()  # the words' generic reads of the stage, before its TMA refill
+            mbarrier.arrive(empty.index(s), count=1)
+        return acc
+
+    @gluon.jit
+    def _rs_ws_first(xs, wview, pview, ready, empty, red, done, count, first, g0, GROUP: gl.constexpr,
+                     BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+        """WS: the default partition, consumer 0; then the other consumers' partials added from shared memory."""
+        acc = _rs_ws_consume(xs, wview, pview, ready, empty, 0, count, first, g0, GROUP, BLOCK_T, STAGES, WS)
+        mbarrier.wait(done, 0)
+        for p in gl.static_range(WS - 1):
+            acc += red.index(p).load(acc.type.layout)
+        return (acc, )
+
+    @gluon.jit
+    def _rs_ws_other(xs, wview, pview, ready, empty, red, done, part: gl.constexpr, count, first, g0,
+                     GROUP: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+        """WS: consumer `part` (1 .. WS - 1), a worker partition; its partial goes to shared memory for the
+        default partition."""
+        acc = _rs_ws_consume(xs, wview, pview, ready, empty, part, count, first, g0, GROUP, BLOCK_T, STAGES, WS)
+        red.index(part - 1).store(acc)
+        mbarrier.arrive(done, count=1)
+
+    @gluon.jit
     def _int4_wgmma_rs_kernel(x_desc, w_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                               stride_wn, stride_sn, stride_zn, stride_ym,
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, REPS: gl.constexpr,
                               AHEAD: gl.constexpr, W_TMA: gl.constexpr, P_SMEM: gl.constexpr, PG: gl.constexpr,
-                              SLOTS: gl.constexpr, num_warps: gl.constexpr):
+                              SLOTS: gl.constexpr, WS: gl.constexpr, WS_REGS: gl.constexpr,
+                              num_warps: gl.constexpr):
         """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
@@ -589,15 +678,10 @@ if gluon is not None:
         gl.static_assert(num_warps % 4 == 0, "whole warp groups")
         gl.static_assert(GROUP % 64 == 0, "a step (64 codes) lies in one group")
         gl.static_assert(STAGES >= 2, "the ring holds the step being multiplied and the next")
-        # [rw, h, g, c, s, t, e]: rows 16 rw + 8 h + g, k = 16 c + 8 s + 2 t + e (word w = 2 c + s); lanes
-        # t, g as the wgmma's register operand has them, registers e, s (an asm instance's two words), h, c
-        lT: gl.constexpr = gl.BlockedLayout([1, 2, 1, 4, 2, 1, 2], [1, 1, 8, 1, 1, 4, 1], [NW, 1, 1, 1, 1, 1, 1],
-                                            [6, 4, 1, 3, 5, 2, 0])
-        # words [RW, 2, 8, 8]: the threads of lT, each row's 8 words in consecutive registers (two 16-byte loads)
-        lw: gl.constexpr = gl.BlockedLayout([1, 2, 1, 8], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 1, 2, 0])
+        lT: gl.constexpr = _rs_tile_layout(NW)
+        lw: gl.constexpr = _rs_words_layout(NW)
         lp: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                      instr_shape=[16, BLOCK_T, 16])
+        mma: gl.constexpr = _rs_acc_layout(NW, BLOCK_T)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
 
         pid_t = gl.program_id(0)  # the row tiles of x that share a weight tile are neighbours: its words from L2
@@ -618,12 +702,7 @@ if gluon is not None:
         w_k = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, lw))))
         w_rows = gl.convert_layout(rows, gl.SliceLayout(3, lw))
         w_base = w_ptr + w_rows[:, :, :, None] * stride_wn + w_k[None, None, None, :]
-        # the PRMT selector of a thread's byte t, [1, 1, 1, 1, 1, 4, 2] (t along the quad's lanes, the same for e)
-        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
-            3, gl.SliceLayout(4, gl.SliceLayout(6, lT)))))))
-        e = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
-            3, gl.SliceLayout(4, gl.SliceLayout(5, lT)))))))
-        sel = t[None, None, None, None, None, :, None] * 0x1111 + 0x4040 + e[None, None, None, None, None, None, :] * 0
+        sel = _rs_selector(lT)
 
         xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_T, 64], x_desc.layout)
         if W_TMA:  # the word tiles [BLOCK_N, 8] in the same ring (unswizzled), read as lw's [RW, 2, 8, 8]
@@ -636,8 +715,17 @@ if gluon is not None:
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, W_TMA)
+        if WS:  # a stage freed by its consumer (`empty`), the consumers' partials (`red`) and their arrival
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(empty.index(i), count=1)
+            done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(done, count=WS - 1)
+            red = gl.allocate_shared_memory(gl.float32, [WS - 1, BLOCK_N, BLOCK_T],
+                                            gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        else:
+            for i in gl.static_range(STAGES):
+                _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, W_TMA)
         g0 = first * 64 // GROUP
         if P_SMEM:  # the program's group parameters into shared memory while the ring's first loads fly
             params = _param_table(s_ptr, z_ptr, off_n, N, g0, last * 64 // GROUP + 1, stride_sn, stride_zn, PG,
@@ -647,37 +735,56 @@ if gluon is not None:
         else:
             pview = xs
 
-        words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn, first,
-                                       lp, GROUP, W_TMA, P_SMEM)
-        # step 0 peeled, use_acc=False (see _int4_wgmma_kernel)
-        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
-        if AHEAD:  # each step's conversion runs while the previous step's MMA does (`_rs_step_ahead`)
-            if W_TMA:
-                words = _rs_words(wview, bars, 0, count, lw, STAGES)
-            a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
-            words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn,
-                                           gl.minimum(first + 1, last), lp, GROUP, W_TMA, P_SMEM)
-            acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words,
-                                                         scale2, zoff, w_base, s_ptr, z_ptr, pview, g0, rows, n_ok,
-                                                         sel, 0, count, first, last, off_t, off_n, stride_sn,
-                                                         stride_zn, False, lT, lw, lp, a_layout, GROUP, BLOCK_N,
-                                                         STAGES, W_TMA, P_SMEM)
-            for j in range(1, count):
-                acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words,
-                                                             scale2, zoff, w_base, s_ptr, z_ptr, pview, g0, rows,
-                                                             n_ok, sel, j, count, first, last, off_t, off_n,
-                                                             stride_sn, stride_zn, True, lT, lw, lp, a_layout,
-                                                             GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
+        if WS == 2:  # warp-specialized (WS consumer warp groups, a TMA warp): `_rs_ws_consume`
+            acc, = gl.warp_specialize([
+                (_rs_ws_first, (xs, wview, pview, bars, empty, red, done, count, first, g0, GROUP, BLOCK_T, STAGES,
+                                WS)),
+                (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 1, count, first, g0, GROUP, BLOCK_T,
+                                STAGES, WS)),
+                (_rs_ws_loader, (x_desc, w_desc, xs, wring, bars, empty, count, first, off_t, off_n, STAGES)),
+            ], [4, 1], [WS_REGS, 24])
+        elif WS == 3:
+            acc, = gl.warp_specialize([
+                (_rs_ws_first, (xs, wview, pview, bars, empty, red, done, count, first, g0, GROUP, BLOCK_T, STAGES,
+                                WS)),
+                (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 1, count, first, g0, GROUP, BLOCK_T,
+                                STAGES, WS)),
+                (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 2, count, first, g0, GROUP, BLOCK_T,
+                                STAGES, WS)),
+                (_rs_ws_loader, (x_desc, w_desc, xs, wring, bars, empty, count, first, off_t, off_n, STAGES)),
+            ], [4, 4, 1], [WS_REGS, WS_REGS, 24])
         else:
-            acc, words, scale2, zoff = _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2, zoff,
-                                                w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, sel, 0, count, first,
-                                                last, off_t, off_n, stride_sn, stride_zn, False, lT, lw, lp,
-                                                a_layout, GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
-            for j in range(1, count):
-                acc, words, scale2, zoff = _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2,
-                                                    zoff, w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, sel, j,
-                                                    count, first, last, off_t, off_n, stride_sn, stride_zn, True,
-                                                    lT, lw, lp, a_layout, GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
+            words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn, first,
+                                           lp, GROUP, W_TMA, P_SMEM)
+            # step 0 peeled, use_acc=False (see _int4_wgmma_kernel)
+            acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
+            if AHEAD:  # each step's conversion runs while the previous step's MMA does (`_rs_step_ahead`)
+                if W_TMA:
+                    words = _rs_words(wview, bars, 0, count, lw, STAGES)
+                a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, BLOCK_N)
+                words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn,
+                                               gl.minimum(first + 1, last), lp, GROUP, W_TMA, P_SMEM)
+                acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words,
+                                                             scale2, zoff, w_base, s_ptr, z_ptr, pview, g0, rows, n_ok,
+                                                             sel, 0, count, first, last, off_t, off_n, stride_sn,
+                                                             stride_zn, False, lT, lw, lp, a_layout, GROUP, BLOCK_N,
+                                                             STAGES, W_TMA, P_SMEM)
+                for j in range(1, count):
+                    acc, a, words, scale2, zoff = _rs_step_ahead(x_desc, w_desc, xs, wring, wview, bars, acc, a, words,
+                                                                 scale2, zoff, w_base, s_ptr, z_ptr, pview, g0, rows,
+                                                                 n_ok, sel, j, count, first, last, off_t, off_n,
+                                                                 stride_sn, stride_zn, True, lT, lw, lp, a_layout,
+                                                                 GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
+            else:
+                acc, words, scale2, zoff = _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2, zoff,
+                                                    w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, sel, 0, count, first,
+                                                    last, off_t, off_n, stride_sn, stride_zn, False, lT, lw, lp,
+                                                    a_layout, GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
+                for j in range(1, count):
+                    acc, words, scale2, zoff = _rs_step(x_desc, w_desc, xs, wring, wview, bars, acc, words, scale2,
+                                                        zoff, w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, sel, j,
+                                                        count, first, last, off_t, off_n, stride_sn, stride_zn, True,
+                                                        lT, lw, lp, a_layout, GROUP, BLOCK_N, STAGES, W_TMA, P_SMEM)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -995,6 +1102,12 @@ def _param_groups(K: int, group: int, config: dict) -> int:
     return triton.next_power_of_2(span)
 
 
+def _ws_regs(config: dict) -> int:
+    """WS: the registers a thread of each worker consumer warp group asks for (setmaxnreg); the TMA warp takes
+    24 and the default partition what is left of the CTA's share of the register file."""
+    return config.get("WS_REGS", {2: 232, 3: 160}.get(config.get("WS", 0), 0))
+
+
 def _blocks(config: dict) -> list:
     """(element type, TMA block shape, shared layout) of the activation (bf16) and word descriptors (only the
     activation's for the register-operand kernel)."""
@@ -1020,8 +1133,11 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         if (config["BLOCK_T"] not in (64, 128, 256) or config.get("num_warps") not in (4, 8) or config["STAGES"] < 2
                 or config.get("REPS", 1) not in (1, 2) or config.get("AHEAD", 0) not in (0, 1)
                 or config.get("W_TMA", 0) not in (0, 1) or config.get("P_SMEM", 0) not in (0, 1)
-                or config.get("SLOTS", 0) not in (0, 1)):
+                or config.get("SLOTS", 0) not in (0, 1) or config.get("WS", 0) not in (0, 2, 3)):
             return f"bad config {config}"
+        if config.get("WS") and not (config.get("W_TMA") and config.get("P_SMEM") and config["num_warps"] == 4
+                                     and config.get("REPS", 1) == 1):
+            return "WS (warp-specialized) needs W_TMA=1, P_SMEM=1, num_warps=4 and REPS=1"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"
         if (K // 64) % config.get("SPLIT_K", 1):
@@ -1072,8 +1188,8 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
                                     HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
                                     SPLIT_K=split_k, REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
                                     W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
-                                    PG=_param_groups(K, group, config), SLOTS=int(slots),
-                                    num_warps=config["num_warps"])
+                                    PG=_param_groups(K, group, config), SLOTS=int(slots), WS=config.get("WS", 0),
+                                    WS_REGS=_ws_regs(config), num_warps=config["num_warps"])
         return y
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
@@ -1234,7 +1350,7 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
                       W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
                       PG=_param_groups(k, group, config),
                       SLOTS=int(bool(config.get("SLOTS")) and config.get("SPLIT_K", 1) > 1),
-                      num_warps=config["num_warps"])
+                      WS=config.get("WS", 0), WS_REGS=_ws_regs(config), num_warps=config["num_warps"])
         descs = dict(x_desc=_blocks(config)[0], w_desc=_blocks(config)[-1])
         pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")

@@ -584,7 +584,8 @@ def qg():
                                   "t256n128", "t256n64", "t128n128", "t128n64", "t64n128", "t128n128k2",
                                   "t128n128r2", "t256n64a", "t128n64a", "t128n128k2a", "t64n64r2a", "t256n64w",
                                   "t128n64aw", "t128n128k2w", "t64n128r2w", "t256n64wp", "t128n128k2wp", "t128n64ap",
-                                  "t64n64r2awp", "t128n64k2awps", "t256n64k4awps"])
+                                  "t64n64r2awp", "t128n64k2awps", "t256n64k4awps", "t128n64ws2", "t256n64ws2",
+                                  "t64n64ws3", "t128n64k2ws2s"])
 @pytest.mark.parametrize("m, n, k, group", [(200, 300, 2048, 128), (64, 128, 4096, 64), (513, 256, 4096, 256)],
                          ids=["ragged", "one-tile-long-k", "many-row-tiles"])
 def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
@@ -744,7 +745,8 @@ def _offline_sass(ptx: Path) -> tuple:
 
 
 @pytest.mark.parametrize("name", ["m128n128", "m64n128k4", "t256n128", "t64n128", "t128n128r2", "t256n64a",
-                                  "t64n64r2a", "t128n64aw", "t128n128k2wp", "t128n64k2awps"])
+                                  "t64n64r2a", "t128n64aw", "t128n128k2wp", "t128n64k2awps", "t128n64ws2",
+                                  "t64n64ws3"])
 def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     """Offline (no GPU): the kernel compiles for sm_90, fits in shared memory, and ptxas keeps its wgmmas
     asynchronous. A zero-initialized accumulator entering the loop made ptxas serialize them (C7515), which
@@ -774,7 +776,7 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     if name.startswith("t"):  # and no A register of an HGMMA is written before the wait that retires it
         assert sass.count("HGMMA") >= 8 and qg.wgmma_a_aliasing(sass) == []
         # words by TMA and group parameters from shared memory ("wp"): no global load left in the K loop
-        assert (qg.loop_global_loads(sass) == 0) == ("wp" in name)
+        assert (qg.loop_global_loads(sass) == 0) == ("wp" in name or "ws" in name)
         if qg.CONFIGS[name].get("SLOTS"):  # the epilogue in a layout of 4 consecutive outputs a thread: 16-byte
             # stores and loads of the fp32 slots, no spilled address registers (the atomic epilogue of BLOCK_T=256
             # with split-K 4 spills 274 times offline)
