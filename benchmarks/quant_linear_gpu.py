@@ -527,8 +527,8 @@ def main() -> None:
     if args.sweep:
         shapes = ([tuple(int(d) for d in s.split("x")) for s in args.sweep_shapes.split(",")]
                   if args.sweep_shapes else SHAPES)
-        only = dict((key, [int(v) for v in values.split("/")])  # KEY=V or KEY=V1/V2
-                    for key, values in (kv.split("=") for kv in args.sweep_only.split(","))) if args.sweep_only else None
+        pairs = (kv.split("=") for kv in args.sweep_only.split(",")) if args.sweep_only else None
+        only = dict((key, [int(v) for v in values.split("/")]) for key, values in pairs) if pairs else None
         sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only,
               "wgmma" if args.sweep_wgmma else "wgmma_rs" if args.sweep_wgmma_rs else "gemv_mma"
               if args.sweep_gemv_mma else None)

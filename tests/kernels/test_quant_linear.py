@@ -635,8 +635,14 @@ def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
     assert qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64a"]) is None
     assert "rows of the words" in qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64w"])
     assert qg.unfit(x, words.contiguous(), scales, zeros, 128, qg.CONFIGS["t256n64w"]) is None
-    for bad in (dict(AHEAD=2), dict(W_TMA=2), dict(REPS=4), dict(BLOCK_T=96), dict(P_SMEM=2), dict(SLOTS=2)):
+    for bad in (dict(AHEAD=2), dict(W_TMA=2), dict(REPS=4), dict(BLOCK_T=96), dict(P_SMEM=2), dict(SLOTS=2),
+                dict(WS=1), dict(WS=4)):
         assert "bad config" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64w"], **bad))
+    # the warp-specialized consumers read words and group parameters from shared memory only, one warp group each
+    words = words.contiguous()
+    assert qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64ws2"]) is None
+    for bad in (dict(W_TMA=0), dict(P_SMEM=0), dict(num_warps=8), dict(REPS=2)):
+        assert "WS" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], **bad))
 
 
 def test_gemv_group_parameter_tables_cover_each_programs_groups(qg):
