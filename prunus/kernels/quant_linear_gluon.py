@@ -72,7 +72,13 @@ while its loads, issued one step ahead, waited on DRAM; with W_TMA=1 and P_SMEM=
 then AHEAD=1 pays too. That family holds all six "int4_wgmma" entries of the table (128 and 256 rows): 128 rows
 0.82 / 1.25 / 1.25x bf16, 256 rows 0.78 / 0.95 / 0.88x (from 0.74 / 1.04 / 1.02x and 0.60 / 0.84 / 0.76x). REPS=2
 (half the reads of x from L2) was slower everywhere. At 4096->4096 the 128 programs leave one an SM, so a step's
-wait for its wgmma (0.39 µs a step) is not hidden by another program. Same dequantization as above ((128 + q) -
+wait for its wgmma (0.39 µs a step) is not hidden by another program. WS=2 or 3 (warp-specialized,
+`gl.warp_specialize`) hides it inside the program: WS consumer warp groups take turns at the K steps (step j to
+consumer j % WS, `_rs_ws_consume`), each converting its step and running its wgmma to completion, so one converts
+while another's MMA runs, with never a second wgmma in flight in a warp group; one TMA warp fills the ring
+(`_rs_ws_loader`), each stage freed by its consumer through an mbarrier of its own; the workers' partials meet the
+default partition's in shared memory, and the epilogue is the kernel's own (split-K and SLOTS included). Needs
+W_TMA=1, P_SMEM=1 (the consumers read only shared memory), one warp group a consumer and REPS=1. Same dequantization as above ((128 + q) -
 (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
@@ -671,7 +677,9 @@ if gluon is not None:
         step then frees its stage for the refill. The group parameters come from global memory one step ahead, or
         with P_SMEM=1 from a table of the program's groups (PG rows) filled before the loop (`_param_table`).
         Split-K partials meet by atomic adds in a zeroed workspace (`_finish`), or with SLOTS=1 in a slot a split
-        (`_finish_slots`; ws_ptr is then the slots)."""
+        (`_finish_slots`; ws_ptr is then the slots). WS=2, 3: the loop warp-specialized instead (`_rs_ws_consume`:
+        WS consumer warp groups taking turns at the steps, a TMA warp; WS_REGS registers a worker consumer
+        thread)."""
         BLOCK_N: gl.constexpr = 16 * num_warps * REPS
         NW: gl.constexpr = num_warps
         RW: gl.constexpr = num_warps * REPS  # row blocks of 16: block rw = REPS' index * NW + warp (lT wraps)
