@@ -65,21 +65,31 @@ too); the words, scales and zero points contiguous along K. The group parameters
 ahead, or with P_SMEM=1 from a table in shared memory of every group the program's K range touches, filled once
 before the loop (`_param_table`; at most P_SMEM_BYTES). Split-K partials meet by atomic adds in a zeroed
 workspace, or with SLOTS=1 by plain stores into a slot a split, summed by the last split to arrive
-(`_finish_slots`: no atomics, nothing to re-zero; not yet run on a GPU, so in no table entry). Status (H100,
-BENCHMARKS.md "int4 wgmma GEMM, weight as the register operand: words by TMA (W_TMA) and group parameters from
-shared memory (P_SMEM)"): a step took about 1 µs
+(`_finish_slots`: no atomics, nothing to re-zero). Status (H100, BENCHMARKS.md "int4 wgmma GEMM, weight as the
+register operand: words by TMA (W_TMA) and group parameters from shared memory (P_SMEM)"): a step took about 1 µs
 while its loads, issued one step ahead, waited on DRAM; with W_TMA=1 and P_SMEM=1 the loop has no global load, and
-then AHEAD=1 pays too. That family holds all six "int4_wgmma" entries of the table (128 and 256 rows): 128 rows
-0.82 / 1.25 / 1.25x bf16, 256 rows 0.78 / 0.95 / 0.88x (from 0.74 / 1.04 / 1.02x and 0.60 / 0.84 / 0.76x). REPS=2
+then AHEAD=1 pays too: 128 rows 0.82 / 1.25 / 1.25x bf16, 256 rows 0.78 / 0.95 / 0.88x (from 0.74 / 1.04 / 1.02x and
+0.60 / 0.84 / 0.76x); that family holds the table's entries for the 14336-wide shapes at 128 and 256 rows. REPS=2
 (half the reads of x from L2) was slower everywhere. At 4096->4096 the 128 programs leave one an SM, so a step's
-wait for its wgmma (0.39 µs a step) is not hidden by another program. WS=2 or 3 (warp-specialized,
-`gl.warp_specialize`) hides it inside the program: WS consumer warp groups take turns at the K steps (step j to
-consumer j % WS, `_rs_ws_consume`), each converting its step and running its wgmma to completion, so one converts
-while another's MMA runs, with never a second wgmma in flight in a warp group; one TMA warp fills the ring
-(`_rs_ws_loader`), each stage freed by its consumer through an mbarrier of its own; the workers' partials meet the
-default partition's in shared memory, and the epilogue is the kernel's own (split-K and SLOTS included). Needs
-W_TMA=1, P_SMEM=1 (the consumers read only shared memory), one warp group a consumer and REPS=1. Same dequantization as above ((128 + q) -
-(128 + zero), then one rounded product: the dense fallback's weight bit for bit).
+wait for its wgmma (0.39 µs a step) is not hidden by another program.
+
+WS=2 or 3 (warp-specialized, `gl.warp_specialize`) hides it inside the program: WS consumer warp groups take turns
+at the K steps (step j to consumer j % WS, `_rs_ws_consume`), each converting its step and running its wgmma to
+completion, so one converts while another's MMA runs, with never a second wgmma in flight in a warp group; one TMA
+warp fills the ring (`_rs_ws_loader`), each stage freed by its consumer through an mbarrier of its own; the workers'
+partials meet the default partition's in shared memory, and the epilogue is the kernel's own (split-K and SLOTS
+included). Needs W_TMA=1, P_SMEM=1 (the consumers read only shared memory), one warp group a consumer and REPS=1.
+Status (H100, BENCHMARKS.md "int4 wgmma GEMM, weight as the register operand, warp-specialized (WS)"): one program
+an SM (168 registers for 384 threads), a step of 64 x 128 x 64 every 0.34 µs against 0.39 for AHEAD=1 alone. It wins
+where the grid is one wave or less, and holds those entries of the table: 4096->4096 at 256 rows 22.1 against 25.5
+µs (0.91x bf16), at 128 rows 17.0 against 20.3 (0.95x; BLOCK_T=64, WS=3), and at 64 rows every shape (13.3 / 32.7 /
+30.1 µs against the Triton path's 14.7 / 34.9 / 37.1; 1.14 / 1.37 / 1.61x bf16 in the main table). With more
+programs than SMs it loses to 2-3 programs an SM without it (4096->14336 at 256 rows: 75.7 µs at best, the table's
+entry 54.7). Nsight Compute at 4096->4096, 256 rows: SM throughput 34%, L2 44%, 46% of the stalls at barriers (the
+TMA warp group's idle warps among them). WS with SLOTS at BLOCK_T=256 and split-K 4 failed to launch once on the
+H100 (4096->14336, 256 rows; the same config at 4096->4096 ran right): refused (`unfit`) until diagnosed. Same
+dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's weight bit for
+bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
@@ -91,7 +101,8 @@ code in the loop (offline SASS, Triton 3.6, sm_90): 2.0 at 32 rows a warp agains
 (`quant_linear_triton`, ASM). Variants: ONES (the zero point applied after the MMA, from a second MMA with an
 all-ones A that sums x, instead of subtracted from the codes), AHEAD (loads one or two steps ahead in registers),
 STAGES (the words by TMA through a ring of shared-memory stages, `_int4_gemv_tma_kernel`, sm_90), and with it XP
-(x by TMA too and the group parameters from tables filled before the loop: no global load in the loop). Needs
+(x by TMA too and the group parameters from tables filled before the loop: no global load in the loop; on the H100
+slower at 1 row than the table's entries: 9.8 / 20.8 / 19.9 µs against 7.4 / 17.7 / 18.6). Needs
 bf16, integer zero points and groups of a multiple of 128 (a step's 128 codes in one group). Used by the op only where
 `measured_configs.json` holds an "int4_gemv_mma" entry, written by `quant_linear_gpu.py --sweep-gemv-mma` only where
 it beat the Triton path in the same run. Status (H100, BENCHMARKS.md "int4 tensor-core GEMV in Gluon"): at 4 rows
@@ -1146,6 +1157,9 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         if config.get("WS") and not (config.get("W_TMA") and config.get("P_SMEM") and config["num_warps"] == 4
                                      and config.get("REPS", 1) == 1):
             return "WS (warp-specialized) needs W_TMA=1, P_SMEM=1, num_warps=4 and REPS=1"
+        if config.get("WS") and config.get("SLOTS") and config.get("SPLIT_K", 1) > 1 and config["BLOCK_T"] == 256:
+            # an H100 sweep (4096->14336, 256 rows, split-K 4) died on a launch failure here; not yet diagnosed
+            return "WS with SLOTS at BLOCK_T=256 failed to launch on an H100 (undiagnosed): use BLOCK_T <= 128"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"
         if (K // 64) % config.get("SPLIT_K", 1):

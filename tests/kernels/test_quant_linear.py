@@ -641,8 +641,9 @@ def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
     # the warp-specialized consumers read words and group parameters from shared memory only, one warp group each
     words = words.contiguous()
     assert qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64ws2"]) is None
-    for bad in (dict(W_TMA=0), dict(P_SMEM=0), dict(num_warps=8), dict(REPS=2)):
+    for bad in (dict(W_TMA=0), dict(P_SMEM=0), dict(num_warps=8), dict(REPS=2), dict(SPLIT_K=2, SLOTS=1)):
         assert "WS" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], **bad))
+    assert qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], SPLIT_K=2)) is None
 
 
 def test_gemv_group_parameter_tables_cover_each_programs_groups(qg):
