@@ -291,11 +291,14 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
         slots = [dict(cfg, SLOTS=1) for cfg in w_tma_p if cfg["SPLIT_K"] > 1]
         # WS=2, 3: warp-specialized, consumer warp groups taking turns at the K steps; one program an SM, the ring
         # as deep (<= 8) as 227 KB leave beside the consumers' partials and a full parameter table (32 KB)
-        ws = [dict(BLOCK_T=bt, STAGES=stages, SPLIT_K=sk, W_TMA=1, P_SMEM=1, WS=n_ws, num_warps=4, **slot)
+        # (WS_K=128: two k steps of 64 a stage, so a stage takes twice the bytes)
+        ws = [dict(BLOCK_T=bt, STAGES=stages, SPLIT_K=sk, W_TMA=1, P_SMEM=1, WS=n_ws, num_warps=4, **slot, **wide)
               for bt in (64, 128, 256) for n_ws in (2, 3) for sk in (1, 2, 4) for slot in ({}, dict(SLOTS=1))
+              for wide in ({}, dict(WS_K=128))
               if bt <= max(64, 2 * m) and not (sk > 1 and bt * 2 < m) and (sk > 1 or not slot)
               and not (slot and bt == 256)  # a launch failure on the H100 (`unfit`)
-              and (stages := min(8, (227 * 1024 - (n_ws - 1) * 256 * bt - 33 * 1024) // (bt * 128 + 2048))) >= 2]
+              and (stages := min(8, (227 * 1024 - (n_ws - 1) * 256 * bt - 33 * 1024)
+                                 // ((bt * 128 + 2048) * (2 if wide else 1)))) >= 2]
         return out + w_tma + w_tma_p + slots + ws
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):

@@ -87,9 +87,10 @@ where the grid is one wave or less, and holds those entries of the table: 4096->
 programs than SMs it loses to 2-3 programs an SM without it (4096->14336 at 256 rows: 75.7 µs at best, the table's
 entry 54.7). Nsight Compute at 4096->4096, 256 rows: SM throughput 34%, L2 44%, 46% of the stalls at barriers (the
 TMA warp group's idle warps among them). WS with SLOTS at BLOCK_T=256 and split-K 4 failed to launch once on the
-H100 (4096->14336, 256 rows; the same config at 4096->4096 ran right): refused (`unfit`) until diagnosed. Same
-dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's weight bit for
-bit).
+H100 (4096->14336, 256 rows; the same config at 4096->4096 ran right): refused (`unfit`) until diagnosed. WS_K=128
+(built after that run, not yet run on a GPU): a stage holds two k steps, the second converted while the first's
+wgmma runs, so a consumer waits and hands a stage back half as often. Same dequantization as above ((128 + q) - (128
++ zero), then one rounded product: the dense fallback's weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
@@ -261,6 +262,9 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "t256n64ws2": dict(BLOCK_T=256, STAGES=3, W_TMA=1, P_SMEM=1, WS=2, num_warps=4),
     "t64n64ws3": dict(BLOCK_T=64, STAGES=6, W_TMA=1, P_SMEM=1, WS=3, num_warps=4),
     "t128n64k2ws2s": dict(BLOCK_T=128, STAGES=4, SPLIT_K=2, W_TMA=1, P_SMEM=1, SLOTS=1, WS=2, num_warps=4),
+    # WS_K=128: two k steps a stage, the second converted while the first's wgmma runs (half the stage handshakes)
+    "t128n64ws2k128": dict(BLOCK_T=128, STAGES=4, W_TMA=1, P_SMEM=1, WS=2, WS_K=128, num_warps=4),
+    "t64n64ws3k128": dict(BLOCK_T=64, STAGES=4, W_TMA=1, P_SMEM=1, WS=3, WS_K=128, num_warps=4),
 }
 
 P_SMEM_BYTES = 32768  # the register-operand kernel's group-parameter table (P_SMEM=1) takes at most this
@@ -613,22 +617,38 @@ if gluon is not None:
         return acc, a2, words2, scale22, zoff2
 
     @gluon.jit
-    def _rs_ws_loader(x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES: gl.constexpr):
-        """WS: the TMA partition (one warp). Step j's x and word tiles go into stage j % STAGES once the consumer
-        of step j - STAGES has freed it (`empty`; a fresh barrier passes the wait for the phase before its
-        first)."""
-        for j in range(count):
-            mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
-            _rs_issue(x_desc, w_desc, xs, wring, ready, j, count, first, off_t, off_n, STAGES, 1)
+    def _rs_ws_loader(x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES: gl.constexpr,
+                      KS: gl.constexpr):
+        """WS: the TMA partition (one warp). Stage i (KS k steps of 64: ring slots i KS .. i KS + KS - 1 of x and
+        of the words) is loaded into stage i % STAGES once the consumer of stage i - STAGES has freed it (`empty`;
+        a fresh barrier passes the wait for the phase before its first)."""
+        for i in range(count // KS):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, KS * (x_desc.block_type.nbytes + w_desc.block_type.nbytes))
+            for h in gl.static_range(KS):
+                step = first + i * KS + h
+                _tma_load(w_desc, [off_n, step * 8], bar, wring.index(s * KS + h))
+                _tma_load(x_desc, [off_t, step * 64], bar, xs.index(s * KS + h))
+
+    @gluon.jit
+    def _rs_ws_tile(wview, pview, slot, step, g0, sel, lT: gl.constexpr, lw: gl.constexpr, lp: gl.constexpr,
+                    a_layout: gl.constexpr, GROUP: gl.constexpr):
+        """WS: the A operand of k step `step` from ring slot `slot` (its words) and the parameter table. (W_TMA and
+        P_SMEM: `_rs_load` reads only the table, its pointer and stride arguments go unused.)"""
+        _, scale2, zoff = _rs_load(0, 0, 0, pview, g0, 0, 0, 0, 0, step, lp, GROUP, 1, 1)
+        return _rs_tile(wview.index(slot).load(lw), scale2, zoff, sel, lT, a_layout, 64)
 
     @gluon.jit
     def _rs_ws_consume(xs, wview, pview, ready, empty, part, count, first, g0, GROUP: gl.constexpr,
-                       BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
-        """WS: one consumer warp group's partial y^T [64, BLOCK_T], over steps part, part + WS, ...: each step's
-        words (from the ring) and group parameters (from the table) converted into the A registers, its wgmma
-        run to completion, and the stage freed for the loader. While one warp group waits for its MMA, the others
-        convert: the MMA of one overlaps the conversion of the next without a second wgmma in flight in any warp
-        group (see `_rs_step` on ptxas and the A registers of a wgmma in flight)."""
+                       BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, KS: gl.constexpr):
+        """WS: one consumer warp group's partial y^T [64, BLOCK_T], over stages part, part + WS, ... (KS k steps of
+        64 each): each step's words (from the ring) and group parameters (from the table) converted into the A
+        registers and its wgmma issued, with KS=2 the second step converted while the first's wgmma runs (no wait
+        between: ptxas keeps the first's A registers, see `_rs_step_ahead`); then the wgmmas run to completion and
+        the stage is freed for the loader. While one warp group waits for its MMAs, the others convert, without a
+        wgmma in flight across a wait in any warp group (see `_rs_step` on ptxas and the A registers)."""
         lT: gl.constexpr = _rs_tile_layout(4)
         lw: gl.constexpr = _rs_words_layout(4)
         lp: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))
@@ -636,22 +656,26 @@ if gluon is not None:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         sel = _rs_selector(lT)
         acc = gl.zeros([64, BLOCK_T], gl.float32, mma)
-        for j in range(part, count, WS):
-            s = j % STAGES
-            words = _rs_words(wview, ready, j, count, lw, STAGES)
-            _, scale2, zoff = _rs_load(0, 0, 0, pview, g0, 0, 0, 0, 0, first + j, lp, GROUP, 1, 1)
-            a = _rs_tile(words, scale2, zoff, sel, lT, a_layout, 64)
-            acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for i in range(part, count // KS, WS):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            a = _rs_ws_tile(wview, pview, s * KS, first + i * KS, g0, sel, lT, lw, lp, a_layout, GROUP)
+            acc = warpgroup_mma(a, xs.index(s * KS).permute((1, 0)), acc, is_async=True)
+            if KS == 2:
+                a2 = _rs_ws_tile(wview, pview, s * KS + 1, first + i * KS + 1, g0, sel, lT, lw, lp, a_layout, GROUP)
+                acc = warpgroup_mma(a2, xs.index(s * KS + 1).permute((1, 0)), acc, is_async=True)
+                acc, a, a2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, a2))
+            else:
+                acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
             fence_async_shared()  # the words' generic reads of the stage, before its TMA refill
             mbarrier.arrive(empty.index(s), count=1)
         return acc
 
     @gluon.jit
     def _rs_ws_first(xs, wview, pview, ready, empty, red, done, count, first, g0, GROUP: gl.constexpr,
-                     BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+                     BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, KS: gl.constexpr):
         """WS: the default partition, consumer 0; then the other consumers' partials added from shared memory."""
-        acc = _rs_ws_consume(xs, wview, pview, ready, empty, 0, count, first, g0, GROUP, BLOCK_T, STAGES, WS)
+        acc = _rs_ws_consume(xs, wview, pview, ready, empty, 0, count, first, g0, GROUP, BLOCK_T, STAGES, WS, KS)
         mbarrier.wait(done, 0)
         for p in gl.static_range(WS - 1):
             acc += red.index(p).load(acc.type.layout)
@@ -659,10 +683,12 @@ if gluon is not None:
 
     @gluon.jit
     def _rs_ws_other(xs, wview, pview, ready, empty, red, done, part: gl.constexpr, count, first, g0,
-                     GROUP: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+                     GROUP: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr,
+                     KS: gl.constexpr):
         """WS: consumer `part` (1 .. WS - 1), a worker partition; its partial goes to shared memory for the
         default partition."""
-        acc = _rs_ws_consume(xs, wview, pview, ready, empty, part, count, first, g0, GROUP, BLOCK_T, STAGES, WS)
+        acc = _rs_ws_consume(xs, wview, pview, ready, empty, part, count, first, g0, GROUP, BLOCK_T, STAGES, WS,
+                             KS)
         red.index(part - 1).store(acc)
         mbarrier.arrive(done, count=1)
 
@@ -672,7 +698,7 @@ if gluon is not None:
                               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr,
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, REPS: gl.constexpr,
                               AHEAD: gl.constexpr, W_TMA: gl.constexpr, P_SMEM: gl.constexpr, PG: gl.constexpr,
-                              SLOTS: gl.constexpr, WS: gl.constexpr, WS_REGS: gl.constexpr,
+                              SLOTS: gl.constexpr, WS: gl.constexpr, WS_REGS: gl.constexpr, KS: gl.constexpr,
                               num_warps: gl.constexpr):
         """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
@@ -723,10 +749,11 @@ if gluon is not None:
         w_base = w_ptr + w_rows[:, :, :, None] * stride_wn + w_k[None, None, None, :]
         sel = _rs_selector(lT)
 
-        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_T, 64], x_desc.layout)
+        # KS k steps of 64 a stage (WS only: 1 or 2), each in a slot of the ring
+        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * KS, BLOCK_T, 64], x_desc.layout)
         if W_TMA:  # the word tiles [BLOCK_N, 8] in the same ring (unswizzled), read as lw's [RW, 2, 8, 8]
-            wring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 8], w_desc.layout)
-            wview = _reinterpret(wring, gl.int32, [STAGES, RW, 2, 8, 8],
+            wring = gl.allocate_shared_memory(gl.int32, [STAGES * KS, BLOCK_N, 8], w_desc.layout)
+            wview = _reinterpret(wring, gl.int32, [STAGES * KS, RW, 2, 8, 8],
                                  gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
         else:
             wring = xs
@@ -757,20 +784,20 @@ if gluon is not None:
         if WS == 2:  # warp-specialized (WS consumer warp groups, a TMA warp): `_rs_ws_consume`
             acc, = gl.warp_specialize([
                 (_rs_ws_first, (xs, wview, pview, bars, empty, red, done, count, first, g0, GROUP, BLOCK_T, STAGES,
-                                WS)),
+                                WS, KS)),
                 (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 1, count, first, g0, GROUP, BLOCK_T,
-                                STAGES, WS)),
-                (_rs_ws_loader, (x_desc, w_desc, xs, wring, bars, empty, count, first, off_t, off_n, STAGES)),
+                                STAGES, WS, KS)),
+                (_rs_ws_loader, (x_desc, w_desc, xs, wring, bars, empty, count, first, off_t, off_n, STAGES, KS)),
             ], [4, 1], [WS_REGS, 24])
         elif WS == 3:
             acc, = gl.warp_specialize([
                 (_rs_ws_first, (xs, wview, pview, bars, empty, red, done, count, first, g0, GROUP, BLOCK_T, STAGES,
-                                WS)),
+                                WS, KS)),
                 (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 1, count, first, g0, GROUP, BLOCK_T,
-                                STAGES, WS)),
+                                STAGES, WS, KS)),
                 (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 2, count, first, g0, GROUP, BLOCK_T,
-                                STAGES, WS)),
-                (_rs_ws_loader, (x_desc, w_desc, xs, wring, bars, empty, count, first, off_t, off_n, STAGES)),
+                                STAGES, WS, KS)),
+                (_rs_ws_loader, (x_desc, w_desc, xs, wring, bars, empty, count, first, off_t, off_n, STAGES, KS)),
             ], [4, 4, 1], [WS_REGS, WS_REGS, 24])
         else:
             words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn, first,
@@ -1157,6 +1184,10 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         if config.get("WS") and not (config.get("W_TMA") and config.get("P_SMEM") and config["num_warps"] == 4
                                      and config.get("REPS", 1) == 1):
             return "WS (warp-specialized) needs W_TMA=1, P_SMEM=1, num_warps=4 and REPS=1"
+        if config.get("WS_K", 64) not in (64, 128) or (config.get("WS_K", 64) == 128 and not config.get("WS")):
+            return f"bad config {config}: WS_K (the K of a WS stage) is 64 or 128, and only with WS"
+        if (K // 64 // config.get("SPLIT_K", 1)) % (config.get("WS_K", 64) // 64):
+            return f"WS_K={config['WS_K']} must divide each split's K ({K // config.get('SPLIT_K', 1)})"
         if config.get("WS") and config.get("SLOTS") and config.get("SPLIT_K", 1) > 1 and config["BLOCK_T"] == 256:
             # an H100 sweep (4096->14336, 256 rows, split-K 4) died on a launch failure here; not yet diagnosed
             return "WS with SLOTS at BLOCK_T=256 failed to launch on an H100 (undiagnosed): use BLOCK_T <= 128"
@@ -1211,7 +1242,8 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
                                     SPLIT_K=split_k, REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
                                     W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
                                     PG=_param_groups(K, group, config), SLOTS=int(slots), WS=config.get("WS", 0),
-                                    WS_REGS=_ws_regs(config), num_warps=config["num_warps"])
+                                    WS_REGS=_ws_regs(config), KS=config.get("WS_K", 64) // 64,
+                                    num_warps=config["num_warps"])
         return y
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
@@ -1372,7 +1404,8 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
                       W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
                       PG=_param_groups(k, group, config),
                       SLOTS=int(bool(config.get("SLOTS")) and config.get("SPLIT_K", 1) > 1),
-                      WS=config.get("WS", 0), WS_REGS=_ws_regs(config), num_warps=config["num_warps"])
+                      WS=config.get("WS", 0), WS_REGS=_ws_regs(config), KS=config.get("WS_K", 64) // 64,
+                      num_warps=config["num_warps"])
         descs = dict(x_desc=_blocks(config)[0], w_desc=_blocks(config)[-1])
         pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")

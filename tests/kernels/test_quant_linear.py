@@ -585,7 +585,7 @@ def qg():
                                   "t128n128r2", "t256n64a", "t128n64a", "t128n128k2a", "t64n64r2a", "t256n64w",
                                   "t128n64aw", "t128n128k2w", "t64n128r2w", "t256n64wp", "t128n128k2wp", "t128n64ap",
                                   "t64n64r2awp", "t128n64k2awps", "t256n64k4awps", "t128n64ws2", "t256n64ws2",
-                                  "t64n64ws3", "t128n64k2ws2s"])
+                                  "t64n64ws3", "t128n64k2ws2s", "t128n64ws2k128", "t64n64ws3k128"])
 @pytest.mark.parametrize("m, n, k, group", [(200, 300, 2048, 128), (64, 128, 4096, 64), (513, 256, 4096, 256)],
                          ids=["ragged", "one-tile-long-k", "many-row-tiles"])
 def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
@@ -644,6 +644,11 @@ def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
     for bad in (dict(W_TMA=0), dict(P_SMEM=0), dict(num_warps=8), dict(REPS=2), dict(SPLIT_K=2, SLOTS=1)):
         assert "WS" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], **bad))
     assert qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], SPLIT_K=2)) is None
+    # WS_K=128 (two k steps a stage): only with WS, and each split's K a multiple of 128
+    assert qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], WS_K=128, SPLIT_K=2)) is None
+    assert "WS_K" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], WS_K=128, SPLIT_K=4))
+    for bad in (dict(WS_K=96), dict(WS=0, WS_K=128)):
+        assert "bad config" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], **bad))
 
 
 def test_gemv_group_parameter_tables_cover_each_programs_groups(qg):
@@ -753,7 +758,7 @@ def _offline_sass(ptx: Path) -> tuple:
 
 @pytest.mark.parametrize("name", ["m128n128", "m64n128k4", "t256n128", "t64n128", "t128n128r2", "t256n64a",
                                   "t64n64r2a", "t128n64aw", "t128n128k2wp", "t128n64k2awps", "t128n64ws2",
-                                  "t64n64ws3"])
+                                  "t64n64ws3", "t128n64ws2k128"])
 def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     """Offline (no GPU): the kernel compiles for sm_90, fits in shared memory, and ptxas keeps its wgmmas
     asynchronous. A zero-initialized accumulator entering the loop made ptxas serialize them (C7515), which
