@@ -1137,21 +1137,25 @@ def _split_k_slots(device, numel: int) -> torch.Tensor:
     return slots
 
 
+def _groups_spanned(K: int, step: int, group: int, split: int) -> int:
+    """The most groups that one split's steps of `step` codes touch (split-K gives each ceil(steps / split) steps),
+    rounded up to a power of two: the rows of a group-parameter table in shared memory (`_param_table`)."""
+    steps = K // step
+    per = -(-steps // split)
+    spans = [(min(steps, p * per + per) - 1) * step // group - p * per * step // group + 1
+             for p in range(split) if p * per < steps]
+    return triton.next_power_of_2(max(spans))
+
+
 def _param_groups(K: int, group: int, config: dict) -> int:
-    """P_SMEM: the rows of the register-operand kernel's group-parameter table, the most groups one program's K
-    range touches, rounded up to a power of two (1 without P_SMEM)."""
-    if not config.get("P_SMEM"):
-        return 1
-    count = K // 64 // config.get("SPLIT_K", 1)
-    span = max((p * count + count - 1) * 64 // group - p * count * 64 // group + 1
-               for p in range(config.get("SPLIT_K", 1)))
-    return triton.next_power_of_2(span)
+    """P_SMEM: the rows of the register-operand kernel's group-parameter table (steps of 64; 1 without P_SMEM)."""
+    return _groups_spanned(K, 64, group, config.get("SPLIT_K", 1)) if config.get("P_SMEM") else 1
 
 
 def _ws_regs(config: dict) -> int:
     """WS: the registers a thread of each worker consumer warp group asks for (setmaxnreg); the TMA warp takes
     24 and the default partition what is left of the CTA's share of the register file."""
-    return config.get("WS_REGS", {2: 232, 3: 160}.get(config.get("WS", 0), 0))
+    return {2: 232, 3: 160}.get(config.get("WS", 0), 0)
 
 
 def _blocks(config: dict) -> list:
@@ -1317,15 +1321,8 @@ _GEMV_X_BLOCK = ([8, 128], gl.NVMMASharedLayout(0, 16, rank=2)) if gluon is not 
 
 
 def _gemv_param_groups(K: int, group: int, config: dict) -> int:
-    """XP: the rows of the tensor-core GEMV's group-parameter tables, the most groups one program's steps of 128
-    touch (split-K gives each ceil(steps / SPLIT_K) steps), rounded up to a power of two (1 without XP)."""
-    if not config.get("XP"):
-        return 1
-    steps, split = K // 128, config.get("SPLIT_K", 1)
-    per = -(-steps // split)
-    spans = [(min(steps, p * per + per) - 1) * 128 // group - p * per * 128 // group + 1
-             for p in range(split) if p * per < steps]
-    return triton.next_power_of_2(max(spans))
+    """XP: the rows of the tensor-core GEMV's group-parameter tables (steps of 128; 1 without XP)."""
+    return _groups_spanned(K, 128, group, config.get("SPLIT_K", 1)) if config.get("XP") else 1
 
 
 def _gemv_words_block(config: dict):
