@@ -787,7 +787,7 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     assert "C7515" not in ptxas_log and "serialized" not in ptxas_log
     if name.startswith("t"):  # and no A register of an HGMMA is written before the wait that retires it
         assert sass.count("HGMMA") >= 8 and qg.wgmma_a_aliasing(sass) == []
-        # words by TMA and group parameters from shared memory ("wp"): no global load left in the K loop
+        # words by TMA and group parameters from shared memory ("wp", and every WS loop): no global load in the loop
         assert (qg.loop_global_loads(sass) == 0) == ("wp" in name or "ws" in name)
         if qg.CONFIGS[name].get("SLOTS"):  # the epilogue in a layout of 4 consecutive outputs a thread: 16-byte
             # stores and loads of the fp32 slots, no spilled address registers (the atomic epilogue of BLOCK_T=256
