@@ -290,9 +290,8 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
         # SLOTS=1: split-K partials by plain stores into a slot a split instead of atomic adds (`_finish_slots`)
         slots = [dict(cfg, SLOTS=1) for cfg in w_tma_p if cfg["SPLIT_K"] > 1]
         # STREAM: stream-K instead of split-K, as many programs an SM as fit in its 228 KB of shared memory (the ring,
-        # a parameter table of up to 8 KB, 1 KB reserved), each an equal run of the (tile, k step) units; the shared
-        # tiles' partials meet in slots (SLOTS=1: with atomic adds, an H100 sweep found them 1.4-1.8x slower)
-        stream = [dict({key: v for key, v in cfg.items() if key != "SPLIT_K"}, SLOTS=1,
+        # a parameter table of up to 8 KB, 1 KB reserved), each an equal run of the (tile, k step) units
+        stream = [dict({key: v for key, v in cfg.items() if key != "SPLIT_K"},
                        STREAM=max(1, min(3, 228 * 1024 // (cfg["STAGES"] * (cfg["BLOCK_T"] * 128 + 16 * cfg.get(
                            "REPS", 1) * cfg["num_warps"] * 32) + 9 * 1024))))
                   for cfg in w_tma_p if cfg["SPLIT_K"] == 1 and cfg.get("AHEAD") and cfg["num_warps"] == 4]

@@ -266,7 +266,7 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     "t128n64ws2k128": dict(BLOCK_T=128, STAGES=4, W_TMA=1, P_SMEM=1, WS=2, WS_K=128, num_warps=4),
     "t64n64ws3k128": dict(BLOCK_T=64, STAGES=4, W_TMA=1, P_SMEM=1, WS=3, WS_K=128, num_warps=4),
     # STREAM=1-3: stream-K, that many programs an SM, each an equal run of the tiles' k steps (`_rs_tile_run`)
-    "t256n64awpsst2": dict(BLOCK_T=256, STAGES=3, AHEAD=1, W_TMA=1, P_SMEM=1, SLOTS=1, STREAM=2, num_warps=4),
+    "t256n64awpst2": dict(BLOCK_T=256, STAGES=3, AHEAD=1, W_TMA=1, P_SMEM=1, STREAM=2, num_warps=4),
     "t128n64awpst2": dict(BLOCK_T=128, STAGES=4, AHEAD=1, W_TMA=1, P_SMEM=1, STREAM=2, num_warps=4),
     "t128n128ast1": dict(BLOCK_T=128, STAGES=6, AHEAD=1, STREAM=1, num_warps=8),
 }
@@ -422,29 +422,25 @@ if gluon is not None:
                 _write(total, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
 
     @gluon.jit
-    def _finish_slots(acc, m2, n2, mask, b_ptr, y_ptr, slot_ptr, cnt_ptr, tile, pid_k, parts, M, N, stride_ym,
+    def _finish_slots(acc, m2, n2, mask, b_ptr, y_ptr, slot_ptr, cnt_ptr, tile, pid_k, M, N, stride_ym,
                       HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr):
         """Split-K without atomics on the partials (SLOTS=1): each split stores its partial into a slot of its
         own [SPLIT_K, M, N] (plain stores, nothing to re-zero), counts itself in, and the last to arrive adds the
         other splits' slots to its own partial in registers and writes the tile. Against `_finish`: per element
         SPLIT_K stores and SPLIT_K - 1 loads instead of SPLIT_K atomic adds, a load and a zeroing store. The
         caller passes the tile in a layout of 4 consecutive outputs a thread, so these are 16-byte accesses
-        (offline SASS: no spills, where the atomic epilogue of BLOCK_T=256 spills its addresses). Stream-K: `parts`
-        partials (the programs sharing the tile, pid_k the part; 1 writes the tile directly), else SPLIT_K."""
-        if parts == 1:
-            _write(acc, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
-        else:
-            here = m2 * N + n2
-            gl.store(slot_ptr + (pid_k * M).to(gl.int64) * N + here, acc, mask=mask)
-            _cta_barrier()  # every thread's partial is stored before this program counts itself in
-            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-            if arrived == parts - 1:
-                total = acc
-                for k in range(parts):  # (a loop, not unrolled: one slot's values in registers at a time)
-                    slot = slot_ptr + (k * M).to(gl.int64) * N + here
-                    total += gl.load(slot, mask=mask & (pid_k != k), other=0.0, cache_modifier=".cg")
-                gl.atomic_xchg(cnt_ptr + tile, 0)
-                _write(total, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
+        (offline SASS: no spills, where the atomic epilogue of BLOCK_T=256 spills its addresses)."""
+        here = m2 * N + n2
+        gl.store(slot_ptr + (pid_k * M).to(gl.int64) * N + here, acc, mask=mask)
+        _cta_barrier()  # every thread's partial is stored before this program counts itself in
+        arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = acc
+            for k in range(SPLIT_K):  # (a loop, not unrolled: one slot's values in registers at a time)
+                slot = slot_ptr + (k * M).to(gl.int64) * N + here
+                total += gl.load(slot, mask=mask & (pid_k != k), other=0.0, cache_modifier=".cg")
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+            _write(total, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
 
     @gluon.jit
     def _write(acc, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS: gl.constexpr):
@@ -745,17 +741,16 @@ if gluon is not None:
             for t in range(start // steps, (end - 1) // steps + 1):
                 lo = gl.maximum(start, t * steps)
                 hi = gl.minimum(end, t * steps + steps)
-                owner = _stream_owner(t * steps, programs, units)  # the program of the tile's first step
-                parts = _stream_owner(t * steps + steps - 1, programs, units) - owner + 1
+                parts = (_stream_owner(t * steps + steps - 1, programs, units)
+                         - _stream_owner(t * steps, programs, units) + 1)
                 pid_t = (t % n_t).to(gl.int32)  # the row tiles of a weight tile are neighbours, as below
                 pid_n = (t // n_t).to(gl.int32)
                 _cta_barrier()  # the previous tile's reads of the ring and of the parameter table are done,
                 fence_async_shared()  # and ordered before this tile's TMA writes
                 _rs_tile_run(x_desc, w_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_wn,
-                             stride_sn, stride_zn, stride_ym, pid_t, pid_n, (gl.program_id(0) - owner).to(gl.int32),
-                             (lo - t * steps).to(gl.int32), (hi - lo).to(gl.int32), pid_t * n_n + pid_n,
-                             parts.to(gl.int32), GROUP, HAS_BIAS, BLOCK_T, STAGES, 2, REPS, AHEAD, W_TMA, P_SMEM,
-                             PG, SLOTS, 0, WS_REGS, KS, num_warps)
+                             stride_sn, stride_zn, stride_ym, pid_t, pid_n, 0, (lo - t * steps).to(gl.int32),
+                             (hi - lo).to(gl.int32), pid_t * n_n + pid_n, parts.to(gl.int32), GROUP, HAS_BIAS,
+                             BLOCK_T, STAGES, 2, REPS, AHEAD, W_TMA, P_SMEM, PG, 0, 0, WS_REGS, KS, num_warps)
         else:
             pid_t = gl.program_id(0)  # the row tiles of x that share a weight tile are neighbours: its words from L2
             pid_k = gl.program_id(2)
@@ -901,7 +896,7 @@ if gluon is not None:
             offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, lc))
             n2, m2 = gl.broadcast(offs_n[:, None], offs_t[None, :])
             _finish_slots(gl.convert_layout(acc, lc), m2, n2, (offs_n < N)[:, None] & (offs_t < M)[None, :], b_ptr,
-                          y_ptr, ws_ptr, cnt_ptr, tile, pid_k, parts, M, N, stride_ym,
+                          y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M, N, stride_ym,
                           HAS_BIAS, SPLIT_K)
         else:
             _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, parts, N, stride_ym, HAS_BIAS, SPLIT_K)
@@ -928,7 +923,7 @@ if gluon is not None:
         cols = pid_m * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
         n2, m2 = gl.broadcast(m_rows[:, None], cols[None, :])
         _finish(out, m2, n2, (m_rows < N)[:, None] & (cols < M)[None, :], b_ptr, y_ptr, ws_ptr, cnt_ptr,
-                pid_m * gl.num_programs(0) + pid_n, SPLIT_K, N, stride_ym, HAS_BIAS, SPLIT_K)
+                pid_m * gl.num_programs(0) + pid_n, N, stride_ym, HAS_BIAS, SPLIT_K)
 
     @gluon.jit
     def _gemv_params(x_base, s_base, z_words, z_rows, step, GROUP: gl.constexpr, ONES: gl.constexpr):
@@ -1227,16 +1222,13 @@ def _sm_count(device: torch.device) -> int:
 _SMS: dict = {}
 
 
-def _stream_plan(M: int, N: int, K: int, config: dict, sms: int) -> tuple[int, int, int]:
-    """STREAM: (programs, the most k steps one takes of a tile, the most programs that share a tile). The units
-    are the tiles' k steps of 64, each program an equal run of them (STREAM programs an SM, no more than the
-    units): runs of floor or ceil(units / programs) steps, so a tile's steps meet at most ceil((steps - 1) /
-    floor(...)) + 1 runs."""
+def _stream_plan(M: int, N: int, K: int, config: dict, sms: int) -> tuple[int, int]:
+    """STREAM: (programs, the most k steps one takes of a tile). The units are the tiles' k steps of 64, each
+    program an equal run of them (STREAM programs an SM, no more than the units)."""
     bt, bn = config["BLOCK_T"], 16 * config["num_warps"] * config.get("REPS", 1)
-    steps = K // 64
-    units = triton.cdiv(M, bt) * triton.cdiv(N, bn) * steps
+    units = triton.cdiv(M, bt) * triton.cdiv(N, bn) * (K // 64)
     programs = max(1, min(config["STREAM"] * sms, units))
-    return programs, -(-units // programs), min(programs, -(-(steps - 1) // (units // programs)) + 1)
+    return programs, -(-units // programs)
 
 
 def _ws_regs(config: dict) -> int:
@@ -1273,8 +1265,8 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
                 or config.get("SLOTS", 0) not in (0, 1) or config.get("WS", 0) not in (0, 2, 3)):
             return f"bad config {config}"
         if config.get("STREAM", 0) not in (0, 1, 2, 3) or (config.get("STREAM") and (
-                config.get("WS") or config.get("SPLIT_K", 1) > 1)):
-            return f"bad config {config}: STREAM (1-3 programs an SM) replaces SPLIT_K, and does not take WS"
+                config.get("WS") or config.get("SLOTS") or config.get("SPLIT_K", 1) > 1)):
+            return f"bad config {config}: STREAM (1-3 programs an SM) replaces SPLIT_K, and takes neither WS nor SLOTS"
         if config.get("WS") and not (config.get("W_TMA") and config.get("P_SMEM") and config["num_warps"] == 4
                                      and config.get("REPS", 1) == 1):
             return "WS (warp-specialized) needs W_TMA=1, P_SMEM=1, num_warps=4 and REPS=1"
@@ -1328,13 +1320,13 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
         grid = (triton.cdiv(M, bt), triton.cdiv(N, bn), split_k)
         ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 or config.get("STREAM") else 0,
                                      grid[0] * grid[1])
-        run, parts = 0, split_k
+        run = 0
         if config.get("STREAM"):  # one dimension of programs, each an equal run of the tiles' k steps
-            programs, run, parts = _stream_plan(M, N, K, config, _sm_count(x.device))
+            programs, run = _stream_plan(M, N, K, config, _sm_count(x.device))
             grid = (programs, 1, 1)
-        slots = config.get("SLOTS", 0) and parts > 1
-        if slots:  # a slot a part, overwritten on every launch: not the zeroed workspace of the atomic protocol
-            ws = _split_k_slots(x.device, parts * M * N)
+        slots = config.get("SLOTS", 0) and split_k > 1
+        if slots:  # a slot a split, overwritten on every launch: not the zeroed workspace of the atomic protocol
+            ws = _split_k_slots(x.device, split_k * M * N)
         _int4_wgmma_rs_kernel[grid](descs[0], descs[-1], words, scales.view(torch.int16), zeros,
                                     bias if bias is not None else y, y, ws, cnt, M, N, K, words.stride(0),
                                     scales.stride(0), zeros.stride(0), y.stride(0), GROUP=group,
@@ -1498,7 +1490,7 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
                       W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
                       PG=_param_groups(k, group, config, _stream_plan(m, n, k, config, 132)[1]
                                        if config.get("STREAM") else 0),
-                      SLOTS=int(bool(config.get("SLOTS")) and (config.get("SPLIT_K", 1) > 1 or config.get("STREAM"))),
+                      SLOTS=int(bool(config.get("SLOTS")) and config.get("SPLIT_K", 1) > 1),
                       WS=config.get("WS", 0), WS_REGS=_ws_regs(config), KS=config.get("WS_K", 64) // 64,
                       STREAM=int(bool(config.get("STREAM"))), num_warps=config["num_warps"])
         descs = dict(x_desc=_blocks(config)[0], w_desc=_blocks(config)[-1])
@@ -1529,10 +1521,11 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))
 
 
-def k_loop(sass: str) -> list[str]:
-    """The instructions (predicates stripped) of the K loop of a kernel's SASS: the shortest span of a backward
-    branch that holds an MMA (HGMMA or HMMA); the longer ones that hold one are mbarrier retries, branching from
-    the end of the kernel back into the loop, and STREAM's loop over tiles."""
+def loop_global_loads(sass: str) -> int:
+    """Global loads (LDG) in the K loop of a kernel's SASS: the shortest span of a backward branch that holds an
+    MMA (HGMMA or HMMA); the longer ones that hold one are mbarrier retries, branching from the end of the kernel
+    back into the loop. 0 for the register-operand GEMM with W_TMA and P_SMEM and the GEMV with XP: each step then
+    waits on nothing but its stage of the TMA ring."""
     ins = [(int(a, 16), re.sub(r"^@!?U?P\w+\s+", "", t.strip()))
            for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     spans = [(int(m.group(1), 16), a) for a, t in ins
@@ -1541,13 +1534,7 @@ def k_loop(sass: str) -> list[str]:
     if not spans:
         raise ValueError("no loop with an MMA in this SASS")
     lo, hi = min(spans, key=lambda span: span[1] - span[0])
-    return [t for a, t in ins if lo <= a <= hi]
-
-
-def loop_global_loads(sass: str) -> int:
-    """Global loads (LDG) in the K loop (`k_loop`). 0 for the register-operand GEMM with W_TMA and P_SMEM and the
-    GEMV with XP: each step then waits on nothing but its stage of the TMA ring."""
-    return sum(1 for t in k_loop(sass) if t.startswith("LDG"))
+    return sum(1 for a, t in ins if lo <= a <= hi and t.startswith("LDG"))
 
 
 def wgmma_a_aliasing(sass: str) -> list[str]:
