@@ -289,12 +289,6 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
         w_tma_p = [dict(cfg, P_SMEM=1) for cfg in w_tma]
         # SLOTS=1: split-K partials by plain stores into a slot a split instead of atomic adds (`_finish_slots`)
         slots = [dict(cfg, SLOTS=1) for cfg in w_tma_p if cfg["SPLIT_K"] > 1]
-        # STREAM: stream-K instead of split-K, as many programs an SM as fit in its 228 KB of shared memory (the ring,
-        # a parameter table of up to 8 KB, 1 KB reserved), each an equal run of the (tile, k step) units
-        stream = [dict({key: v for key, v in cfg.items() if key != "SPLIT_K"},
-                       STREAM=max(1, min(3, 228 * 1024 // (cfg["STAGES"] * (cfg["BLOCK_T"] * 128 + 16 * cfg.get(
-                           "REPS", 1) * cfg["num_warps"] * 32) + 9 * 1024))))
-                  for cfg in w_tma_p if cfg["SPLIT_K"] == 1 and cfg.get("AHEAD") and cfg["num_warps"] == 4]
         # WS=2, 3: warp-specialized, consumer warp groups taking turns at the K steps; one program an SM, the ring
         # as deep (<= 8) as 227 KB leave beside the consumers' partials and a full parameter table (32 KB)
         # (WS_K=128: two k steps of 64 a stage, so a stage takes twice the bytes)
@@ -305,7 +299,7 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
               and not (slot and bt == 256)  # a launch failure on the H100 (`unfit`)
               and (stages := min(8, (227 * 1024 - (n_ws - 1) * 256 * bt - 33 * 1024)
                                  // ((bt * 128 + 2048) * (2 if wide else 1)))) >= 2]
-        return out + w_tma + w_tma_p + slots + stream + ws
+        return out + w_tma + w_tma_p + slots + ws
     if kind == "wgmma":  # the Gluon kernel (Hopper): tiles, ring depth, split-K; shared memory <= 227 KB
         for bm in (64, 128, 256):
             for bn in (64, 128):

@@ -265,10 +265,6 @@ CONFIGS = {  # name -> launch config; `int4_gemm_wgmma(..., config=...)` takes o
     # WS_K=128: two k steps a stage, the second converted while the first's wgmma runs (half the stage handshakes)
     "t128n64ws2k128": dict(BLOCK_T=128, STAGES=4, W_TMA=1, P_SMEM=1, WS=2, WS_K=128, num_warps=4),
     "t64n64ws3k128": dict(BLOCK_T=64, STAGES=4, W_TMA=1, P_SMEM=1, WS=3, WS_K=128, num_warps=4),
-    # STREAM=1-3: stream-K, that many programs an SM, each an equal run of the tiles' k steps (`_rs_tile_run`)
-    "t256n64awpst2": dict(BLOCK_T=256, STAGES=3, AHEAD=1, W_TMA=1, P_SMEM=1, STREAM=2, num_warps=4),
-    "t128n64awpst2": dict(BLOCK_T=128, STAGES=4, AHEAD=1, W_TMA=1, P_SMEM=1, STREAM=2, num_warps=4),
-    "t128n128ast1": dict(BLOCK_T=128, STAGES=6, AHEAD=1, STREAM=1, num_warps=8),
 }
 
 P_SMEM_BYTES = 32768  # the register-operand kernel's group-parameter table (P_SMEM=1) takes at most this
@@ -395,26 +391,23 @@ if gluon is not None:
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         m2, n2 = gl.broadcast(offs_m[:, None], offs_n[None, :])
-        _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_m * gl.num_programs(1) + pid_n, SPLIT_K, N,
+        _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_m * gl.num_programs(1) + pid_n, N,
                 stride_ym, HAS_BIAS, SPLIT_K)
 
     @gluon.jit
-    def _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, parts, N, stride_ym, HAS_BIAS: gl.constexpr,
+    def _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, N, stride_ym, HAS_BIAS: gl.constexpr,
                 SPLIT_K: gl.constexpr):
-        """Write the tile acc (m2, n2: each element's row and output index); with split-K, only once all `parts`
-        partials of the tile are in (SPLIT_K of them; stream-K: as many as programs share the tile, 1 writes
-        directly): the partials meet in a zeroed fp32 workspace, and the last to arrive writes the tile and zeroes
-        its workspace and counter for the next launch (quant_linear_triton's protocol)."""
+        """Write the tile acc (m2, n2: each element's row and output index); with split-K, only once every split
+        has added its partial: the partials meet in a zeroed fp32 workspace, and the last split to arrive writes
+        the tile and zeroes its workspace and counter for the next launch (quant_linear_triton's protocol)."""
         if SPLIT_K == 1:
-            _write(acc, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
-        elif parts == 1:
             _write(acc, m2, n2, mask, b_ptr, y_ptr, stride_ym, HAS_BIAS)
         else:
             partial = ws_ptr + m2 * N + n2
             gl.atomic_add(partial, acc, mask=mask, sem="relaxed")
             _cta_barrier()  # every thread's partial is in before this program counts itself in
             arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-            if arrived == parts - 1:
+            if arrived == SPLIT_K - 1:
                 total = gl.load(partial, mask=mask, other=0.0, cache_modifier=".cg")
                 _cta_barrier()
                 gl.store(partial, gl.zeros_like(total), mask=mask)
@@ -706,7 +699,7 @@ if gluon is not None:
                               STAGES: gl.constexpr, SPLIT_K: gl.constexpr, REPS: gl.constexpr,
                               AHEAD: gl.constexpr, W_TMA: gl.constexpr, P_SMEM: gl.constexpr, PG: gl.constexpr,
                               SLOTS: gl.constexpr, WS: gl.constexpr, WS_REGS: gl.constexpr, KS: gl.constexpr,
-                              STREAM: gl.constexpr, num_warps: gl.constexpr):
+                              num_warps: gl.constexpr):
         """y^T tile [BLOCK_N = 16 num_warps REPS outputs, BLOCK_T rows of x] over K / SPLIT_K, in steps of 64.
 
         The weight is the wgmma's A operand, in registers: each warp group takes 64 REPS outputs (REPS wgmmas of
@@ -723,58 +716,7 @@ if gluon is not None:
         Split-K partials meet by atomic adds in a zeroed workspace (`_finish`), or with SLOTS=1 in a slot a split
         (`_finish_slots`; ws_ptr is then the slots). WS=2, 3: the loop warp-specialized instead (`_rs_ws_consume`:
         WS consumer warp groups taking turns at the steps, a TMA warp; WS_REGS registers a worker consumer
-        thread).
-
-        STREAM (stream-K): a grid of STREAM programs an SM instead, each taking an equal run of the (tile, k step)
-        units, tile after tile (`_rs_tile_run` once for each tile its run touches); a tile that programs share
-        meets its partials in the workspace (`_finish`, `parts` of them). So no SM runs more steps than another
-        where the tiles do not divide evenly among the SMs' program slots."""
-        BLOCK_N: gl.constexpr = 16 * num_warps * REPS
-        if STREAM:
-            n_t = gl.cdiv(M, BLOCK_T)
-            n_n = gl.cdiv(N, BLOCK_N)
-            steps = K // 64
-            units = (n_t * n_n).to(gl.int64) * steps
-            programs = gl.num_programs(0)
-            start = gl.program_id(0).to(gl.int64) * units // programs
-            end = (gl.program_id(0) + 1).to(gl.int64) * units // programs  # > start: programs <= units
-            for t in range(start // steps, (end - 1) // steps + 1):
-                lo = gl.maximum(start, t * steps)
-                hi = gl.minimum(end, t * steps + steps)
-                parts = (_stream_owner(t * steps + steps - 1, programs, units)
-                         - _stream_owner(t * steps, programs, units) + 1)
-                pid_t = (t % n_t).to(gl.int32)  # the row tiles of a weight tile are neighbours, as below
-                pid_n = (t // n_t).to(gl.int32)
-                _cta_barrier()  # the previous tile's reads of the ring and of the parameter table are done,
-                fence_async_shared()  # and ordered before this tile's TMA writes
-                _rs_tile_run(x_desc, w_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_wn,
-                             stride_sn, stride_zn, stride_ym, pid_t, pid_n, 0, (lo - t * steps).to(gl.int32),
-                             (hi - lo).to(gl.int32), pid_t * n_n + pid_n, parts.to(gl.int32), GROUP, HAS_BIAS,
-                             BLOCK_T, STAGES, 2, REPS, AHEAD, W_TMA, P_SMEM, PG, 0, 0, WS_REGS, KS, num_warps)
-        else:
-            pid_t = gl.program_id(0)  # the row tiles of x that share a weight tile are neighbours: its words from L2
-            pid_k = gl.program_id(2)
-            count = K // 64 // SPLIT_K
-            _rs_tile_run(x_desc, w_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_wn,
-                         stride_sn, stride_zn, stride_ym, pid_t, gl.program_id(1), pid_k, pid_k * count, count,
-                         pid_t * gl.num_programs(1) + gl.program_id(1), SPLIT_K, GROUP, HAS_BIAS, BLOCK_T, STAGES,
-                         SPLIT_K, REPS, AHEAD, W_TMA, P_SMEM, PG, SLOTS, WS, WS_REGS, KS, num_warps)
-
-    @gluon.jit
-    def _stream_owner(u, programs, units):
-        """STREAM: the program whose run holds unit u (program p's run starts at unit p units // programs)."""
-        return ((u + 1) * programs + units - 1) // units - 1
-
-    @gluon.jit
-    def _rs_tile_run(x_desc, w_desc, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_wn,
-                     stride_sn, stride_zn, stride_ym, pid_t, pid_n, pid_k, first, count, tile, parts,
-                     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
-                     SPLIT_K: gl.constexpr, REPS: gl.constexpr, AHEAD: gl.constexpr, W_TMA: gl.constexpr,
-                     P_SMEM: gl.constexpr, PG: gl.constexpr, SLOTS: gl.constexpr, WS: gl.constexpr,
-                     WS_REGS: gl.constexpr, KS: gl.constexpr, num_warps: gl.constexpr):
-        """`_int4_wgmma_rs_kernel`'s work on one tile, y^T [BLOCK_N, BLOCK_T] at row tile pid_t and output tile
-        pid_n, over k steps first .. first + count - 1: `parts` programs add partials to the tile (split-K or
-        stream-K; SPLIT_K > 1 when they may be several, `tile` their counter)."""
+        thread)."""
         BLOCK_N: gl.constexpr = 16 * num_warps * REPS
         NW: gl.constexpr = num_warps
         RW: gl.constexpr = num_warps * REPS  # row blocks of 16: block rw = REPS' index * NW + warp (lT wraps)
@@ -786,8 +728,14 @@ if gluon is not None:
         lp: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))
         mma: gl.constexpr = _rs_acc_layout(NW, BLOCK_T)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+
+        pid_t = gl.program_id(0)  # the row tiles of x that share a weight tile are neighbours: its words from L2
+        pid_n = gl.program_id(1)
+        pid_k = gl.program_id(2)
         off_t = pid_t * BLOCK_T
         off_n = pid_n * BLOCK_N
+        count = K // 64 // SPLIT_K
+        first = pid_k * count
         last = first + count - 1
 
         r_w = gl.arange(0, RW, layout=gl.SliceLayout(1, gl.SliceLayout(2, lp)))
@@ -896,10 +844,11 @@ if gluon is not None:
             offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, lc))
             n2, m2 = gl.broadcast(offs_n[:, None], offs_t[None, :])
             _finish_slots(gl.convert_layout(acc, lc), m2, n2, (offs_n < N)[:, None] & (offs_t < M)[None, :], b_ptr,
-                          y_ptr, ws_ptr, cnt_ptr, tile, pid_k, M, N, stride_ym,
+                          y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, pid_k, M, N, stride_ym,
                           HAS_BIAS, SPLIT_K)
         else:
-            _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, tile, parts, N, stride_ym, HAS_BIAS, SPLIT_K)
+            _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, N,
+                    stride_ym, HAS_BIAS, SPLIT_K)
 
     # -----------------------------------------------------------------------------------------------------
     # few rows: the tensor-core GEMV (mma.sync, sm_80+)
@@ -1198,37 +1147,9 @@ def _groups_spanned(K: int, step: int, group: int, split: int) -> int:
     return triton.next_power_of_2(max(spans))
 
 
-def _param_groups(K: int, group: int, config: dict, run: int = 0) -> int:
-    """P_SMEM: the rows of the register-operand kernel's group-parameter table (steps of 64; 1 without P_SMEM).
-    STREAM: `run`, the most steps a program takes of one tile (`_stream_plan`), at any offset in its groups."""
-    if not config.get("P_SMEM"):
-        return 1
-    if config.get("STREAM"):
-        run = min(run, K // 64)
-        return triton.next_power_of_2(min(K // group, max((s + run - 1) * 64 // group - s * 64 // group + 1
-                                                          for s in range(group // 64))))
-    return _groups_spanned(K, 64, group, config.get("SPLIT_K", 1))
-
-
-def _sm_count(device: torch.device) -> int:
-    """The device's SMs (STREAM's grid); 132, an H100's, for a tensor not on a GPU (the CPU-side checks)."""
-    if device.type != "cuda":
-        return 132
-    if device.index not in _SMS:
-        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device.index]
-
-
-_SMS: dict = {}
-
-
-def _stream_plan(M: int, N: int, K: int, config: dict, sms: int) -> tuple[int, int]:
-    """STREAM: (programs, the most k steps one takes of a tile). The units are the tiles' k steps of 64, each
-    program an equal run of them (STREAM programs an SM, no more than the units)."""
-    bt, bn = config["BLOCK_T"], 16 * config["num_warps"] * config.get("REPS", 1)
-    units = triton.cdiv(M, bt) * triton.cdiv(N, bn) * (K // 64)
-    programs = max(1, min(config["STREAM"] * sms, units))
-    return programs, -(-units // programs)
+def _param_groups(K: int, group: int, config: dict) -> int:
+    """P_SMEM: the rows of the register-operand kernel's group-parameter table (steps of 64; 1 without P_SMEM)."""
+    return _groups_spanned(K, 64, group, config.get("SPLIT_K", 1)) if config.get("P_SMEM") else 1
 
 
 def _ws_regs(config: dict) -> int:
@@ -1264,9 +1185,6 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
                 or config.get("W_TMA", 0) not in (0, 1) or config.get("P_SMEM", 0) not in (0, 1)
                 or config.get("SLOTS", 0) not in (0, 1) or config.get("WS", 0) not in (0, 2, 3)):
             return f"bad config {config}"
-        if config.get("STREAM", 0) not in (0, 1, 2, 3) or (config.get("STREAM") and (
-                config.get("WS") or config.get("SLOTS") or config.get("SPLIT_K", 1) > 1)):
-            return f"bad config {config}: STREAM (1-3 programs an SM) replaces SPLIT_K, and takes neither WS nor SLOTS"
         if config.get("WS") and not (config.get("W_TMA") and config.get("P_SMEM") and config["num_warps"] == 4
                                      and config.get("REPS", 1) == 1):
             return "WS (warp-specialized) needs W_TMA=1, P_SMEM=1, num_warps=4 and REPS=1"
@@ -1281,8 +1199,7 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
             return "the K step of 64 must divide K and the group size"
         if (K // 64) % config.get("SPLIT_K", 1):
             return f"SPLIT_K={config.get('SPLIT_K', 1)} must divide the {K // 64} K steps"
-        run = _stream_plan(x.shape[0], words.shape[0], K, config, _sm_count(x.device))[1] if config.get("STREAM") else 0
-        table = _param_groups(K, group, config, run) * 16 * config["num_warps"] * config.get("REPS", 1) * 4
+        table = _param_groups(K, group, config) * 16 * config["num_warps"] * config.get("REPS", 1) * 4
         if table > P_SMEM_BYTES:
             return (f"P_SMEM: the group parameters of a program's K range take {table} bytes of shared memory "
                     f"(at most {P_SMEM_BYTES}): use SPLIT_K or P_SMEM=0")
@@ -1318,12 +1235,7 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
         descs = [TensorDescriptor.from_tensor(t, block, layout) for t, (_, block, layout) in zip((x, words),
                                                                                                  _blocks(config))]
         grid = (triton.cdiv(M, bt), triton.cdiv(N, bn), split_k)
-        ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 or config.get("STREAM") else 0,
-                                     grid[0] * grid[1])
-        run = 0
-        if config.get("STREAM"):  # one dimension of programs, each an equal run of the tiles' k steps
-            programs, run = _stream_plan(M, N, K, config, _sm_count(x.device))
-            grid = (programs, 1, 1)
+        ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
         slots = config.get("SLOTS", 0) and split_k > 1
         if slots:  # a slot a split, overwritten on every launch: not the zeroed workspace of the atomic protocol
             ws = _split_k_slots(x.device, split_k * M * N)
@@ -1333,9 +1245,9 @@ def int4_gemm_wgmma(x, words, scales, zeros, bias, group: int, config: dict) -> 
                                     HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
                                     SPLIT_K=split_k, REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
                                     W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
-                                    PG=_param_groups(K, group, config, run), SLOTS=int(slots), WS=config.get("WS", 0),
+                                    PG=_param_groups(K, group, config), SLOTS=int(slots), WS=config.get("WS", 0),
                                     WS_REGS=_ws_regs(config), KS=config.get("WS_K", 64) // 64,
-                                    STREAM=int(bool(config.get("STREAM"))), num_warps=config["num_warps"])
+                                    num_warps=config["num_warps"])
         return y
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
@@ -1453,12 +1365,11 @@ def int4_gemv_mma(x, words, scales, zeros, bias, group: int, config: dict) -> to
     return y
 
 
-def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "wgmma", k: int = 4096,
-                m: int = 256, n: int = 14336):
+def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "wgmma", k: int = 4096):
     """Compile a kernel ("wgmma": the Hopper GEMM, "gemv": the tensor-core GEMV) for `arch` without a GPU (for
     inspection: PTX, SASS, shared memory): a Triton CompiledKernel. Used by `benchmarks/sass_count.py` and by the
     tests, which check on the CPU that ptxas keeps the wgmmas asynchronous and that the GEMV's operands need no
-    layout conversion. m, n: the shape a STREAM config's parameter table is sized for (H100: 132 SMs)."""
+    layout conversion."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1488,11 +1399,10 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
         consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
                       SPLIT_K=config.get("SPLIT_K", 1), REPS=config.get("REPS", 1), AHEAD=config.get("AHEAD", 0),
                       W_TMA=config.get("W_TMA", 0), P_SMEM=config.get("P_SMEM", 0),
-                      PG=_param_groups(k, group, config, _stream_plan(m, n, k, config, 132)[1]
-                                       if config.get("STREAM") else 0),
+                      PG=_param_groups(k, group, config),
                       SLOTS=int(bool(config.get("SLOTS")) and config.get("SPLIT_K", 1) > 1),
                       WS=config.get("WS", 0), WS_REGS=_ws_regs(config), KS=config.get("WS_K", 64) // 64,
-                      STREAM=int(bool(config.get("STREAM"))), num_warps=config["num_warps"])
+                      num_warps=config["num_warps"])
         descs = dict(x_desc=_blocks(config)[0], w_desc=_blocks(config)[-1])
         pointers = dict(w_ptr="*i32", s_ptr="*i16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                         cnt_ptr="*i32")

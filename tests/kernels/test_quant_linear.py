@@ -585,8 +585,7 @@ def qg():
                                   "t128n128r2", "t256n64a", "t128n64a", "t128n128k2a", "t64n64r2a", "t256n64w",
                                   "t128n64aw", "t128n128k2w", "t64n128r2w", "t256n64wp", "t128n128k2wp", "t128n64ap",
                                   "t64n64r2awp", "t128n64k2awps", "t256n64k4awps", "t128n64ws2", "t256n64ws2",
-                                  "t64n64ws3", "t128n64k2ws2s", "t128n64ws2k128", "t64n64ws3k128",
-                                  "t256n64awpst2", "t128n64awpst2", "t128n128ast1"])
+                                  "t64n64ws3", "t128n64k2ws2s", "t128n64ws2k128", "t64n64ws3k128"])
 @pytest.mark.parametrize("m, n, k, group", [(200, 300, 2048, 128), (64, 128, 4096, 64), (513, 256, 4096, 256)],
                          ids=["ragged", "one-tile-long-k", "many-row-tiles"])
 def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
@@ -603,8 +602,7 @@ def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
     exact = F.linear(xc.float(), dense.float(), bc.float())
     # one unit in the last place of bf16 (at most 2 ** -7 relative), plus fp32 summation-order noise
     torch.testing.assert_close(y.float(), exact.to(dtype).float(), rtol=2 ** -7, atol=1e-4 * exact.abs().max().item())
-    if qg.CONFIGS[name].get("SPLIT_K", 1) > 1 or qg.CONFIGS[name].get("STREAM"):  # split-K and stream-K leave
-        # the counters (and the atomic workspace) clean
+    if qg.CONFIGS[name].get("SPLIT_K", 1) > 1:  # the split-K counters (and atomic workspace) are left clean
         again = qg.int4_gemm_wgmma(xc, qwc.view(torch.int32), sc, zc, bc, group, qg.CONFIGS[name])
         torch.testing.assert_close(again.float(), y.float(), rtol=2 ** -7, atol=1e-5 * y.float().abs().max().item())
 
@@ -651,10 +649,6 @@ def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
     assert "WS_K" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], WS_K=128, SPLIT_K=4))
     for bad in (dict(WS_K=96), dict(WS=0, WS_K=128)):
         assert "bad config" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], **bad))
-    # STREAM (stream-K, 1-3 programs an SM) replaces split-K; the WS loop and the SLOTS epilogue take no part in it
-    assert qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64awpst2"]) is None
-    for bad in (dict(STREAM=4), dict(SPLIT_K=2), dict(WS=2, AHEAD=0), dict(SPLIT_K=2, SLOTS=1)):
-        assert "STREAM" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64awpst2"], **bad))
 
 
 def test_gemv_group_parameter_tables_cover_each_programs_groups(qg):
@@ -689,32 +683,6 @@ def test_register_operand_group_parameter_table_covers_each_programs_groups(qg):
     cfg = dict(qg.CONFIGS["t256n64wp"], num_warps=8)  # 128 rows of 128 groups of 4 bytes: 64 KB
     assert "P_SMEM" in qg.unfit(x, words, scales, zeros, 128, cfg)
     assert qg.unfit(x, words, scales, zeros, 128, dict(cfg, SPLIT_K=4)) is None  # 32 groups: 16 KB
-
-
-def test_stream_k_gives_each_program_an_equal_run_and_sizes_its_table(qg):
-    """On the CPU: STREAM's programs (STREAM an SM, no more than the (tile, k step) units) and the longest run of
-    one tile's steps a program takes, which sizes the parameter table: the groups such a run touches at any
-    offset (a run of 2 steps of 64 can straddle two groups of 128), rounded up to a power of two."""
-    cfg = qg.CONFIGS["t256n64awpst2"]  # tiles of 256 rows x 64 outputs
-    # 4096 -> 14336 at 256 rows: 224 tiles of 64 steps on 132 SMs, 2 programs each: 14336 units, 55 at most
-    assert qg._stream_plan(256, 14336, 4096, cfg, 132) == (264, 55)
-    assert qg._stream_plan(200, 300, 2048, cfg, 132) == (160, 1)  # 5 tiles of 32 steps: fewer units than slots
-    assert qg._stream_plan(256, 64, 4096, dict(cfg, STREAM=1), 16) == (16, 4)
-    assert qg._param_groups(4096, 128, cfg, 55) == 32  # 55 steps touch 28 groups of 128
-    assert qg._param_groups(4096, 128, cfg, 1) == 1
-    assert qg._param_groups(4096, 128, cfg, 2) == 2  # from an odd step: across a group boundary
-    assert qg._param_groups(14336, 128, cfg, 1000) == 128  # no more than a tile's 112 groups
-    x = torch.zeros(256, 14336, dtype=torch.bfloat16)
-    words = torch.zeros(4096, 14336 // 8, dtype=torch.int32)
-    scales, zeros = torch.zeros(4096, 112, dtype=torch.bfloat16), torch.zeros(4096, 112, dtype=torch.uint8)
-    # 64 tiles of 224 steps on 132 SMs (an H100's count off the GPU), 2 programs each: runs of 55 steps, a table
-    # of 32 groups (8 KB)
-    assert qg.unfit(x, words, scales, zeros, 128, cfg) is None
-    # 16384 outputs in tiles of 128 (8 warps), 1 program an SM: runs of 218 steps, 128 groups of 512 bytes, too many
-    wide = torch.zeros(1, 14336 // 8, dtype=torch.int32).expand(16384, -1)
-    params = (torch.zeros(1, 112, dtype=torch.bfloat16).expand(16384, -1),
-              torch.zeros(1, 112, dtype=torch.uint8).expand(16384, -1))
-    assert "P_SMEM" in qg.unfit(x, wide, *params, 128, dict(cfg, STREAM=1, num_warps=8))
 
 
 @needs_hopper
@@ -790,7 +758,7 @@ def _offline_sass(ptx: Path) -> tuple:
 
 @pytest.mark.parametrize("name", ["m128n128", "m64n128k4", "t256n128", "t64n128", "t128n128r2", "t256n64a",
                                   "t64n64r2a", "t128n64aw", "t128n128k2wp", "t128n64k2awps", "t128n64ws2",
-                                  "t64n64ws3", "t128n64ws2k128", "t256n64awpst2"])
+                                  "t64n64ws3", "t128n64ws2k128"])
 def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     """Offline (no GPU): the kernel compiles for sm_90, fits in shared memory, and ptxas keeps its wgmmas
     asynchronous. A zero-initialized accumulator entering the loop made ptxas serialize them (C7515), which
