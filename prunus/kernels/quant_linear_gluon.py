@@ -86,11 +86,15 @@ where the grid is one wave or less, and holds those entries of the table: 4096->
 30.1 µs against the Triton path's 14.7 / 34.9 / 37.1; 1.14 / 1.37 / 1.61x bf16 in the main table). With more
 programs than SMs it loses to 2-3 programs an SM without it (4096->14336 at 256 rows: 75.7 µs at best, the table's
 entry 54.7). Nsight Compute at 4096->4096, 256 rows: SM throughput 34%, L2 44%, 46% of the stalls at barriers (the
-TMA warp group's idle warps among them). WS with SLOTS at BLOCK_T=256 and split-K 4 failed to launch once on the
-H100 (4096->14336, 256 rows; the same config at 4096->4096 ran right): refused (`unfit`) until diagnosed. WS_K=128
-(built after that run, not yet run on a GPU): a stage holds two k steps, the second converted while the first's
-wgmma runs, so a consumer waits and hands a stage back half as often. Same dequantization as above ((128 + q) - (128
-+ zero), then one rounded product: the dense fallback's weight bit for bit).
+TMA warp group's idle warps among them). WS_K=128: a stage holds two k steps, the second converted while the
+first's wgmma runs, so a consumer waits and hands a stage back half as often; 5-10% faster wherever WS won (H100,
+BENCHMARKS.md "two k steps a warp-specialized stage (WS_K=128)": 0.32 µs a step at 4096->4096, 256 rows, 0.27 at
+14336->4096), and with it WS holds every 4096->4096 entry from 64 rows (1.00-1.01x bf16 at 128 and 256 rows in that
+sweep), 14336->4096 at 64, 128 and 256 rows, and 4096->14336 at 64 rows. WS with SLOTS at BLOCK_T=256 and split-K 4
+fails to launch on the H100 (4096->14336, 256 rows) when calls follow each other, eager or in a CUDA graph; one call
+runs right, and so do the calls under compute-sanitizer's memcheck (no access out of bounds): refused (`unfit`)
+until diagnosed. Same dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense
+fallback's weight bit for bit).
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
@@ -1193,7 +1197,8 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
         if (K // 64 // config.get("SPLIT_K", 1)) % (config.get("WS_K", 64) // 64):
             return f"WS_K={config['WS_K']} must divide each split's K ({K // config.get('SPLIT_K', 1)})"
         if config.get("WS") and config.get("SLOTS") and config.get("SPLIT_K", 1) > 1 and config["BLOCK_T"] == 256:
-            # an H100 sweep (4096->14336, 256 rows, split-K 4) died on a launch failure here; not yet diagnosed
+            # on an H100 (4096->14336, 256 rows, split-K 4) calls after the first fail to launch (timing-dependent:
+            # right under compute-sanitizer's memcheck, one call alone right too); not yet diagnosed
             return "WS with SLOTS at BLOCK_T=256 failed to launch on an H100 (undiagnosed): use BLOCK_T <= 128"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"

@@ -227,6 +227,12 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     STAGES - 1 steps ahead, instead of holding the next step in registers (63 registers a thread against 121 at
     BLOCK_N=128, GROUPS=1, ASM). H100, ASM: 14336->4096 18.4 µs (BLOCK_N=64, GROUPS=2, SPLIT_K=8, STAGES=2)
     against 19.3 with PREFETCH; no gain at the other two shapes.
+
+    Where the time goes at 1 row (H100, `benchmarks/gemv_parts_gpu.py`: this loop with parts switched off, ASM and
+    PREFETCH at 4096->4096 / 4096->14336 / 14336->4096): reading the words 5.0 / 14.2 / 12.7 µs, the group
+    parameters and x 0.4 / 0.8 / 0.7 more, the conversion and FMAs 0.8 / 1.2 / 2.4, the split-K epilogue (atomic
+    adds, the counter, the last split's reload: a chain of round trips to L2 at the end of every program) 1.8 / 1.2
+    / 1.3; 8.0 / 17.4 / 17.1 in all.
     """
     tl.static_assert(PREFETCH == 0 or STAGES == 1, "PREFETCH and STAGES are two ways to load ahead: pick one")
     pid_n = tl.program_id(0)
