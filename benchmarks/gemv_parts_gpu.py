@@ -80,7 +80,11 @@ def _parts_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stri
 @triton.jit
 def _load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K, stride_wn, stride_sn, stride_zn,
           GROUP: tl.constexpr, GROUPS: tl.constexpr, P: tl.constexpr, X: tl.constexpr):
-    """`qt._gemv_step_load` with the group parameters (P=0) and x (X=0) made up instead of loaded."""
+    """`qt._gemv_step_load` (all on: that function itself) with the group parameters (P=0) and x (X=0) made up
+    instead of loaded."""
+    if P and X:
+        return qt._gemv_step_load(x_row, w_ptr, s_ptr, z_ptr, offs_n, n_ok, step, stop, K, stride_wn, stride_sn,
+                                  stride_zn, GROUP, GROUPS)
     g = step * GROUPS + tl.arange(0, GROUPS)
     g_ok = (g < K // GROUP) & (g < stop * GROUPS)
     ng_ok = n_ok[:, None] & g_ok[None, :]
