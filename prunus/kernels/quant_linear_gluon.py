@@ -81,7 +81,7 @@ partials meet the default partition's in shared memory, and the epilogue is the 
 included). Needs W_TMA=1, P_SMEM=1 (the consumers read only shared memory), one warp group a consumer and REPS=1.
 Status (H100, BENCHMARKS.md "int4 wgmma GEMM, weight as the register operand, warp-specialized (WS)"): one program
 an SM (168 registers for 384 threads), a step of 64 x 128 x 64 every 0.34 µs against 0.39 for AHEAD=1 alone. It wins
-where the grid is one wave or less, and holds those entries of the table: 4096->4096 at 256 rows 22.1 against 25.5
+where the grid is one wave or less, and took these entries of the table then: 4096->4096 at 256 rows 22.1 against 25.5
 µs (0.91x bf16), at 128 rows 17.0 against 20.3 (0.95x; BLOCK_T=64, WS=3), and at 64 rows every shape (13.3 / 32.7 /
 30.1 µs against the Triton path's 14.7 / 34.9 / 37.1; 1.14 / 1.37 / 1.61x bf16 in the main table). With more
 programs than SMs it loses to 2-3 programs an SM without it (4096->14336 at 256 rows: 75.7 µs at best, the table's

@@ -209,17 +209,17 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     [BLOCK_N, GROUPS] partials, which are summed over groups only once, after the loop. PREFETCH: the next
     step's loads are issued before this step's arithmetic (double buffering in registers).
 
-    Two variants cut the instructions per code (Nsight Compute found the kernel busy issuing: BENCHMARKS.md,
-    "int4 GEMV under Nsight Compute"). Counted in the loop of the SASS compiled offline for sm_90 by the GPU machine's Triton 3.6,
-    BLOCK_N=8, GROUPS=8: 466 instructions for 64 codes a thread as is, 407 with MASKREG, 394 with PAIRS; at
-    BLOCK_N=64, GROUPS=2 (128 codes): 724, 597, 558. MASKREG takes the field mask as the runtime `field_mask`
-    (0x780000), so that mask and magic number meet in one LOP3 (with both immediates ptxas emits two). PAIRS
-    also serves two fields with one shift (`_codes_paired`). Equal results (PAIRS: within 3e-4 relative for fp32
-    activations, exact products for 16-bit ones). On the H100 they gain less than the counts promise (the
-    kernel is issue-bound only in part): 4096->14336 at 1 row 19.0 µs with PAIRS (3.7 instructions a code)
-    against 20.2 for the best plain config; 14336->4096 20.3 with MASKREG against 21.1 (`quant_linear_gpu.py
-    --sweep 1`, BENCHMARKS.md). ASM (`_dot8_asm`) goes further: a word's fields and FMAs in one inline PTX block
-    (3.5 instructions a code at BLOCK_N=128, GROUPS=1, against PAIRS' 3.66) with the sums of x taken among a row's
+    Two variants cut the instructions per code (Nsight Compute found the kernel busy issuing: BENCHMARKS.md, "int4
+    GEMV under Nsight Compute"). Counted in the loop of the SASS compiled offline for sm_90 by the GPU machine's
+    Triton 3.6, BLOCK_N=8, GROUPS=8: 466 instructions for 64 codes a thread as is, 407 with MASKREG, 394 with PAIRS;
+    at BLOCK_N=64, GROUPS=2 (128 codes): 724, 597, 558. MASKREG takes the field mask as the runtime `field_mask`
+    (0x780000), so that mask and magic number meet in one LOP3 (with both immediates ptxas emits two). PAIRS also
+    serves two fields with one shift (`_codes_paired`). Equal results (PAIRS: within 3e-4 relative for fp32
+    activations, exact products for 16-bit ones). On the H100 they gain less than the counts promise (the kernel is
+    issue-bound only in part): 4096->14336 at 1 row 19.0 µs with PAIRS (3.7 instructions a code) against 20.2 for
+    the best plain config; 14336->4096 20.3 with MASKREG against 21.1 (`quant_linear_gpu.py --sweep 1`,
+    BENCHMARKS.md). ASM (`_dot8_asm`) goes further: a word's fields and FMAs in one inline PTX block (3.5
+    instructions a code at BLOCK_N=128, GROUPS=1, against PAIRS' 3.66) with the sums of x taken among a row's
     threads only; H100: 17.6 µs at 4096->14336, 19.3 at 14336->4096. On the interpreter (and non-NVIDIA GPUs) ASM
     runs the same fields and products in Triton ops (`_dot8_fields`).
 
