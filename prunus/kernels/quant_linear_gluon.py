@@ -223,6 +223,20 @@ mul.rn.bf16x2 $0, $0, $14;
 mul.rn.bf16x2 $1, $1, $14;
 }""")
 BYTE_PAIRS_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r," + ",".join(["r"] * 16))
+# two int8 codes (half q of a word) -> two bf16, exact: q + 128 (the word XOR 0x80808080) as the low byte of the fp32
+# magic 2^23 (PRMT with $7 = 0x4B000000; $3, $5 the selectors of the two bytes), less 2^23 + 128, then one rounding
+# of the pair to bf16 (|q| <= 128 is exact in bf16's 8 bits). bf16's own magic cannot take a whole byte: its mantissa
+# has 7 bits. pack=2: $1..$2 the word (twice), $3..$4, $5..$6, $7..$8 copies of one value each.
+INT8_PAIR_BF16 = triton.language.constexpr("""{
+.reg .b32 u, lo, hi;
+xor.b32 u, $1, 0x80808080;
+prmt.b32 lo, u, $7, $3;
+prmt.b32 hi, u, $7, $5;
+sub.f32 lo, lo, 0f4B000080;
+sub.f32 hi, hi, 0f4B000080;
+cvt.rn.bf16x2.f32 $0, hi, lo;
+}""")
+INT8_PAIR_BF16_CONSTRAINTS = triton.language.constexpr("=r," + ",".join(["r"] * 8))
 CODES_MINUS_ZERO_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
 CODES_BF16_CONSTRAINTS = triton.language.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8))
 
@@ -482,13 +496,14 @@ if gluon is not None:
     def _rs_issue(x_desc, w_desc, xs, wring, bars, j, count, first, off_t, off_n, STAGES: gl.constexpr,
                   W_TMA: gl.constexpr):
         """TMA load of the x tile [BLOCK_T, 64] of this program's step j (K step first + j) into stage j % STAGES
-        (none past count), and with W_TMA its word tile [BLOCK_N, 8]. Rows past M (and N) come as zeros."""
+        (none past count), and with W_TMA its word tile [BLOCK_N, 8] (int8 weights: [BLOCK_N, 16]). Rows past M
+        (and N) come as zeros."""
         s = j % STAGES
         ok = j < count
         bar = bars.index(s)
         if W_TMA:
             mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=ok)
-            _tma_load(w_desc, [off_n, (first + j) * 8], bar, wring.index(s), pred=ok)
+            _tma_load(w_desc, [off_n, (first + j) * w_desc.block_type.shape[1]], bar, wring.index(s), pred=ok)
         else:
             mbarrier.expect(bar, x_desc.block_type.nbytes, pred=ok)
         _tma_load(x_desc, [off_t, (first + j) * 64], bar, xs.index(s), pred=ok)
@@ -853,6 +868,112 @@ if gluon is not None:
         else:
             _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, N,
                     stride_ym, HAS_BIAS, SPLIT_K)
+
+    # -----------------------------------------------------------------------------------------------------
+    # many rows, int8 weights (per-channel scales) as the wgmma's register operand
+
+    @gluon.constexpr_function
+    def _rs8_tile_layout(NW):
+        """[rw, h, g, c, s, p, q, e]: rows 16 rw + 8 h + g, k = 16 c + 8 s + 4 p + 2 q + e of the int8 weight tile;
+        `_rs_tile_layout` with the quad's lane t = 2 p + q split in two: k's bytes 2 t, 2 t + 1 of each 8-byte group
+        lie in word p (= t // 2) of the group, half q (= t % 2) of it. The same registers (e, s, h, c) and lanes, so
+        the tile reshaped to [BLOCK_N, 64] is the wgmma's A layout as it stands."""
+        return gl.BlockedLayout([1, 2, 1, 4, 2, 1, 1, 2], [1, 1, 8, 1, 1, 2, 2, 1], [NW, 1, 1, 1, 1, 1, 1, 1],
+                                [7, 4, 1, 3, 6, 5, 2, 0])
+
+    @gluon.jit
+    def _rs8_constants(lT: gl.constexpr):
+        """The PRMT selectors of a thread's two bytes (half q of a word: bytes 2 q and 2 q + 1 as the low byte of
+        0x4B0000xx) and the magic's high byte, [1, 1, 1, 1, 1, 1, 2, 2] (q along the lanes, the same for e)."""
+        q = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(7, lT))))))))
+        e = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))))))
+        lo = q[None, None, None, None, None, None, :, None] * 2 + 0x7540 + e[None, None, None, None, None, None, None, :] * 0
+        return lo, lo + 1, lo * 0 + 0x4B000000
+
+    @gluon.jit
+    def _rs8_tile(words, sel_lo, sel_hi, magic, a_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The bf16 A operand [BLOCK_N, 64] in the wgmma's register layout, from words [RW, 2, 8, 4, 2, 2] (word
+        4 c + 2 s + p of rows 16 rw + 8 h + g, in the layout `_rs8_tile_layout` leaves with q and e sliced off: the
+        two threads of a quad that share p read the same word)."""
+        w8, lo = gl.broadcast(words[:, :, :, :, :, :, None, None], sel_lo)
+        hi, _ = gl.broadcast(sel_hi, lo)
+        mg, _ = gl.broadcast(magic, lo)
+        pairs = gl.inline_asm_elementwise(INT8_PAIR_BF16, INT8_PAIR_BF16_CONSTRAINTS, [w8, lo, hi, mg],
+                                          dtype=gl.bfloat16, is_pure=True, pack=2)
+        return gl.convert_layout(gl.reshape(pairs, [BLOCK_N, 64]), a_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _rs8_step(x_desc, w_desc, xs, wring, wview, bars, acc, a, sel_lo, sel_hi, magic, j, count, first, off_t,
+                  off_n, use_acc, lw: gl.constexpr, a_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr):
+        """Step j with its A operand converted the step before: issue its wgmma, convert step j + 1's words (from the
+        ring) while it runs, wait for it, then (every warp group done: the CTA barrier) refill its stage with step
+        j + STAGES. `_rs_step_ahead` with words by TMA and no group parameters."""
+        s = j % STAGES
+        mbarrier.wait(bars.index(s), (j // STAGES) & 1)
+        acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
+        words = _rs_words(wview, bars, j + 1, count, lw, STAGES)
+        a2 = _rs8_tile(words, sel_lo, sel_hi, magic, a_layout, BLOCK_N)
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        _cta_barrier()
+        _rs_issue(x_desc, w_desc, xs, wring, bars, j + STAGES, count, first, off_t, off_n, STAGES, 1)
+        return acc, a2
+
+    @gluon.jit
+    def _int8_wgmma_rs_kernel(x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
+                              HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
+                              SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+        """y^T tile [BLOCK_N = 16 num_warps outputs, BLOCK_T rows of x] = scale * (q x^T) for int8 weights q with
+        per-channel scales, over K / SPLIT_K in steps of 64: `_int4_wgmma_rs_kernel`'s AHEAD=1, W_TMA=1 loop. The
+        int8 words [BLOCK_N, 16] come by TMA with x through a ring of STAGES stages; each thread converts the bytes
+        the wgmma's A layout gives it (`_rs8_tile`, exact: a code is an integer of at most 8 bits) while the
+        previous step's wgmma runs; the scales multiply the accumulator's rows once, after the loop."""
+        BLOCK_N: gl.constexpr = 16 * num_warps
+        RW: gl.constexpr = num_warps
+        gl.static_assert(num_warps % 4 == 0, "whole warp groups")
+        gl.static_assert(STAGES >= 2, "the ring holds the step being multiplied and the next")
+        lT: gl.constexpr = _rs8_tile_layout(num_warps)
+        lw: gl.constexpr = gl.SliceLayout(6, gl.SliceLayout(7, lT))
+        mma: gl.constexpr = _rs_acc_layout(num_warps, BLOCK_T)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+
+        pid_t = gl.program_id(0)  # the row tiles of x that share a weight tile are neighbours: its words from L2
+        pid_n = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        off_t = pid_t * BLOCK_T
+        off_n = pid_n * BLOCK_N
+        count = K // 64 // SPLIT_K
+        first = pid_k * count
+
+        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_T, 64], x_desc.layout)
+        wring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], w_desc.layout)
+        wview = _reinterpret(wring, gl.int32, [STAGES, RW, 2, 8, 4, 2, 2],
+                             gl.SwizzledSharedLayout(1, 1, 1, [5, 4, 3, 2, 1, 0]))
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, 1)
+        sel_lo, sel_hi, magic = _rs8_constants(lT)
+        a = _rs8_tile(_rs_words(wview, bars, 0, count, lw, STAGES), sel_lo, sel_hi, magic, a_layout, BLOCK_N)
+        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
+        acc, a = _rs8_step(x_desc, w_desc, xs, wring, wview, bars, acc, a, sel_lo, sel_hi, magic, 0, count, first,
+                           off_t, off_n, False, lw, a_layout, BLOCK_N, STAGES)  # step 0 peeled: use_acc=False
+        for j in range(1, count):
+            acc, a = _rs8_step(x_desc, w_desc, xs, wring, wview, bars, acc, a, sel_lo, sel_hi, magic, j, count,
+                               first, off_t, off_n, True, lw, a_layout, BLOCK_N, STAGES)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
+        acc = acc * gl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
+        mask = (offs_n < N)[:, None] & (offs_t < M)[None, :]
+        n2, m2 = gl.broadcast(offs_n[:, None], offs_t[None, :])
+        _finish(acc, m2, n2, mask, b_ptr, y_ptr, ws_ptr, cnt_ptr, pid_t * gl.num_programs(1) + pid_n, N,
+                stride_ym, HAS_BIAS, SPLIT_K)
 
     # -----------------------------------------------------------------------------------------------------
     # few rows: the tensor-core GEMV (mma.sync, sm_80+)
@@ -1288,6 +1409,64 @@ def gemv_config_for(x, words, scales, zeros, group: int) -> dict | None:
     return None if config is None or gemv_unfit(x, words, scales, zeros, group, config) else config
 
 
+INT8_CONFIGS = {  # name -> launch config of `int8_gemm_wgmma` (`_int8_wgmma_rs_kernel`)
+    "t256n64": dict(BLOCK_T=256, STAGES=3, num_warps=4),
+    "t128n64": dict(BLOCK_T=128, STAGES=4, num_warps=4),
+    "t128n128": dict(BLOCK_T=128, STAGES=4, num_warps=8),
+    "t64n64k2": dict(BLOCK_T=64, STAGES=6, SPLIT_K=2, num_warps=4),
+}
+
+
+def _blocks8(config: dict) -> list:
+    """(element type, TMA block shape, shared layout) of x and of the int8 words (int32, 16 a row: 64 codes) for
+    `_int8_wgmma_rs_kernel`; the words unswizzled (each thread reads the word of its lane back, `_rs8_tile`)."""
+    bt, bn = config["BLOCK_T"], 16 * config["num_warps"]
+    return [(gl.bfloat16, [bt, 64], gl.NVMMASharedLayout.get_default_for([bt, 64], gl.bfloat16)),
+            (gl.int32, [bn, 16], gl.NVMMASharedLayout(0, 32, rank=2))]
+
+
+def int8_unfit(x, words, scales, config: dict) -> str | None:
+    """Why `int8_gemm_wgmma` cannot take these tensors with `config` (None: it can)."""
+    K = x.shape[1]
+    if x.dtype != torch.bfloat16 or scales.dtype != x.dtype:
+        return "needs bf16 x and scales"
+    if (set(config) - {"BLOCK_T", "STAGES", "SPLIT_K", "num_warps"} or config.get("BLOCK_T") not in (64, 128, 256)
+            or config.get("num_warps") not in (4, 8) or config.get("STAGES", 0) < 2):
+        return f"bad config {config}"
+    if K % 64:
+        return f"K={K} is not a multiple of the step of 64"
+    if (K // 64) % config.get("SPLIT_K", 1):
+        return f"SPLIT_K={config.get('SPLIT_K', 1)} must divide the {K // 64} K steps"
+    for t in (x, words):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return f"TMA needs 16-byte aligned, contiguous rows of {'the weight' if t is words else 'x'}"
+    return None
+
+
+def int8_gemm_wgmma(x, qweight, scales, bias, config: dict) -> torch.Tensor:
+    """y [M, N] = x [M, K] . (qweight * scales[:, None])^T (+ bias) for an int8 weight [N, K] with per-channel
+    scales, on `_int8_wgmma_rs_kernel` (Hopper)."""
+    words = qweight.view(torch.int32) if qweight.dtype == torch.int8 and qweight.is_contiguous() else qweight
+    reason = int8_unfit(x, words, scales, config)
+    if reason:
+        raise ValueError(reason)
+    M, K = x.shape
+    N = words.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    split_k = config.get("SPLIT_K", 1)
+    bt, bn = config["BLOCK_T"], 16 * config["num_warps"]
+    x_desc, w_desc = [TensorDescriptor.from_tensor(t, block, layout)
+                      for t, (_, block, layout) in zip((x, words), _blocks8(config))]
+    grid = (triton.cdiv(M, bt), triton.cdiv(N, bn), split_k)
+    ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
+    _int8_wgmma_rs_kernel[grid](x_desc, w_desc, scales, bias if bias is not None else y, y, ws, cnt, M, N, K,
+                                y.stride(0), HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
+                                SPLIT_K=split_k, num_warps=config["num_warps"])
+    return y
+
+
 def gemv_unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
     """Why the tensor-core GEMV cannot take these tensors with `config` (None: it can)."""
     if x.dtype != torch.bfloat16:
@@ -1371,10 +1550,10 @@ def int4_gemv_mma(x, words, scales, zeros, bias, group: int, config: dict) -> to
 
 
 def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "wgmma", k: int = 4096):
-    """Compile a kernel ("wgmma": the Hopper GEMM, "gemv": the tensor-core GEMV) for `arch` without a GPU (for
-    inspection: PTX, SASS, shared memory): a Triton CompiledKernel. Used by `benchmarks/sass_count.py` and by the
-    tests, which check on the CPU that ptxas keeps the wgmmas asynchronous and that the GEMV's operands need no
-    layout conversion."""
+    """Compile a kernel ("wgmma": the Hopper GEMM, "wgmma8": its int8 register-operand one, "gemv": the tensor-core
+    GEMV) for `arch` without a GPU (for inspection: PTX, SASS, shared memory): a Triton CompiledKernel. Used by
+    `benchmarks/sass_count.py` and by the tests, which check on the CPU that ptxas keeps the wgmmas asynchronous and
+    that the GEMV's operands need no layout conversion."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1399,6 +1578,13 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
         pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16",
                         ws_ptr="*fp32", cnt_ptr="*i32")
         divisible = ("K", "stride_xm", "stride_wn", "stride_ym")
+    elif kernel == "wgmma8":
+        fn = _int8_wgmma_rs_kernel
+        consts = dict(HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
+                      SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
+        descs = dict(zip(("x_desc", "w_desc"), _blocks8(config)))
+        pointers = dict(s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
+        divisible = ("N", "K", "stride_ym")
     elif "BLOCK_T" in config:
         fn = _int4_wgmma_rs_kernel
         consts = dict(GROUP=group, HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],

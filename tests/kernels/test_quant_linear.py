@@ -795,6 +795,70 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
             assert "STG.E.128" in sass and "LDG.E.128" in sass and "STL" not in sass
 
 
+@needs_hopper
+@pytest.mark.parametrize("name", ["t256n64", "t128n64", "t128n128", "t64n64k2"])
+@pytest.mark.parametrize("m, n, k", [(200, 300, 2048), (64, 128, 4096), (513, 256, 1024)],
+                         ids=["ragged", "one-tile-long-k", "many-row-tiles"])
+def test_cuda_int8_wgmma_gemm(qg, name, m, n, k):
+    """The int8 register-operand kernel against the reference op: the codes convert exactly and their products
+    with bf16 x are exact in the fp32 accumulator, so the output is the fp32 product with the dequantized weight
+    up to summation order and the scale applied once per sum: within one unit in the last place of bf16."""
+    q, s = int8_weight(n, k, seed=m, dtype=torch.bfloat16)
+    x, b = torch.randn(m, k, generator=_gen(44)).bfloat16(), torch.randn(n, generator=_gen(45)).bfloat16()
+    xc, qc, sc, bc = to("cuda", x, q, s, b)
+    y = qg.int8_gemm_wgmma(xc, qc, sc, bc, qg.INT8_CONFIGS[name])
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    exact = x.float() @ (q.float() * s.float()[:, None]).T + b.float()
+    torch.testing.assert_close(y.cpu().float(), exact.bfloat16().float(), rtol=2 ** -7,
+                               atol=1e-4 * exact.abs().max().item())
+    if qg.INT8_CONFIGS[name].get("SPLIT_K", 1) > 1:  # the split-K counters and workspace are left clean
+        again = qg.int8_gemm_wgmma(xc, qc, sc, bc, qg.INT8_CONFIGS[name])
+        torch.testing.assert_close(again.float(), y.float(), rtol=2 ** -7, atol=1e-5 * y.float().abs().max().item())
+
+
+def test_int8_wgmma_refuses_what_it_cannot_take(qg):
+    """On the CPU: the int8 register-operand kernel's own checks, each refusal by name."""
+    x = torch.zeros(256, 1024, dtype=torch.bfloat16)
+    words = torch.zeros(128, 1024, dtype=torch.int8).view(torch.int32)
+    s = torch.zeros(128, dtype=torch.bfloat16)
+    cfg = qg.INT8_CONFIGS["t128n64"]
+    assert qg.int8_unfit(x, words, s, cfg) is None
+    assert "bf16" in qg.int8_unfit(x.half(), words, s.half(), cfg)
+    for bad in (dict(BLOCK_T=96), dict(num_warps=2), dict(STAGES=1), dict(AHEAD=1)):
+        assert "bad config" in qg.int8_unfit(x, words, s, dict(cfg, **bad))
+    assert "multiple of the step" in qg.int8_unfit(x[:, :1000], words, s, cfg)
+    assert "SPLIT_K=3" in qg.int8_unfit(x, words, s, dict(cfg, SPLIT_K=3))  # 16 steps
+    rows_off_16 = torch.zeros(256, 1032, dtype=torch.bfloat16)[:, :1024]  # 2064-byte rows: aligned
+    assert qg.int8_unfit(rows_off_16, words, s, cfg) is None
+    rows_off_16 = torch.zeros(256, 1028, dtype=torch.bfloat16)[:, :1024]  # 2056-byte rows
+    assert "TMA" in qg.int8_unfit(rows_off_16, words, s, cfg)
+    with pytest.raises(ValueError, match="bad config"):
+        qg.int8_gemm_wgmma(x, words.view(torch.int8), s, None, dict(cfg, BLOCK_T=96))
+
+
+@pytest.mark.parametrize("name", ["t256n64", "t128n128", "t64n64k2"])
+def test_int8_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
+    """Offline (no GPU): the int8 kernel compiles for sm_90 (its conversions into the wgmma's A layout asserted
+    trivial at compile time), fits in shared memory, keeps its wgmmas asynchronous with no A register written
+    before the wait that retires it, has no global load in its K loop (words by TMA) and spills nothing."""
+    import os
+    import subprocess
+    import sys
+
+    script = (f"from prunus.kernels import quant_linear_gluon as qg; "
+              f"k = qg.compile_for(qg.INT8_CONFIGS[{name!r}], kernel='wgmma8'); "
+              f"open({str(tmp_path / 'k.ptx')!r}, 'w').write(k.asm['ptx']); print(k.metadata.shared)")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) <= 227 * 1024
+    assert (tmp_path / "k.ptx").read_text().count("wgmma.mma_async") >= 8
+    sass, ptxas_log = _offline_sass(tmp_path / "k.ptx")
+    assert "C7515" not in ptxas_log and "serialized" not in ptxas_log and "STL" not in sass
+    assert sass.count("HGMMA") >= 8 and qg.wgmma_a_aliasing(sass) == [] and qg.loop_global_loads(sass) == 0
+
+
 def test_loop_global_loads_counts_the_k_loop_only(qg):
     """The K loop is the shortest backward branch around an MMA: the mbarrier retry that jumps from the end of the
     kernel back into the loop spans the epilogue too, whose loads (split-K's partials) are not the loop's."""
