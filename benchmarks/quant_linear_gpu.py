@@ -50,7 +50,8 @@ except ImportError:
 COPY_CEILING = 3.0e12  # bytes/s, device-to-device copy (read + write) on the H100
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features K, out_features N)
 GROUP = 128
-GLUON_KERNELS = ("int4_wgmma", "int4_gemv_mma")  # entered in the table only where they beat the Triton path
+# entered in the table only where they beat the Triton path
+GLUON_KERNELS = ("int4_wgmma", "int4_gemv_mma", "int8_wgmma")
 
 
 def copies(nbytes: int) -> int:

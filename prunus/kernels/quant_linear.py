@@ -27,7 +27,9 @@ the tensor-core kernel up to INT4_GEMM_NO_CACHE_MAX_ROWS rows, so the kernel kee
 `quant_linear_gpu.py --explore`: 256 rows 33-102 µs against 32-116 µs for dequantize + cuBLAS; at 512 rows
 dequantize + cuBLAS wins on every shape, 37-142 against 60-189). int8 uses the GEMV kernel up to
 INT8_GEMV_MAX_ROWS, beyond it the tensor-core weight-only kernel (without a dense cache; it beats dequantizing on
-every call at any row count) or the dense copy when a cache is set.
+every call at any row count) or the dense copy when a cache is set; on Hopper without a dense cache, where
+`measured_configs.json` holds an "int8_wgmma" config for the shape and row bucket, the Gluon kernel with the int8
+weight as the wgmma's register operand (`quant_linear_gluon.int8_gemm_wgmma`) instead.
 On Hopper without a dense cache, int4 calls from INT4_WGMMA_MIN_ROWS rows whose shape and row bucket have a
 measured config of a Gluon wgmma kernel (`quant_linear_gluon`: the tiled one, or the one with the weight as the
 register operand; `measured_configs.json` keeps one only where it beat the path above in the same run) run that
@@ -288,8 +290,12 @@ def _(x, qweight, scales, bias):
     kernels, x2 = _kernels(), _rows(x)
     bias = _bias(bias, x.dtype)
     fits = kernels is not None and x.dtype in FLOAT_DTYPES and x.shape[-1] % 4 == 0
+    gluon = _gluon_kernels() if fits and x2.shape[0] > INT8_GEMV_MAX_ROWS and dense_cache.max_bytes == 0 else None
+    wgmma = gluon.int8_config_for(x2, qweight, scales) if gluon is not None else None
     if fits and x2.shape[0] <= INT8_GEMV_MAX_ROWS:
         y = kernels.int8_gemv(x2, qweight, scales, bias)
+    elif wgmma is not None:
+        y = gluon.int8_gemm_wgmma(x2, qweight, scales, bias, wgmma)
     elif fits and dense_cache.max_bytes == 0:
         y = kernels.int8_gemm_weight_only(x2, qweight, scales, bias)
     else:

@@ -96,6 +96,18 @@ runs right, and so do the calls under compute-sanitizer's memcheck (no access ou
 until diagnosed. Same dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense
 fallback's weight bit for bit).
 
+Part 1c, int8 weights (per channel) as the register operand (`int8_gemm_wgmma`, `_int8_wgmma_rs_kernel`): Part 1b's
+AHEAD=1, W_TMA=1 loop for the int8 weight-only op. A k step of 64 is 16 words a row; thread (g, t) of a quad needs
+bytes 2 t, 2 t + 1 of each 8-byte group, half t % 2 of word t // 2 of it, so the tile layout splits the quad's lane
+in two (`_rs8_tile_layout`) and each thread reads the 8 words of its rows it uses from the ring (two threads read
+each). A code pair converts exactly through an fp32 magic (PRMT, subtraction, one `cvt.rn.bf16x2.f32`:
+INT8_PAIR_BF16, 3 instructions a code against about 2.5 for int4): bf16's 7-bit mantissa cannot take a byte. The
+per-channel scales multiply the accumulator's rows after the loop. Offline (Triton 3.6, sm_90a): 176 registers at
+BLOCK_T=256, no spills, no global load in the loop, 16 single-word shared loads a step. Status (H100, BENCHMARKS.md
+"int8 weights as the wgmma's register operand"): at 256 rows 0.62 / 0.77 / 0.78x bf16 against the Triton path's 0.54
+/ 0.67 / 0.67x, at 128 rows 14336->4096 0.99x against 0.82x; slower than the Triton path at 64 rows. Used by the op
+only where `measured_configs.json` has an "int8_wgmma" entry (those four).
+
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
 whole words of two weight rows and reads x at the same k, and the MMA's k slots are permuted to match (kernel
@@ -889,7 +901,8 @@ if gluon is not None:
             3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(7, lT))))))))
         e = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
             3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))))))
-        lo = q[None, None, None, None, None, None, :, None] * 2 + 0x7540 + e[None, None, None, None, None, None, None, :] * 0
+        lo = (q[None, None, None, None, None, None, :, None] * 2 + 0x7540
+              + e[None, None, None, None, None, None, None, :] * 0)
         return lo, lo + 1, lo * 0 + 0x4B000000
 
     @gluon.jit
@@ -1246,6 +1259,20 @@ def config_for(x, words, scales, zeros, group: int) -> dict | None:
     (M, K), N = x.shape, words.shape[0]
     config = measured_config("int4_wgmma", _device_name(x.device.index or 0), M, N, K, group)
     return None if config is None or unfit(x, words, scales, zeros, group, config) else config
+
+
+def int8_config_for(x, qweight, scales) -> dict | None:
+    """The launch config of `int8_gemm_wgmma` for these tensors on this GPU, or None (the op then runs the Triton
+    weight-only kernel): the config `benchmarks/int8_wgmma_gpu.py` measured fastest for the shape and row bucket,
+    kept in `measured_configs.json` (kernel "int8_wgmma", group 0: per channel) only where it beat the op's Triton
+    path in the same run."""
+    if not available(x) or qweight.dtype != torch.int8 or not qweight.is_contiguous():
+        return None
+    from prunus.kernels.quant_linear_triton import _device_name, measured_config
+
+    (M, K), N = x.shape, qweight.shape[0]
+    config = measured_config("int8_wgmma", _device_name(x.device.index or 0), M, N, K, 0)
+    return None if config is None or int8_unfit(x, qweight.view(torch.int32), scales, config) else config
 
 
 _SLOTS = {}

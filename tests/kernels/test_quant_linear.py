@@ -344,7 +344,7 @@ def test_cuda_every_autotuned_int4_config_is_correct(qt, kind, config):
     assert rel_err(y.cpu(), x.float() @ explicit_int4(q, s, z, 128).T) < 1e-2
 
 
-GLUON_KERNELS = ("int4_wgmma", "int4_gemv_mma")
+GLUON_KERNELS = ("int4_wgmma", "int4_gemv_mma", "int8_wgmma")
 
 
 def _measured_configs(gluon=None):
@@ -814,6 +814,56 @@ def test_cuda_int8_wgmma_gemm(qg, name, m, n, k):
     if qg.INT8_CONFIGS[name].get("SPLIT_K", 1) > 1:  # the split-K counters and workspace are left clean
         again = qg.int8_gemm_wgmma(xc, qc, sc, bc, qg.INT8_CONFIGS[name])
         torch.testing.assert_close(again.float(), y.float(), rtol=2 ** -7, atol=1e-5 * y.float().abs().max().item())
+
+
+def test_every_measured_int8_wgmma_entry_fits_its_shape(qg):
+    """On the CPU: each "int8_wgmma" entry of the measured table (group 0: per channel) is a config the kernel
+    takes for the shape it is keyed by, so the op cannot find an entry it must refuse."""
+    from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
+
+    entries = [(key, cfg) for kernels in json.loads(MEASURED_CONFIGS_PATH.read_text()).values()
+               for key, cfg in kernels.get("int8_wgmma", {}).items()]
+    assert entries
+    for key, cfg in entries:
+        shape, group, bucket = key.split("/")
+        k, n = (int(v) for v in shape.split("x"))
+        assert group == "g0", key
+        x, words = torch.zeros(int(bucket[1:]), k, dtype=torch.bfloat16), torch.zeros(n, k // 4, dtype=torch.int32)
+        assert qg.int8_unfit(x, words, torch.zeros(n, dtype=torch.bfloat16), cfg) is None, (key, cfg)
+
+
+@needs_hopper
+@pytest.mark.parametrize("kernel, config", _measured_configs(gluon="int8_wgmma") or [("none", {})],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
+def test_cuda_every_measured_int8_wgmma_config_is_correct(qg, kernel, config):
+    if not config:
+        pytest.skip("no int8 wgmma config measured")
+    n, m = 16 * config["num_warps"] + 8, config["BLOCK_T"] + 5
+    q, s = int8_weight(n, 2048, seed=10, dtype=torch.bfloat16)
+    x = torch.randn(m, 2048, generator=_gen(46)).bfloat16()
+    y = qg.int8_gemm_wgmma(*to("cuda", x, q, s), None, config)
+    assert rel_err(y.cpu(), x.float() @ (q.float() * s.float()[:, None]).T) < 1e-2
+
+
+@needs_hopper
+def test_cuda_linear_int8_dispatches_measured_shapes_to_wgmma(qg, qt, monkeypatch):
+    """The int8 op runs the Gluon kernel where the measured table has an "int8_wgmma" config for the shape and row
+    bucket (same output bit for bit), the Triton weight-only kernel elsewhere, and the GEMV at one row."""
+    config = qg.INT8_CONFIGS["t128n64"]
+    table = {qt._device_name(0): {"int8_wgmma": {qt.shape_key(100, 256, 2048, 0): config}}}
+    monkeypatch.setattr(qt, "measured_configs", lambda: table)
+    monkeypatch.setattr(ql.dense_cache, "max_bytes", 0)  # (with a dense cache the op takes cuBLAS instead)
+    q, s = to("cuda", *int8_weight(256, 2048, seed=7, dtype=torch.bfloat16))
+    x = torch.randn(100, 2048, generator=_gen(47)).bfloat16().cuda()
+    assert qg.int8_config_for(x, q, s) == config
+    direct = qg.int8_gemm_wgmma(x, q, s, None, config)
+    calls = []
+    kernel = qg.int8_gemm_wgmma
+    monkeypatch.setattr(qg, "int8_gemm_wgmma", lambda *args: calls.append(args[-1]) or kernel(*args))
+    assert torch.equal(ops.linear_int8(x, q, s, None), direct) and calls == [config]
+    ops.linear_int8(x[:40], q, s, None)  # bucket m64: not measured, the Triton kernel
+    ops.linear_int8(x[:1], q, s, None)  # one row: the GEMV
+    assert calls == [config]
 
 
 def test_int8_wgmma_refuses_what_it_cannot_take(qg):
