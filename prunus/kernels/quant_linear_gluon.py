@@ -1266,7 +1266,7 @@ def int8_config_for(x, qweight, scales) -> dict | None:
     weight-only kernel): the config `benchmarks/int8_wgmma_gpu.py` measured fastest for the shape and row bucket,
     kept in `measured_configs.json` (kernel "int8_wgmma", group 0: per channel) only where it beat the op's Triton
     path in the same run."""
-    if not available(x) or qweight.dtype != torch.int8 or not qweight.is_contiguous():
+    if not available(x) or qweight.dtype != torch.int8 or not qweight.is_contiguous() or qweight.shape[1] % 64:
         return None
     from prunus.kernels.quant_linear_triton import _device_name, measured_config
 
@@ -1457,6 +1457,8 @@ def int8_unfit(x, words, scales, config: dict) -> str | None:
     K = x.shape[1]
     if x.dtype != torch.bfloat16 or scales.dtype != x.dtype:
         return "needs bf16 x and scales"
+    if scales.shape != (words.shape[0],) or scales.stride(0) != 1:
+        return f"needs contiguous per-channel scales [{words.shape[0]}], got {tuple(scales.shape)}"
     if (set(config) - {"BLOCK_T", "STAGES", "SPLIT_K", "num_warps"} or config.get("BLOCK_T") not in (64, 128, 256)
             or config.get("num_warps") not in (4, 8) or config.get("STAGES", 0) < 2):
         return f"bad config {config}"
@@ -1473,7 +1475,12 @@ def int8_unfit(x, words, scales, config: dict) -> str | None:
 def int8_gemm_wgmma(x, qweight, scales, bias, config: dict) -> torch.Tensor:
     """y [M, N] = x [M, K] . (qweight * scales[:, None])^T (+ bias) for an int8 weight [N, K] with per-channel
     scales, on `_int8_wgmma_rs_kernel` (Hopper)."""
-    words = qweight.view(torch.int32) if qweight.dtype == torch.int8 and qweight.is_contiguous() else qweight
+    if qweight.dtype == torch.int8:  # the int8 weight [N, K] as words [N, K / 4], four codes each
+        if qweight.dim() != 2 or qweight.shape[1] % 64:
+            raise ValueError("needs an int8 weight [N, K] with K a multiple of the step of 64, got "
+                             f"{tuple(qweight.shape)}")
+        qweight = qweight.contiguous().view(torch.int32)
+    words = qweight
     reason = int8_unfit(x, words, scales, config)
     if reason:
         raise ValueError(reason)

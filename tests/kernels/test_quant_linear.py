@@ -884,6 +884,10 @@ def test_int8_wgmma_refuses_what_it_cannot_take(qg):
     assert "TMA" in qg.int8_unfit(rows_off_16, words, s, cfg)
     with pytest.raises(ValueError, match="bad config"):
         qg.int8_gemm_wgmma(x, words.view(torch.int8), s, None, dict(cfg, BLOCK_T=96))
+    assert "per-channel scales [128]" in qg.int8_unfit(x, words, torch.zeros(128, 2, dtype=torch.bfloat16), cfg)
+    assert "per-channel scales" in qg.int8_unfit(x, words, torch.zeros(256, dtype=torch.bfloat16)[::2], cfg)
+    with pytest.raises(ValueError, match="multiple of the step of 64"):
+        qg.int8_gemm_wgmma(x[:, :1000], torch.zeros(128, 1000, dtype=torch.int8), s, None, cfg)
 
 
 @pytest.mark.parametrize("name", ["t256n64", "t128n128", "t64n64k2"])
