@@ -741,6 +741,23 @@ def test_cuda_int4_wgmma_refuses_what_it_cannot_run(qg):
         qg.int4_gemm_wgmma(rows_off_16, words, s, z, None, 32, dict(qg.CONFIGS["m128n128"], BLOCK_K=32))
 
 
+def _compile_offline(config: dict, kernel: str, tmp_path: Path) -> tuple:
+    """`qg.compile_for(config, kernel=kernel)` in a subprocess (the interpreter, which the other tests run, patches
+    Triton's language objects in this one): (its PTX, written to tmp_path / "k.ptx", and its shared memory)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (f"from prunus.kernels import quant_linear_gluon as qg; "
+              f"k = qg.compile_for({config!r}, kernel={kernel!r}); "
+              f"open({str(tmp_path / 'k.ptx')!r}, 'w').write(k.asm['ptx']); print(k.metadata.shared)")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return (tmp_path / "k.ptx").read_text(), int(done.stdout.split()[-1])
+
+
 def _offline_sass(ptx: Path) -> tuple:
     """ptxas (Triton's bundled one, sm_90a) on a kernel's PTX, then its SASS by cuobjdump: (SASS, ptxas' -v log)."""
     import subprocess
@@ -764,20 +781,9 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     asynchronous. A zero-initialized accumulator entering the loop made ptxas serialize them (C7515), which
     would leave the conversion of the next tile unoverlapped; with the weight as the register operand, so would
     its registers redefined while a wgmma reads them (the conversion into them is asserted trivial at compile
-    time too). Compiled in a subprocess: the interpreter, which the other tests run, patches Triton's language
-    objects in this one."""
-    import os
-    import subprocess
-    import sys
-
-    script = (f"from prunus.kernels import quant_linear_gluon as qg; k = qg.compile_for(qg.CONFIGS[{name!r}]); "
-              f"open({str(tmp_path / 'k.ptx')!r}, 'w').write(k.asm['ptx']); print(k.metadata.shared)")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parents[2])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert int(done.stdout.split()[-1]) <= 227 * 1024  # shared memory a program
-    ptx = (tmp_path / "k.ptx").read_text()
+    time too). Compiled in a subprocess (`_compile_offline`)."""
+    ptx, smem = _compile_offline(qg.CONFIGS[name], "wgmma", tmp_path)
+    assert smem <= 227 * 1024  # shared memory a program
     assert ptx.count("wgmma.mma_async") >= 8
     # one wgmma left in flight, except with the weight as the register operand: there ptxas reused the A registers
     # of the MMA in flight for the next conversion, so each MMA completes first
@@ -895,19 +901,8 @@ def test_int8_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     """Offline (no GPU): the int8 kernel compiles for sm_90 (its conversions into the wgmma's A layout asserted
     trivial at compile time), fits in shared memory, keeps its wgmmas asynchronous with no A register written
     before the wait that retires it, has no global load in its K loop (words by TMA) and spills nothing."""
-    import os
-    import subprocess
-    import sys
-
-    script = (f"from prunus.kernels import quant_linear_gluon as qg; "
-              f"k = qg.compile_for(qg.INT8_CONFIGS[{name!r}], kernel='wgmma8'); "
-              f"open({str(tmp_path / 'k.ptx')!r}, 'w').write(k.asm['ptx']); print(k.metadata.shared)")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parents[2])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert int(done.stdout.split()[-1]) <= 227 * 1024
-    assert (tmp_path / "k.ptx").read_text().count("wgmma.mma_async") >= 8
+    ptx, smem = _compile_offline(qg.INT8_CONFIGS[name], "wgmma8", tmp_path)
+    assert smem <= 227 * 1024 and ptx.count("wgmma.mma_async") >= 8
     sass, ptxas_log = _offline_sass(tmp_path / "k.ptx")
     assert "C7515" not in ptxas_log and "serialized" not in ptxas_log and "STL" not in sass
     assert sass.count("HGMMA") >= 8 and qg.wgmma_a_aliasing(sass) == [] and qg.loop_global_loads(sass) == 0
@@ -1069,24 +1064,13 @@ def test_int4_gemv_mma_compiles_without_layout_conversions(qg, config, tmp_path)
     into the MMA's register layout: the conversions are asserted trivial at compile time, and the kernel uses no
     shared memory beyond its TMA ring (STAGES, with XP the x tiles and group-parameter tables too) and the few
     bytes that broadcast split-K's arrival count (a conversion of an operand tile through shared memory would take
-    kilobytes more). XP leaves no global load in its loop (SASS). In a subprocess (see the wgmma test above)."""
-    import os
-    import subprocess
-    import sys
-
-    script = (f"from prunus.kernels import quant_linear_gluon as qg; "
-              f"k = qg.compile_for({config!r}, kernel='gemv'); "
-              f"open({str(tmp_path / 'k.ptx')!r}, 'w').write(k.asm['ptx']); print(k.metadata.shared)")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parents[2])
-    assert done.returncode == 0, done.stderr[-3000:]
+    kilobytes more). XP leaves no global load in its loop (SASS). In a subprocess (`_compile_offline`)."""
+    ptx, smem = _compile_offline(config, "gemv", tmp_path)
     bn = 16 * config["REPS"] * config["num_warps"]
     ring = config.get("STAGES", 0) * (bn * 64 + 8)  # words by TMA, mbarriers
     if config.get("XP"):  # x tiles [8, 128] in the ring, the group-parameter tables (8 groups of 128 a program)
         ring += config["STAGES"] * 8 * 128 * 2 + 8 * bn * 4 * (1 if config["ONES"] else 2)
-    assert ring <= int(done.stdout.split()[-1]) <= ring + (16 if config["SPLIT_K"] > 1 else 0)
-    ptx = (tmp_path / "k.ptx").read_text()
+    assert ring <= smem <= ring + (16 if config["SPLIT_K"] > 1 else 0)
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") >= 8
 
     sass, _ = _offline_sass(tmp_path / "k.ptx")
