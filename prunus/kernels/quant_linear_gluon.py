@@ -660,7 +660,7 @@ if gluon is not None:
             mbarrier.expect(bar, KS * (x_desc.block_type.nbytes + w_desc.block_type.nbytes))
             for h in gl.static_range(KS):
                 step = first + i * KS + h
-                _tma_load(w_desc, [off_n, step * 8], bar, wring.index(s * KS + h))
+                _tma_load(w_desc, [off_n, step * w_desc.block_type.shape[1]], bar, wring.index(s * KS + h))
                 _tma_load(x_desc, [off_t, step * 64], bar, xs.index(s * KS + h))
 
     @gluon.jit
@@ -1475,12 +1475,10 @@ def int8_unfit(x, words, scales, config: dict) -> str | None:
 def int8_gemm_wgmma(x, qweight, scales, bias, config: dict) -> torch.Tensor:
     """y [M, N] = x [M, K] . (qweight * scales[:, None])^T (+ bias) for an int8 weight [N, K] with per-channel
     scales, on `_int8_wgmma_rs_kernel` (Hopper)."""
-    if qweight.dtype == torch.int8:  # the int8 weight [N, K] as words [N, K / 4], four codes each
-        if qweight.dim() != 2 or qweight.shape[1] % 64:
-            raise ValueError("needs an int8 weight [N, K] with K a multiple of the step of 64, got "
-                             f"{tuple(qweight.shape)}")
-        qweight = qweight.contiguous().view(torch.int32)
-    words = qweight
+    if qweight.dtype == torch.int8 and (qweight.dim() != 2 or qweight.shape[1] % 64):
+        raise ValueError(f"needs an int8 weight [N, K] with K a multiple of the step of 64, got {tuple(qweight.shape)}")
+    # the int8 weight [N, K] as words [N, K / 4], four codes each
+    words = qweight.contiguous().view(torch.int32) if qweight.dtype == torch.int8 else qweight
     reason = int8_unfit(x, words, scales, config)
     if reason:
         raise ValueError(reason)

@@ -607,22 +607,28 @@ def test_cuda_int4_wgmma_gemm(qg, name, m, n, k, group):
         torch.testing.assert_close(again.float(), y.float(), rtol=2 ** -7, atol=1e-5 * y.float().abs().max().item())
 
 
+def _measured_shapes(kernel: str) -> list:
+    """(K, N, group, rows bucket, config) of each entry of `kernel` in the measured table, from its key."""
+    from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
+
+    out = []
+    for kernels in json.loads(MEASURED_CONFIGS_PATH.read_text()).values():
+        for key, cfg in kernels.get(kernel, {}).items():
+            shape, group, bucket = key.split("/")
+            out.append((*(int(v) for v in shape.split("x")), int(group[1:]), int(bucket[1:]), cfg))
+    return out
+
+
 def test_every_measured_wgmma_entry_fits_its_shape(qg):
     """On the CPU: each "int4_wgmma" entry of the measured table is a config the kernel takes for the shape it is
     keyed by (tile sizes, split-K dividing the K steps, group), so the op cannot find an entry it must refuse."""
-    from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
-
-    entries = [(key, cfg) for kernels in json.loads(MEASURED_CONFIGS_PATH.read_text()).values()
-               for key, cfg in kernels.get("int4_wgmma", {}).items()]
+    entries = _measured_shapes("int4_wgmma")
     assert entries
-    for key, cfg in entries:
-        shape, group, bucket = key.split("/")
-        k, n = (int(v) for v in shape.split("x"))
-        group, m = int(group[1:]), int(bucket[1:])
+    for k, n, group, m, cfg in entries:
         x = torch.zeros(m, k, dtype=torch.bfloat16)
         words = torch.zeros(n, k // 8, dtype=torch.int32)
         scales, zeros = torch.zeros(n, k // group, dtype=torch.bfloat16), torch.zeros(n, k // group, dtype=torch.uint8)
-        assert qg.unfit(x, words, scales, zeros, group, cfg) is None, (key, cfg)
+        assert qg.unfit(x, words, scales, zeros, group, cfg) is None, (k, n, group, m, cfg)
 
 
 def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
@@ -825,17 +831,12 @@ def test_cuda_int8_wgmma_gemm(qg, name, m, n, k):
 def test_every_measured_int8_wgmma_entry_fits_its_shape(qg):
     """On the CPU: each "int8_wgmma" entry of the measured table (group 0: per channel) is a config the kernel
     takes for the shape it is keyed by, so the op cannot find an entry it must refuse."""
-    from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
-
-    entries = [(key, cfg) for kernels in json.loads(MEASURED_CONFIGS_PATH.read_text()).values()
-               for key, cfg in kernels.get("int8_wgmma", {}).items()]
+    entries = _measured_shapes("int8_wgmma")
     assert entries
-    for key, cfg in entries:
-        shape, group, bucket = key.split("/")
-        k, n = (int(v) for v in shape.split("x"))
-        assert group == "g0", key
-        x, words = torch.zeros(int(bucket[1:]), k, dtype=torch.bfloat16), torch.zeros(n, k // 4, dtype=torch.int32)
-        assert qg.int8_unfit(x, words, torch.zeros(n, dtype=torch.bfloat16), cfg) is None, (key, cfg)
+    for k, n, group, m, cfg in entries:
+        assert group == 0, (k, n, group, m)
+        x, words = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(n, k // 4, dtype=torch.int32)
+        assert qg.int8_unfit(x, words, torch.zeros(n, dtype=torch.bfloat16), cfg) is None, (k, n, m, cfg)
 
 
 @needs_hopper
