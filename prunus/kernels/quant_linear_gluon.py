@@ -90,23 +90,30 @@ TMA warp group's idle warps among them). WS_K=128: a stage holds two k steps, th
 first's wgmma runs, so a consumer waits and hands a stage back half as often; 5-10% faster wherever WS won (H100,
 BENCHMARKS.md "two k steps a warp-specialized stage (WS_K=128)": 0.32 µs a step at 4096->4096, 256 rows, 0.27 at
 14336->4096), and with it WS holds every 4096->4096 entry from 64 rows (1.00-1.01x bf16 at 128 and 256 rows in that
-sweep), 14336->4096 at 64, 128 and 256 rows, and 4096->14336 at 64 rows. WS with SLOTS at BLOCK_T=256 and split-K 4
-fails to launch on the H100 (4096->14336, 256 rows) when calls follow each other, eager or in a CUDA graph; one call
-runs right, and so do the calls under compute-sanitizer's memcheck (no access out of bounds): refused (`unfit`)
-until diagnosed. Same dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense
-fallback's weight bit for bit).
+sweep), 14336->4096 at 64, 128 and 256 rows, and 4096->14336 at 64 rows. Each consumer waits on ready barriers of its
+own (STAGES WS of them). With one a stage, shared by the consumers that take the stage in turn, a consumer could pass
+the wait for a stage whose load had not yet landed when WS does not divide STAGES (an mbarrier's wait tells only a
+phase's parity): that was the launch failure of WS with SLOTS at BLOCK_T=256, split-K 4 and 3 stages on the H100
+(4096->14336, 256 rows, calls back to back; right under compute-sanitizer, whose slower timing keeps the loads in
+order), and a launch failure and a hang in the int8 kernel's sweep with WS=3 and 7 or 8 stages. The fix is not yet
+confirmed on a GPU (`test_cuda_warp_specialized_calls_back_to_back_agree`). Same dequantization as above ((128 + q)
+- (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
 
 Part 1c, int8 weights (per channel) as the register operand (`int8_gemm_wgmma`, `_int8_wgmma_rs_kernel`): Part 1b's
-AHEAD=1, W_TMA=1 loop for the int8 weight-only op. A k step of 64 is 16 words a row; thread (g, t) of a quad needs
-bytes 2 t, 2 t + 1 of each 8-byte group, half t % 2 of word t // 2 of it, so the tile layout splits the quad's lane
-in two (`_rs8_tile_layout`) and each thread reads the 8 words of its rows it uses from the ring (two threads read
-each). A code pair converts exactly through an fp32 magic (PRMT, subtraction, one `cvt.rn.bf16x2.f32`:
-INT8_PAIR_BF16, 3 instructions a code against about 2.5 for int4): bf16's 7-bit mantissa cannot take a byte. The
-per-channel scales multiply the accumulator's rows after the loop. Offline (Triton 3.6, sm_90a): 176 registers at
-BLOCK_T=256, no spills, no global load in the loop, 16 single-word shared loads a step. Status (H100, BENCHMARKS.md
-"int8 weights as the wgmma's register operand"): at 256 rows 0.62 / 0.77 / 0.78x bf16 against the Triton path's 0.54
-/ 0.67 / 0.67x, at 128 rows 14336->4096 0.99x against 0.82x; slower than the Triton path at 64 rows. Used by the op
-only where `measured_configs.json` has an "int8_wgmma" entry (those four).
+AHEAD=1, W_TMA=1 loop, or its warp-specialized one (WS, WS_K), for the int8 weight-only op. A k step of 64 is 16
+words a row; thread (g, t) of a quad needs bytes 2 t, 2 t + 1 of each 8-byte group, half t % 2 of word t // 2 of it,
+so the tile layout splits the quad's lane in two (`_rs8_tile_layout`) and each thread reads the 8 words of its rows
+it uses from the ring (two threads read each): 16 single-word shared loads a step. The word stage has the 64-byte
+swizzle (`_blocks8`, read in `_rs8_words_layout`): unswizzled, the 8 rows a warp reads at once lie 64 bytes apart
+and every other one shares its banks, four ways, and with the wgmma reading x from shared memory too, the loads
+took as much of the shared memory's bandwidth as the MMAs. A code pair converts exactly through an fp32 magic
+(PRMT, subtraction, one `cvt.rn.bf16x2.f32`: INT8_PAIR_BF16, 3 instructions a code against about 2.5 for int4):
+bf16's 7-bit mantissa cannot take a byte. The per-channel scales multiply the accumulator's rows after the loop.
+Offline (Triton 3.6, sm_90a): 185 registers at BLOCK_T=256, 168 a WS consumer, no spills, no global load in the
+loop. Status (H100, BENCHMARKS.md "int8 weights as the wgmma's register operand: swizzled words, warp
+specialization"): x bf16 at 64 / 128 / 256 rows, 4096->4096 1.11 / 1.06 / 0.97x (WS), 4096->14336 1.34 / 1.25 /
+0.94x; unswizzled and without WS it was 0.72 / 0.62x at 4096->4096, 0.96 / 0.77x at 4096->14336 (128 / 256 rows).
+Used by the op only where `measured_configs.json` has an "int8_wgmma" entry.
 
 Part 2, the tensor-core GEMV (`int4_gemv_mma`, `_int4_gemv_mma_kernel`): up to 8 rows of x a program, as the N
 of mma.sync m16n8k16, the weight rows as its M. What Gluon gives here is the choice of layouts: each thread converts
@@ -649,14 +656,15 @@ if gluon is not None:
 
     @gluon.jit
     def _rs_ws_loader(x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES: gl.constexpr,
-                      KS: gl.constexpr):
+                      KS: gl.constexpr, WS: gl.constexpr):
         """WS: the TMA partition (one warp). Stage i (KS k steps of 64: ring slots i KS .. i KS + KS - 1 of x and
         of the words) is loaded into stage i % STAGES once the consumer of stage i - STAGES has freed it (`empty`;
-        a fresh barrier passes the wait for the phase before its first)."""
+        a fresh barrier passes the wait for the phase before its first), and announced on ready barrier
+        i % (STAGES WS), which only its consumer (i % WS) waits on (`_rs_ws_consume`)."""
         for i in range(count // KS):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-            bar = ready.index(s)
+            bar = ready.index(i % (STAGES * WS))
             mbarrier.expect(bar, KS * (x_desc.block_type.nbytes + w_desc.block_type.nbytes))
             for h in gl.static_range(KS):
                 step = first + i * KS + h
@@ -665,21 +673,36 @@ if gluon is not None:
 
     @gluon.jit
     def _rs_ws_tile(wview, pview, slot, step, g0, sel, lT: gl.constexpr, lw: gl.constexpr, lp: gl.constexpr,
-                    a_layout: gl.constexpr, GROUP: gl.constexpr):
+                    a_layout: gl.constexpr, GROUP: gl.constexpr, INT8: gl.constexpr):
         """WS: the A operand of k step `step` from ring slot `slot` (its words) and the parameter table. (W_TMA and
-        P_SMEM: `_rs_load` reads only the table, its pointer and stride arguments go unused.)"""
-        _, scale2, zoff = _rs_load(0, 0, 0, pview, g0, 0, 0, 0, 0, step, lp, GROUP, 1, 1)
-        return _rs_tile(wview.index(slot).load(lw), scale2, zoff, sel, lT, a_layout, 64)
+        P_SMEM: `_rs_load` reads only the table, its pointer and stride arguments go unused.) INT8: of int8 weights
+        (`_int8_wgmma_rs_kernel`), from the words alone."""
+        if INT8:  # int8 weights: wview is the (swizzled) ring itself, no group parameters
+            lT8: gl.constexpr = _rs8_tile_layout(4)
+            sel_lo, sel_hi, magic = _rs8_constants(lT8)
+            words = _rs8_slot_words(wview, slot, gl.SliceLayout(6, gl.SliceLayout(7, lT8)), 4)
+            return _rs8_tile(words, sel_lo, sel_hi, magic, a_layout, 64)
+        else:
+            _, scale2, zoff = _rs_load(0, 0, 0, pview, g0, 0, 0, 0, 0, step, lp, GROUP, 1, 1)
+            return _rs_tile(wview.index(slot).load(lw), scale2, zoff, sel, lT, a_layout, 64)
 
     @gluon.jit
     def _rs_ws_consume(xs, wview, pview, ready, empty, part, count, first, g0, GROUP: gl.constexpr,
-                       BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, KS: gl.constexpr):
+                       BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, KS: gl.constexpr,
+                       INT8: gl.constexpr):
         """WS: one consumer warp group's partial y^T [64, BLOCK_T], over stages part, part + WS, ... (KS k steps of
         64 each): each step's words (from the ring) and group parameters (from the table) converted into the A
         registers and its wgmma issued, with KS=2 the second step converted while the first's wgmma runs (no wait
         between: ptxas keeps the first's A registers, see `_rs_step_ahead`); then the wgmmas run to completion and
         the stage is freed for the loader. While one warp group waits for its MMAs, the others convert, without a
-        wgmma in flight across a wait in any warp group (see `_rs_step` on ptxas and the A registers)."""
+        wgmma in flight across a wait in any warp group (see `_rs_step` on ptxas and the A registers).
+
+        Each consumer waits on ready barriers of its own: STAGES WS of them, stage i's is i % (STAGES WS). With one
+        barrier a stage, shared by the consumers that take the stage in turn, a consumer could wait on stage i +
+        STAGES while the load of stage i (the same barrier, a phase earlier) had not landed: an mbarrier's wait
+        tells only the parity of a phase, so it passed at once and the consumer read a stage not yet loaded (where
+        WS does not divide STAGES, as in WS=3, STAGES=8, or WS=2, STAGES=3). On an H100 that was an unspecified
+        launch failure or a hang, now and then, in back-to-back calls."""
         lT: gl.constexpr = _rs_tile_layout(4)
         lw: gl.constexpr = _rs_words_layout(4)
         lp: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))
@@ -689,11 +712,12 @@ if gluon is not None:
         acc = gl.zeros([64, BLOCK_T], gl.float32, mma)
         for i in range(part, count // KS, WS):
             s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            a = _rs_ws_tile(wview, pview, s * KS, first + i * KS, g0, sel, lT, lw, lp, a_layout, GROUP)
+            mbarrier.wait(ready.index(i % (STAGES * WS)), (i // (STAGES * WS)) & 1)
+            a = _rs_ws_tile(wview, pview, s * KS, first + i * KS, g0, sel, lT, lw, lp, a_layout, GROUP, INT8)
             acc = warpgroup_mma(a, xs.index(s * KS).permute((1, 0)), acc, is_async=True)
             if KS == 2:
-                a2 = _rs_ws_tile(wview, pview, s * KS + 1, first + i * KS + 1, g0, sel, lT, lw, lp, a_layout, GROUP)
+                a2 = _rs_ws_tile(wview, pview, s * KS + 1, first + i * KS + 1, g0, sel, lT, lw, lp, a_layout,
+                                 GROUP, INT8)
                 acc = warpgroup_mma(a2, xs.index(s * KS + 1).permute((1, 0)), acc, is_async=True)
                 acc, a, a2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, a2))
             else:
@@ -704,9 +728,11 @@ if gluon is not None:
 
     @gluon.jit
     def _rs_ws_first(xs, wview, pview, ready, empty, red, done, count, first, g0, GROUP: gl.constexpr,
-                     BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, KS: gl.constexpr):
+                     BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, KS: gl.constexpr,
+                     INT8: gl.constexpr):
         """WS: the default partition, consumer 0; then the other consumers' partials added from shared memory."""
-        acc = _rs_ws_consume(xs, wview, pview, ready, empty, 0, count, first, g0, GROUP, BLOCK_T, STAGES, WS, KS)
+        acc = _rs_ws_consume(xs, wview, pview, ready, empty, 0, count, first, g0, GROUP, BLOCK_T, STAGES, WS, KS,
+                             INT8)
         mbarrier.wait(done, 0)
         for p in gl.static_range(WS - 1):
             acc += red.index(p).load(acc.type.layout)
@@ -715,11 +741,11 @@ if gluon is not None:
     @gluon.jit
     def _rs_ws_other(xs, wview, pview, ready, empty, red, done, part: gl.constexpr, count, first, g0,
                      GROUP: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr,
-                     KS: gl.constexpr):
+                     KS: gl.constexpr, INT8: gl.constexpr):
         """WS: consumer `part` (1 .. WS - 1), a worker partition; its partial goes to shared memory for the
         default partition."""
         acc = _rs_ws_consume(xs, wview, pview, ready, empty, part, count, first, g0, GROUP, BLOCK_T, STAGES, WS,
-                             KS)
+                             KS, INT8)
         red.index(part - 1).store(acc)
         mbarrier.arrive(done, count=1)
 
@@ -792,7 +818,11 @@ if gluon is not None:
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        if WS:  # a stage freed by its consumer (`empty`), the consumers' partials (`red`) and their arrival
+        if WS:  # stages loaded (`ready`: STAGES WS, see `_rs_ws_consume`) and freed by their consumers (`empty`),
+            # the consumers' partials (`red`) and their arrival
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES * WS, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES * WS):
+                mbarrier.init(ready.index(i), count=1)
             empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(STAGES):
                 mbarrier.init(empty.index(i), count=1)
@@ -814,21 +844,23 @@ if gluon is not None:
 
         if WS == 2:  # warp-specialized (WS consumer warp groups, a TMA warp): `_rs_ws_consume`
             acc, = gl.warp_specialize([
-                (_rs_ws_first, (xs, wview, pview, bars, empty, red, done, count, first, g0, GROUP, BLOCK_T, STAGES,
-                                WS, KS)),
-                (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 1, count, first, g0, GROUP, BLOCK_T,
-                                STAGES, WS, KS)),
-                (_rs_ws_loader, (x_desc, w_desc, xs, wring, bars, empty, count, first, off_t, off_n, STAGES, KS)),
+                (_rs_ws_first, (xs, wview, pview, ready, empty, red, done, count, first, g0, GROUP, BLOCK_T, STAGES,
+                                WS, KS, 0)),
+                (_rs_ws_other, (xs, wview, pview, ready, empty, red, done, 1, count, first, g0, GROUP, BLOCK_T,
+                                STAGES, WS, KS, 0)),
+                (_rs_ws_loader, (x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES, KS,
+                                 WS)),
             ], [4, 1], [WS_REGS, 24])
         elif WS == 3:
             acc, = gl.warp_specialize([
-                (_rs_ws_first, (xs, wview, pview, bars, empty, red, done, count, first, g0, GROUP, BLOCK_T, STAGES,
-                                WS, KS)),
-                (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 1, count, first, g0, GROUP, BLOCK_T,
-                                STAGES, WS, KS)),
-                (_rs_ws_other, (xs, wview, pview, bars, empty, red, done, 2, count, first, g0, GROUP, BLOCK_T,
-                                STAGES, WS, KS)),
-                (_rs_ws_loader, (x_desc, w_desc, xs, wring, bars, empty, count, first, off_t, off_n, STAGES, KS)),
+                (_rs_ws_first, (xs, wview, pview, ready, empty, red, done, count, first, g0, GROUP, BLOCK_T, STAGES,
+                                WS, KS, 0)),
+                (_rs_ws_other, (xs, wview, pview, ready, empty, red, done, 1, count, first, g0, GROUP, BLOCK_T,
+                                STAGES, WS, KS, 0)),
+                (_rs_ws_other, (xs, wview, pview, ready, empty, red, done, 2, count, first, g0, GROUP, BLOCK_T,
+                                STAGES, WS, KS, 0)),
+                (_rs_ws_loader, (x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES, KS,
+                                 WS)),
             ], [4, 4, 1], [WS_REGS, WS_REGS, 24])
         else:
             words, scale2, zoff = _rs_load(w_base, s_ptr, z_ptr, pview, g0, rows, n_ok, stride_sn, stride_zn, first,
@@ -893,6 +925,32 @@ if gluon is not None:
         return gl.BlockedLayout([1, 2, 1, 4, 2, 1, 1, 2], [1, 1, 8, 1, 1, 2, 2, 1], [NW, 1, 1, 1, 1, 1, 1, 1],
                                 [7, 4, 1, 3, 6, 5, 2, 0])
 
+    @gluon.constexpr_function
+    def _rs8_words_layout(NW):
+        """The words [BLOCK_N, 16] of a step as `_rs8_tile_layout`'s threads read them (row 16 rw + 8 h + g, word
+        4 c + 2 s + p): registers s, h, c; lanes q (both read the same word), p, g; warps rw. Read from the
+        64-byte-swizzled stage (`_blocks8`), the 16 words a warp reads at once (8 rows g, 2 words p) lie in 16
+        different banks: unswizzled, rows 2 apart (128 bytes) share theirs, four ways."""
+        return gl.DistributedLinearLayout(reg_bases=[[0, 2], [8, 0], [0, 4], [0, 8]],
+                                          lane_bases=[[0, 0], [0, 1], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=[[16 << i, 0] for i in range(NW.bit_length() - 1)],
+                                          block_bases=[], shape=[16 * NW, 16])
+
+    @gluon.jit
+    def _rs8_words(wring, bars, j, count, lw: gl.constexpr, RW: gl.constexpr, STAGES: gl.constexpr):
+        """Step j's words [RW, 2, 8, 4, 2] (rw, h, g, c, s; p on the lanes) from its swizzled stage of the ring, in
+        the layout `_rs8_tile_layout` leaves with q and e sliced off, once its TMA load has landed (no wait past the
+        last step: the words read then are never used)."""
+        s = j % STAGES
+        mbarrier.wait(bars.index(s), (j // STAGES) & 1, pred=j < count)
+        return _rs8_slot_words(wring, s, lw, RW)
+
+    @gluon.jit
+    def _rs8_slot_words(wring, slot, lw: gl.constexpr, RW: gl.constexpr):
+        """The words [RW, 2, 8, 4, 2] of ring slot `slot` in `_rs8_words`' layout lw."""
+        words = wring.index(slot).load(_rs8_words_layout(RW))
+        return gl.convert_layout(gl.reshape(words, [RW, 2, 8, 4, 2, 2]), lw, assert_trivial=True)
+
     @gluon.jit
     def _rs8_constants(lT: gl.constexpr):
         """The PRMT selectors of a thread's two bytes (half q of a word: bytes 2 q and 2 q + 1 as the low byte of
@@ -918,7 +976,7 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(pairs, [BLOCK_N, 64]), a_layout, assert_trivial=True)
 
     @gluon.jit
-    def _rs8_step(x_desc, w_desc, xs, wring, wview, bars, acc, a, sel_lo, sel_hi, magic, j, count, first, off_t,
+    def _rs8_step(x_desc, w_desc, xs, wring, bars, acc, a, sel_lo, sel_hi, magic, j, count, first, off_t,
                   off_n, use_acc, lw: gl.constexpr, a_layout: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr):
         """Step j with its A operand converted the step before: issue its wgmma, convert step j + 1's words (from the
@@ -927,7 +985,7 @@ if gluon is not None:
         s = j % STAGES
         mbarrier.wait(bars.index(s), (j // STAGES) & 1)
         acc = warpgroup_mma(a, xs.index(s).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
-        words = _rs_words(wview, bars, j + 1, count, lw, STAGES)
+        words = _rs8_words(wring, bars, j + 1, count, lw, BLOCK_N // 16, STAGES)
         a2 = _rs8_tile(words, sel_lo, sel_hi, magic, a_layout, BLOCK_N)
         acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         _cta_barrier()
@@ -937,12 +995,15 @@ if gluon is not None:
     @gluon.jit
     def _int8_wgmma_rs_kernel(x_desc, w_desc, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
                               HAS_BIAS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
-                              SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+                              SPLIT_K: gl.constexpr, WS: gl.constexpr, WS_REGS: gl.constexpr, KS: gl.constexpr,
+                              num_warps: gl.constexpr):
         """y^T tile [BLOCK_N = 16 num_warps outputs, BLOCK_T rows of x] = scale * (q x^T) for int8 weights q with
         per-channel scales, over K / SPLIT_K in steps of 64: `_int4_wgmma_rs_kernel`'s AHEAD=1, W_TMA=1 loop. The
-        int8 words [BLOCK_N, 16] come by TMA with x through a ring of STAGES stages; each thread converts the bytes
-        the wgmma's A layout gives it (`_rs8_tile`, exact: a code is an integer of at most 8 bits) while the
-        previous step's wgmma runs; the scales multiply the accumulator's rows once, after the loop."""
+        int8 words [BLOCK_N, 16] come by TMA with x through a ring of STAGES stages (64-byte swizzled: `_blocks8`);
+        each thread converts the bytes the wgmma's A layout gives it (`_rs8_tile`, exact: a code is an integer of at
+        most 8 bits) while the previous step's wgmma runs; the scales multiply the accumulator's rows once, after
+        the loop. WS=2, 3: the int4 kernel's warp-specialized loop instead (`_rs_ws_consume` with INT8; KS k steps
+        a stage, WS_REGS registers a worker consumer thread)."""
         BLOCK_N: gl.constexpr = 16 * num_warps
         RW: gl.constexpr = num_warps
         gl.static_assert(num_warps % 4 == 0, "whole warp groups")
@@ -960,23 +1021,55 @@ if gluon is not None:
         count = K // 64 // SPLIT_K
         first = pid_k * count
 
-        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_T, 64], x_desc.layout)
-        wring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], w_desc.layout)
-        wview = _reinterpret(wring, gl.int32, [STAGES, RW, 2, 8, 4, 2, 2],
-                             gl.SwizzledSharedLayout(1, 1, 1, [5, 4, 3, 2, 1, 0]))
+        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES * KS, BLOCK_T, 64], x_desc.layout)
+        wring = gl.allocate_shared_memory(gl.int32, [STAGES * KS, BLOCK_N, 16], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, 1)
-        sel_lo, sel_hi, magic = _rs8_constants(lT)
-        a = _rs8_tile(_rs_words(wview, bars, 0, count, lw, STAGES), sel_lo, sel_hi, magic, a_layout, BLOCK_N)
-        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
-        acc, a = _rs8_step(x_desc, w_desc, xs, wring, wview, bars, acc, a, sel_lo, sel_hi, magic, 0, count, first,
-                           off_t, off_n, False, lw, a_layout, BLOCK_N, STAGES)  # step 0 peeled: use_acc=False
-        for j in range(1, count):
-            acc, a = _rs8_step(x_desc, w_desc, xs, wring, wview, bars, acc, a, sel_lo, sel_hi, magic, j, count,
-                               first, off_t, off_n, True, lw, a_layout, BLOCK_N, STAGES)
+        if WS:  # as in `_int4_wgmma_rs_kernel`: stages loaded and freed, the partials and their arrival
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES * WS, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES * WS):
+                mbarrier.init(ready.index(i), count=1)
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(empty.index(i), count=1)
+            done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(done, count=WS - 1)
+            red = gl.allocate_shared_memory(gl.float32, [WS - 1, BLOCK_N, BLOCK_T],
+                                            gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+            # the consumers' arguments past the ring: no parameter table, group and first group unused
+            if WS == 2:
+                acc, = gl.warp_specialize([
+                    (_rs_ws_first, (xs, wring, wring, ready, empty, red, done, count, first, 0, 64, BLOCK_T, STAGES,
+                                    WS, KS, 1)),
+                    (_rs_ws_other, (xs, wring, wring, ready, empty, red, done, 1, count, first, 0, 64, BLOCK_T,
+                                    STAGES, WS, KS, 1)),
+                    (_rs_ws_loader, (x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES,
+                                     KS, WS)),
+                ], [4, 1], [WS_REGS, 24])
+            else:
+                acc, = gl.warp_specialize([
+                    (_rs_ws_first, (xs, wring, wring, ready, empty, red, done, count, first, 0, 64, BLOCK_T, STAGES,
+                                    WS, KS, 1)),
+                    (_rs_ws_other, (xs, wring, wring, ready, empty, red, done, 1, count, first, 0, 64, BLOCK_T,
+                                    STAGES, WS, KS, 1)),
+                    (_rs_ws_other, (xs, wring, wring, ready, empty, red, done, 2, count, first, 0, 64, BLOCK_T,
+                                    STAGES, WS, KS, 1)),
+                    (_rs_ws_loader, (x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES,
+                                     KS, WS)),
+                ], [4, 4, 1], [WS_REGS, WS_REGS, 24])
+        else:
+            for i in gl.static_range(STAGES):
+                _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, 1)
+            sel_lo, sel_hi, magic = _rs8_constants(lT)
+            a = _rs8_tile(_rs8_words(wring, bars, 0, count, lw, RW, STAGES), sel_lo, sel_hi, magic, a_layout,
+                          BLOCK_N)
+            acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, mma)
+            acc, a = _rs8_step(x_desc, w_desc, xs, wring, bars, acc, a, sel_lo, sel_hi, magic, 0, count, first,
+                               off_t, off_n, False, lw, a_layout, BLOCK_N, STAGES)  # step 0 peeled: use_acc=False
+            for j in range(1, count):
+                acc, a = _rs8_step(x_desc, w_desc, xs, wring, bars, acc, a, sel_lo, sel_hi, magic, j, count,
+                                   first, off_t, off_n, True, lw, a_layout, BLOCK_N, STAGES)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -1344,10 +1437,6 @@ def unfit(x, words, scales, zeros, group: int, config: dict) -> str | None:
             return f"bad config {config}: WS_K (the K of a WS stage) is 64 or 128, and only with WS"
         if (K // 64 // config.get("SPLIT_K", 1)) % (config.get("WS_K", 64) // 64):
             return f"WS_K={config['WS_K']} must divide each split's K ({K // config.get('SPLIT_K', 1)})"
-        if config.get("WS") and config.get("SLOTS") and config.get("SPLIT_K", 1) > 1 and config["BLOCK_T"] == 256:
-            # on an H100 (4096->14336, 256 rows, split-K 4) calls after the first fail to launch (timing-dependent:
-            # right under compute-sanitizer's memcheck, one call alone right too); not yet diagnosed
-            return "WS with SLOTS at BLOCK_T=256 failed to launch on an H100 (undiagnosed): use BLOCK_T <= 128"
         if K % 64 or group % 64:
             return "the K step of 64 must divide K and the group size"
         if (K // 64) % config.get("SPLIT_K", 1):
@@ -1441,15 +1530,19 @@ INT8_CONFIGS = {  # name -> launch config of `int8_gemm_wgmma` (`_int8_wgmma_rs_
     "t128n64": dict(BLOCK_T=128, STAGES=4, num_warps=4),
     "t128n128": dict(BLOCK_T=128, STAGES=4, num_warps=8),
     "t64n64k2": dict(BLOCK_T=64, STAGES=6, SPLIT_K=2, num_warps=4),
+    "t128n64ws2k128": dict(BLOCK_T=128, STAGES=4, WS=2, WS_K=128, num_warps=4),
+    "t256n64ws2": dict(BLOCK_T=256, STAGES=3, WS=2, num_warps=4),
+    "t64n64ws3k128": dict(BLOCK_T=64, STAGES=6, WS=3, WS_K=128, SPLIT_K=2, num_warps=4),
 }
 
 
 def _blocks8(config: dict) -> list:
     """(element type, TMA block shape, shared layout) of x and of the int8 words (int32, 16 a row: 64 codes) for
-    `_int8_wgmma_rs_kernel`; the words unswizzled (each thread reads the word of its lane back, `_rs8_tile`)."""
+    `_int8_wgmma_rs_kernel`; the words with the 64-byte swizzle, so that the threads' single-word reads of them
+    (`_rs8_words`) meet no bank conflict."""
     bt, bn = config["BLOCK_T"], 16 * config["num_warps"]
     return [(gl.bfloat16, [bt, 64], gl.NVMMASharedLayout.get_default_for([bt, 64], gl.bfloat16)),
-            (gl.int32, [bn, 16], gl.NVMMASharedLayout(0, 32, rank=2))]
+            (gl.int32, [bn, 16], gl.NVMMASharedLayout(64, 32, rank=2))]
 
 
 def int8_unfit(x, words, scales, config: dict) -> str | None:
@@ -1459,13 +1552,20 @@ def int8_unfit(x, words, scales, config: dict) -> str | None:
         return "needs bf16 x and scales"
     if scales.shape != (words.shape[0],) or scales.stride(0) != 1:
         return f"needs contiguous per-channel scales [{words.shape[0]}], got {tuple(scales.shape)}"
-    if (set(config) - {"BLOCK_T", "STAGES", "SPLIT_K", "num_warps"} or config.get("BLOCK_T") not in (64, 128, 256)
-            or config.get("num_warps") not in (4, 8) or config.get("STAGES", 0) < 2):
+    if (set(config) - {"BLOCK_T", "STAGES", "SPLIT_K", "WS", "WS_K", "num_warps"}
+            or config.get("BLOCK_T") not in (64, 128, 256) or config.get("num_warps") not in (4, 8)
+            or config.get("STAGES", 0) < 2 or config.get("WS", 0) not in (0, 2, 3)):
         return f"bad config {config}"
+    if config.get("WS") and config["num_warps"] != 4:
+        return "WS (warp-specialized) needs num_warps=4 (one warp group a consumer)"
+    if config.get("WS_K", 64) not in (64, 128) or (config.get("WS_K", 64) == 128 and not config.get("WS")):
+        return f"bad config {config}: WS_K (the K of a WS stage) is 64 or 128, and only with WS"
     if K % 64:
         return f"K={K} is not a multiple of the step of 64"
     if (K // 64) % config.get("SPLIT_K", 1):
         return f"SPLIT_K={config.get('SPLIT_K', 1)} must divide the {K // 64} K steps"
+    if (K // 64 // config.get("SPLIT_K", 1)) % (config.get("WS_K", 64) // 64):
+        return f"WS_K={config['WS_K']} must divide each split's K ({K // config.get('SPLIT_K', 1)})"
     for t in (x, words):
         if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return f"TMA needs 16-byte aligned, contiguous rows of {'the weight' if t is words else 'x'}"
@@ -1495,7 +1595,8 @@ def int8_gemm_wgmma(x, qweight, scales, bias, config: dict) -> torch.Tensor:
     ws, cnt = _split_k_workspace(x.device, M * N if split_k > 1 else 0, grid[0] * grid[1])
     _int8_wgmma_rs_kernel[grid](x_desc, w_desc, scales, bias if bias is not None else y, y, ws, cnt, M, N, K,
                                 y.stride(0), HAS_BIAS=bias is not None, BLOCK_T=bt, STAGES=config["STAGES"],
-                                SPLIT_K=split_k, num_warps=config["num_warps"])
+                                SPLIT_K=split_k, WS=config.get("WS", 0), WS_REGS=_ws_regs(config),
+                                KS=config.get("WS_K", 64) // 64, num_warps=config["num_warps"])
     return y
 
 
@@ -1613,7 +1714,8 @@ def compile_for(config: dict, arch: int = 90, group: int = 128, kernel: str = "w
     elif kernel == "wgmma8":
         fn = _int8_wgmma_rs_kernel
         consts = dict(HAS_BIAS=False, BLOCK_T=config["BLOCK_T"], STAGES=config["STAGES"],
-                      SPLIT_K=config.get("SPLIT_K", 1), num_warps=config["num_warps"])
+                      SPLIT_K=config.get("SPLIT_K", 1), WS=config.get("WS", 0), WS_REGS=_ws_regs(config),
+                      KS=config.get("WS_K", 64) // 64, num_warps=config["num_warps"])
         descs = dict(zip(("x_desc", "w_desc"), _blocks8(config)))
         pointers = dict(s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
         divisible = ("N", "K", "stride_ym")

@@ -808,7 +808,8 @@ def test_int4_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
 
 
 @needs_hopper
-@pytest.mark.parametrize("name", ["t256n64", "t128n64", "t128n128", "t64n64k2"])
+@pytest.mark.parametrize("name", ["t256n64", "t128n64", "t128n128", "t64n64k2", "t128n64ws2k128", "t256n64ws2",
+                                  "t64n64ws3k128"])
 @pytest.mark.parametrize("m, n, k", [(200, 300, 2048), (64, 128, 4096), (513, 256, 1024)],
                          ids=["ragged", "one-tile-long-k", "many-row-tiles"])
 def test_cuda_int8_wgmma_gemm(qg, name, m, n, k):
@@ -885,6 +886,12 @@ def test_int8_wgmma_refuses_what_it_cannot_take(qg):
         assert "bad config" in qg.int8_unfit(x, words, s, dict(cfg, **bad))
     assert "multiple of the step" in qg.int8_unfit(x[:, :1000], words, s, cfg)
     assert "SPLIT_K=3" in qg.int8_unfit(x, words, s, dict(cfg, SPLIT_K=3))  # 16 steps
+    for bad in (dict(WS=4), dict(WS_K=192)):
+        assert "bad config" in qg.int8_unfit(x, words, s, dict(cfg, **bad))
+    assert "only with WS" in qg.int8_unfit(x, words, s, dict(cfg, WS_K=128))
+    assert "num_warps=4" in qg.int8_unfit(x, words, s, dict(qg.INT8_CONFIGS["t128n128"], WS=2))
+    assert "WS_K=128 must divide" in qg.int8_unfit(x[:, :960], words[:, :240], s, dict(cfg, WS=2, WS_K=128))  # 15
+    assert qg.int8_unfit(x, words, s, qg.INT8_CONFIGS["t128n64ws2k128"]) is None
     rows_off_16 = torch.zeros(256, 1032, dtype=torch.bfloat16)[:, :1024]  # 2064-byte rows: aligned
     assert qg.int8_unfit(rows_off_16, words, s, cfg) is None
     rows_off_16 = torch.zeros(256, 1028, dtype=torch.bfloat16)[:, :1024]  # 2056-byte rows
@@ -897,7 +904,35 @@ def test_int8_wgmma_refuses_what_it_cannot_take(qg):
         qg.int8_gemm_wgmma(x[:, :1000], torch.zeros(128, 1000, dtype=torch.int8), s, None, cfg)
 
 
-@pytest.mark.parametrize("name", ["t256n64", "t128n128", "t64n64k2"])
+@needs_hopper
+@pytest.mark.parametrize("kernel, config", [
+    ("int4", dict(BLOCK_T=256, STAGES=3, WS=2, SLOTS=1, SPLIT_K=4, W_TMA=1, P_SMEM=1, num_warps=4)),
+    ("int4", dict(BLOCK_T=64, STAGES=8, WS=3, WS_K=128, W_TMA=1, P_SMEM=1, num_warps=4)),
+    ("int8", dict(BLOCK_T=64, STAGES=8, WS=3, SPLIT_K=2, num_warps=4)),
+    ("int8", dict(BLOCK_T=256, STAGES=3, WS=2, num_warps=4))], ids=["int4-ws2-stages3", "int4-ws3-stages8",
+                                                                     "int8-ws3-stages8", "int8-ws2-stages3"])
+def test_cuda_warp_specialized_calls_back_to_back_agree(qg, kernel, config):
+    """Warp-specialized configs whose consumers (WS) do not divide the ring's stages, called 40 times back to back
+    on a grid of several waves (4096->14336, 256 rows): every output equal and right. With one ready barrier a
+    stage, shared by the consumers taking it in turn, a consumer could pass the wait for a stage whose load had not
+    landed (an mbarrier's wait sees only a phase's parity): on an H100 the first of these failed to launch within
+    ten calls. Each consumer now waits on barriers of its own (`_rs_ws_consume`)."""
+    k, n, m = 4096, 14336, 256
+    x = torch.randn(m, k, generator=_gen(46)).bfloat16().cuda()
+    if kernel == "int4":
+        _, words, s, z = to("cuda", *int4_weight(n, k, 128, seed=47, dtype=torch.bfloat16))
+        ref = x.float() @ pk.dequantize_int4(words, s, z, 128).float().T
+        ys = [qg.int4_gemm_wgmma(x, words, s, z, None, 128, config) for _ in range(40)]
+    else:
+        q, s = to("cuda", *int8_weight(n, k, seed=47, dtype=torch.bfloat16))
+        ref = x.float() @ (q.float() * s.float()[:, None]).T
+        ys = [qg.int8_gemm_wgmma(x, q, s, None, config) for _ in range(40)]
+    for y in ys:
+        assert torch.equal(y, ys[0])
+    assert ((ys[0].float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("name", ["t256n64", "t128n128", "t64n64k2", "t128n64ws2k128", "t64n64ws3k128"])
 def test_int8_wgmma_compiles_to_asynchronous_wgmmas(qg, name, tmp_path):
     """Offline (no GPU): the int8 kernel compiles for sm_90 (its conversions into the wgmma's A layout asserted
     trivial at compile time), fits in shared memory, keeps its wgmmas asynchronous with no A register written
