@@ -647,9 +647,11 @@ def test_register_operand_wgmma_refuses_configs_and_layouts_it_cannot_take(qg):
     # the warp-specialized consumers read words and group parameters from shared memory only, one warp group each
     words = words.contiguous()
     assert qg.unfit(x, words, scales, zeros, 128, qg.CONFIGS["t256n64ws2"]) is None
-    for bad in (dict(W_TMA=0), dict(P_SMEM=0), dict(num_warps=8), dict(REPS=2), dict(SPLIT_K=2, SLOTS=1)):
+    for bad in (dict(W_TMA=0), dict(P_SMEM=0), dict(num_warps=8), dict(REPS=2)):
         assert "WS" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], **bad))
-    assert qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], SPLIT_K=2)) is None
+    # split-K, with slots too (at BLOCK_T=256 refused until the ready barriers' race was found)
+    for ok in (dict(SPLIT_K=2), dict(SPLIT_K=2, SLOTS=1)):
+        assert qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], **ok)) is None
     # WS_K=128 (two k steps a stage): only with WS, and each split's K a multiple of 128
     assert qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], WS_K=128, SPLIT_K=2)) is None
     assert "WS_K" in qg.unfit(x, words, scales, zeros, 128, dict(qg.CONFIGS["t256n64ws2"], WS_K=128, SPLIT_K=4))
