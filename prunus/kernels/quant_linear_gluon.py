@@ -655,6 +655,21 @@ if gluon is not None:
         return acc, a2, words2, scale22, zoff2
 
     @gluon.jit
+    def _rs_ws_state(BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+        """WS: the barriers of stages loaded (`ready`: STAGES WS of them, see `_rs_ws_consume`) and freed by their
+        consumers (`empty`), the worker consumers' partials (`red`) and the barrier of their arrival (`done`)."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES * WS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES * WS):
+            mbarrier.init(ready.index(i), count=1)
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty.index(i), count=1)
+        done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(done, count=WS - 1)
+        red = gl.allocate_shared_memory(gl.float32, [WS - 1, BLOCK_N, BLOCK_T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        return ready, empty, done, red
+
+    @gluon.jit
     def _rs_ws_loader(x_desc, w_desc, xs, wring, ready, empty, count, first, off_t, off_n, STAGES: gl.constexpr,
                       KS: gl.constexpr, WS: gl.constexpr):
         """WS: the TMA partition (one warp). Stage i (KS k steps of 64: ring slots i KS .. i KS + KS - 1 of x and
@@ -818,18 +833,8 @@ if gluon is not None:
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        if WS:  # stages loaded (`ready`: STAGES WS, see `_rs_ws_consume`) and freed by their consumers (`empty`),
-            # the consumers' partials (`red`) and their arrival
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES * WS, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES * WS):
-                mbarrier.init(ready.index(i), count=1)
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(empty.index(i), count=1)
-            done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(done, count=WS - 1)
-            red = gl.allocate_shared_memory(gl.float32, [WS - 1, BLOCK_N, BLOCK_T],
-                                            gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        if WS:
+            ready, empty, done, red = _rs_ws_state(BLOCK_N, BLOCK_T, STAGES, WS)
         else:
             for i in gl.static_range(STAGES):
                 _rs_issue(x_desc, w_desc, xs, wring, bars, i, count, first, off_t, off_n, STAGES, W_TMA)
@@ -1026,17 +1031,8 @@ if gluon is not None:
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-        if WS:  # as in `_int4_wgmma_rs_kernel`: stages loaded and freed, the partials and their arrival
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES * WS, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES * WS):
-                mbarrier.init(ready.index(i), count=1)
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(empty.index(i), count=1)
-            done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(done, count=WS - 1)
-            red = gl.allocate_shared_memory(gl.float32, [WS - 1, BLOCK_N, BLOCK_T],
-                                            gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        if WS:
+            ready, empty, done, red = _rs_ws_state(BLOCK_N, BLOCK_T, STAGES, WS)
             # the consumers' arguments past the ring: no parameter table, group and first group unused
             if WS == 2:
                 acc, = gl.warp_specialize([
