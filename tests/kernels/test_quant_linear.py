@@ -906,6 +906,47 @@ def test_int8_wgmma_refuses_what_it_cannot_take(qg):
         qg.int8_gemm_wgmma(x[:, :1000], torch.zeros(128, 1000, dtype=torch.int8), s, None, cfg)
 
 
+def _linear_index(bases, bits: int) -> tuple:
+    """The element a linear layout gives bit pattern `bits` of its hardware index: the XOR of the set bits' bases."""
+    out = [0] * len(bases[0]) if bases else [0, 0]
+    for i, basis in enumerate(bases):
+        if bits >> i & 1:
+            out = [a ^ b for a, b in zip(out, basis)]
+    return tuple(out)
+
+
+@pytest.mark.parametrize("num_warps", [4, 8])
+def test_int8_wgmma_word_reads_meet_no_bank_conflict(qg, num_warps):
+    """On the CPU: the words of an int8 step [16 num_warps, 16] (int32) as `_rs8_words_layout` reads them cover the
+    tile (each word by two lanes: the quad's q), and each single-word load of a warp (one register, 32 lanes) reads
+    16 words in 16 different banks of the stage `_blocks8` lays out with the TMA's 64-byte swizzle (the 16-byte
+    chunk's bits 4-5 of an address XOR its bits 7-8). Unswizzled, the same loads hit a bank four times."""
+    layout = qg._rs8_words_layout(num_warps)
+    assert qg._blocks8(dict(BLOCK_T=128, num_warps=num_warps))[1][2].swizzle_byte_width == 64
+
+    def bank(row, word, swizzle):
+        byte = row * 64 + word * 4
+        if swizzle:
+            byte ^= ((byte >> 7) & 3) << 4
+        return byte // 4 % 32
+
+    seen = set()
+    worst = {True: 1, False: 1}
+    for warp in range(num_warps):
+        for reg in range(2 ** len(layout.reg_bases)):
+            at = [tuple(a ^ b ^ c for a, b, c in zip(_linear_index(layout.reg_bases, reg),
+                                                     _linear_index(layout.lane_bases, lane),
+                                                     _linear_index(layout.warp_bases, warp))) for lane in range(32)]
+            seen.update(at)
+            for swizzle in (True, False):
+                banks = {}
+                for row, word in set(at):
+                    banks.setdefault(bank(row, word, swizzle), set()).add((row, word))
+                worst[swizzle] = max(worst[swizzle], *map(len, banks.values()))
+    assert seen == {(r, w) for r in range(16 * num_warps) for w in range(16)}
+    assert worst == {True: 1, False: 4}
+
+
 @needs_hopper
 @pytest.mark.parametrize("kernel, config", [
     ("int4", dict(BLOCK_T=256, STAGES=3, WS=2, SLOTS=1, SPLIT_K=4, W_TMA=1, P_SMEM=1, num_warps=4)),
