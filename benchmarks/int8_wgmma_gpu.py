@@ -31,7 +31,7 @@ from prunus.kernels import quant_linear_gluon as qg  # noqa: E402
 from prunus.kernels import quant_linear_triton as qt  # noqa: E402
 from prunus.kernels.quant_linear_triton import shape_key  # noqa: E402
 
-WORKER_TIMEOUT = 150  # seconds for one bucket (compiling every candidate included): beyond it, a hang
+WORKER_TIMEOUT = 200  # seconds for one bucket (compiling every candidate included): beyond it, a hang
 SMEM = 220 * 1024  # bytes of shared memory a program may take, of the H100's 227 KB
 
 
@@ -82,23 +82,25 @@ def bucket(k: int, n: int, m: int, skip: list) -> dict:
 
 
 def run_bucket(k: int, n: int, m: int) -> tuple[dict, list]:
-    """`bucket` in worker processes: a config whose launch fails is left out and the bucket run again without it.
-    Returns its result and the configs that failed to launch."""
-    failed = []
+    """`bucket` in worker processes: a config whose launch fails or hangs is left out and the bucket run again
+    without it. Returns its result and the configs left out, each as "config: why"."""
+    failed, why_failed = [], []
     while True:
         try:
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps([k, n, m, failed])],
                                   capture_output=True, text=True, timeout=WORKER_TIMEOUT)
             out, err, why = done.stdout, done.stderr, "launch failure"
-            if done.returncode == 0 and out.splitlines()[-1].startswith("result "):
-                return json.loads(out.splitlines()[-1][len("result "):]), failed
-        except subprocess.TimeoutExpired as exc:  # a hang
+            lines = out.splitlines()
+            if done.returncode == 0 and lines and lines[-1].startswith("result "):
+                return json.loads(lines[-1][len("result "):]), why_failed
+        except subprocess.TimeoutExpired as exc:  # a hang (run() has killed the worker)
             out, err, why = exc.stdout or "", exc.stderr or "", "hang"
             out, err = [t.decode() if isinstance(t, bytes) else t for t in (out, err)]
         tried = [line[len("try "):] for line in out.splitlines() if line.startswith("try ")]
         if not tried or len(failed) >= 8:
             sys.exit(f"{k}->{n} M={m}: the worker failed ({why}):\n{err[-3000:]}")
         failed.append(json.loads(tried[-1]))
+        why_failed.append(f"{', '.join(f'{key}={v}' for key, v in failed[-1].items())}: {why}")
         print(f"{k}->{n} M={m}: {why} with {tried[-1]}; again without it", flush=True)
 
 
@@ -129,16 +131,15 @@ def main() -> None:
                 winners[("int8_wgmma", shape_key(m, n, k, 0))] = cfg
             rows.append([f"{k}->{n}", m, f"{t_d:.1f}", f"{t_op:.1f} ({t_d / t_op:.2f}x)", f"{t:.1f} ({t_d / t:.2f}x)",
                          ", ".join(f"{key}={v}" for key, v in cfg.items()), f"{err:.1e}" if isinstance(err, float)
-                         else err, "; ".join(", ".join(f"{key}={v}" for key, v in c.items()) for c in failed)
-                         or "none"])
+                         else err, "; ".join(failed) or "none"])
     if args.sweep_table:
         qb.merge_winners(args.sweep_table, torch.cuda.get_device_name(), winners)
     columns = ["shape K->N", "M", "bf16 µs", "Triton path µs (x bf16)", "int8 wgmma µs (x bf16)", "its best config",
-               "rel err", "configs that failed to launch"]
+               "rel err", "configs left out (launch failure or hang)"]
     append("int8 weights as the wgmma's register operand against the Triton path and bf16", columns, rows,
            notes=("int8 per channel, bf16 activations. The Triton path: the weight-only tensor-core kernel the op "
                   "runs without this one. Every candidate config timed, each shape and row count in a process of its "
-                  "own; a config whose launch fails is left out of that bucket. With --sweep-table the best enters "
+                  "own; a config whose launch fails or hangs is left out of that bucket. With --sweep-table the best enters "
                   "the table where it beats the Triton path."), path=args.report)
 
 
