@@ -297,7 +297,6 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
               for bt in (64, 128, 256) for n_ws in (2, 3) for sk in (1, 2, 4) for slot in ({}, dict(SLOTS=1))
               for wide in ({}, dict(WS_K=128))
               if bt <= max(64, 2 * m) and not (sk > 1 and bt * 2 < m) and (sk > 1 or not slot)
-              and not (slot and bt == 256)  # a launch failure on the H100 (`unfit`)
               and (stages := min(8, (227 * 1024 - (n_ws - 1) * 256 * bt - 33 * 1024)
                                  // ((bt * 128 + 2048) * (2 if wide else 1)))) >= 2]
         return out + w_tma + w_tma_p + slots + ws
