@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import benchmarks.quant_linear_gpu as qb  # noqa: E402
+from benchmarks._isolate import announce, run_isolated  # noqa: E402
 from benchmarks._report import append  # noqa: E402
 from prunus.kernels import quant_linear_gluon as qg  # noqa: E402
 from prunus.kernels import quant_linear_triton as qt  # noqa: E402
@@ -66,7 +66,7 @@ def bucket(k: int, n: int, m: int, skip: list) -> dict:
     for cfg in candidates(m, x, case.quant[0][0].view(torch.int32), case.quant[0][1]):
         if cfg in skip:
             continue
-        print("try", json.dumps(cfg), flush=True)
+        announce(cfg)
         fn = lambda x, q, s, cfg=cfg: qg.int8_gemm_wgmma(x, q, s, None, cfg)  # noqa: E731
         try:
             t, err = case.time_quant(fn, m), case.error(fn, m)
@@ -82,26 +82,10 @@ def bucket(k: int, n: int, m: int, skip: list) -> dict:
 
 
 def run_bucket(k: int, n: int, m: int) -> tuple[dict, list]:
-    """`bucket` in worker processes: a config whose launch fails or hangs is left out and the bucket run again
-    without it. Returns its result and the configs left out, each as "config: why"."""
-    failed, why_failed = [], []
-    while True:
-        try:
-            done = subprocess.run([sys.executable, __file__, "--worker", json.dumps([k, n, m, failed])],
-                                  capture_output=True, text=True, timeout=WORKER_TIMEOUT)
-            out, err, why = done.stdout, done.stderr, "launch failure"
-            lines = out.splitlines()
-            if done.returncode == 0 and lines and lines[-1].startswith("result "):
-                return json.loads(lines[-1][len("result "):]), why_failed
-        except subprocess.TimeoutExpired as exc:  # a hang (run() has killed the worker)
-            out, err, why = exc.stdout or "", exc.stderr or "", "hang"
-            out, err = [t.decode() if isinstance(t, bytes) else t for t in (out, err)]
-        tried = [line[len("try "):] for line in out.splitlines() if line.startswith("try ")]
-        if not tried or len(failed) >= 8:
-            sys.exit(f"{k}->{n} M={m}: the worker failed ({why}):\n{err[-3000:]}")
-        failed.append(json.loads(tried[-1]))
-        why_failed.append(f"{', '.join(f'{key}={v}' for key, v in failed[-1].items())}: {why}")
-        print(f"{k}->{n} M={m}: {why} with {tried[-1]}; again without it", flush=True)
+    """`bucket` in worker processes (`_isolate.run_isolated`): its result and the configs left out, with why."""
+    out, left_out = run_isolated(lambda skip: [__file__, "--worker", json.dumps([k, n, m, skip])], f"{k}->{n} M={m}",
+                                 WORKER_TIMEOUT)
+    return json.loads(out.splitlines()[-1][len("result "):]), left_out
 
 
 def main() -> None:

@@ -22,12 +22,16 @@ the table of measured configs the ops use as is (`measured_configs.json`, keyed 
 as the register operand) and `--sweep-gemv-mma` sweep the Gluon kernels instead (`prunus.kernels.quant_linear_gluon`);
 their winners enter the table only where they beat the op's Triton path, timed in the same run. `--sweep-only
 KEY=V,...` times the configs with those values only; with `--sweep-table` the table's entry for each shape and M is
-timed too, so a subset's winner replaces it only where it is faster in the same run.
+timed too, so a subset's winner replaces it only where it is faster in the same run. Each shape and M of a sweep
+runs in a worker process (`benchmarks/_isolate.py`): a config whose launch fails (the CUDA context is lost with it)
+or that hangs is left out, reported, and the bucket runs again without it.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
+import json
 import math
 import os
 import statistics
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prunus.kernels as pk  # noqa: E402
+from benchmarks._isolate import TRY, announce, run_isolated  # noqa: E402
 from benchmarks._report import append, markdown_table  # noqa: E402
 
 try:  # the `bench` extra; on the GPU machine: pip install --no-deps --target DIR torchao-*.whl
@@ -47,6 +52,7 @@ try:  # the `bench` extra; on the GPU machine: pip install --no-deps --target DI
 except ImportError:
     torchao = quantize_ = None
 
+SWEEP_WORKER_TIMEOUT = 600  # seconds for one --sweep bucket (compiling every candidate included): beyond it, a hang
 COPY_CEILING = 3.0e12  # bytes/s, device-to-device copy (read + write) on the H100
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features K, out_features N)
 GROUP = 128
@@ -382,8 +388,6 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
 
 def merge_winners(path: str, device: str, winners: dict) -> None:
     """Merge {(kernel, shape key): config} into the measured-config table at `path` under `device`."""
-    import json
-
     table = json.loads(open(path).read()) if os.path.exists(path) else {}
     for (kernel, key), cfg in winners.items():
         table.setdefault(device, {}).setdefault(kernel, {})[key] = cfg
@@ -409,8 +413,6 @@ def winner_entry(k: int, n: int, m: int, cfg: dict) -> tuple:
 
 def current_entry(table_path, device: str, kind: str, k: int, n: int, m: int) -> dict | None:
     """The measured table's entry for this sweep kind's kernel, shape and row bucket on `device`, if any."""
-    import json
-
     from prunus.kernels.quant_linear_triton import shape_key
 
     if not table_path or not os.path.exists(table_path):
@@ -440,11 +442,12 @@ def table_from_log(log_path: str) -> dict:
     return dict(winner_entry(k, n, m, cfg) for (_, k, n, m), (_, cfg) in best.items())
 
 
-def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=None):
+def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=None, skip=()):
     """Time every candidate config of the int4 kernels explicitly (no autotuner): the config lists in
     `prunus.kernels.quant_linear_triton` come from this table. Prints the best five per shape and M.
     gluon: "wgmma" or "gemv_mma", that Gluon kernel's configs (`prunus.kernels.quant_linear_gluon`) instead of the
-    Triton kernels'; its winner enters the table only where it beats the op's Triton path, timed in the same run."""
+    Triton kernels'; its winner enters the table only where it beats the op's Triton path, timed in the same run.
+    skip: configs left out (a worker's, `main`); each candidate is announced before it runs (`_isolate`)."""
     from prunus.kernels import quant_linear_triton as qt
 
     if gluon:
@@ -467,11 +470,17 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=No
             if current and current not in configs:  # a subset's winner must beat the entry it would replace
                 configs.append(current)
             for cfg in configs:
+                if cfg in skip:
+                    continue
+                announce(cfg)
                 fn = lambda x, qw, s, z, cfg=cfg: run(x, qw, s, z, None, GROUP, cfg)  # noqa: E731
                 try:
                     t = case.time_quant(fn, m)
                     err = case.error(fn, m)
+                    torch.cuda.synchronize()
                 except Exception as exc:  # out of shared memory or registers: skip the config
+                    if isinstance(exc, torch.AcceleratorError):  # the context is lost: the parent takes it from here
+                        raise
                     t, err = float("inf"), type(exc).__name__
                 results.append((t, cfg, err))
                 if log:
@@ -501,6 +510,19 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=No
         del case
 
 
+def _without(argv: list, *flags: str) -> list:
+    """argv less these options and their values ("--flag value" or "--flag=value")."""
+    out, drop = [], False
+    for a in argv:
+        if drop:
+            drop = False
+        elif a in flags:
+            drop = True
+        elif not a.startswith(tuple(f + "=" for f in flags)):
+            out.append(a)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--explore", action="store_true", help="also time each int4 kernel path at M = 1..256")
@@ -519,6 +541,7 @@ def main() -> None:
     ap.add_argument("--table-from-log", default=None, help="merge the winners of this --sweep-log into --sweep-table")
     ap.add_argument("--device-name", default=None, help="with --table-from-log: the GPU name the log was measured on")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
+    ap.add_argument("--sweep-skip", default=None, help=argparse.SUPPRESS)  # a worker: one bucket, these configs out
     args = ap.parse_args()
     if args.table_from_log:
         if not (args.sweep_table and args.device_name):
@@ -527,16 +550,28 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    gen = torch.Generator(device="cuda").manual_seed(0)
     if args.sweep:
         shapes = ([tuple(int(d) for d in s.split("x")) for s in args.sweep_shapes.split(",")]
                   if args.sweep_shapes else SHAPES)
+        if args.sweep_skip is None:  # each shape and M in a worker (`_isolate`): a config that kills it is left out
+            for (k, n), m in itertools.product(shapes, args.sweep.split(",")):
+                out, left_out = run_isolated(
+                    lambda skip, k=k, n=n, m=m: [__file__, *_without(sys.argv[1:], "--sweep", "--sweep-shapes"),
+                                                 "--sweep", m, "--sweep-shapes", f"{k}x{n}",
+                                                 "--sweep-skip", json.dumps(skip)],
+                    f"{k}->{n} M={m}", SWEEP_WORKER_TIMEOUT)
+                print("\n".join(line for line in out.splitlines() if not line.startswith(TRY)), flush=True)
+                if left_out:
+                    print(f"{k}->{n} M={m}: left out: " + "; ".join(left_out), flush=True)
+            return
+        gen = torch.Generator(device="cuda").manual_seed(0)
         pairs = (kv.split("=") for kv in args.sweep_only.split(",")) if args.sweep_only else None
         only = dict((key, [int(v) for v in values.split("/")]) for key, values in pairs) if pairs else None
         sweep(gen, [int(v) for v in args.sweep.split(",")], args.sweep_log, shapes, args.sweep_table, only,
               "wgmma" if args.sweep_wgmma else "wgmma_rs" if args.sweep_wgmma_rs else "gemv_mma"
-              if args.sweep_gemv_mma else None)
+              if args.sweep_gemv_mma else None, json.loads(args.sweep_skip))
         return
+    gen = torch.Generator(device="cuda").manual_seed(0)
     explored = explore(gen) if args.explore else None
     columns = ["scheme", "shape K->N", "M", "quant µs", "quant GB/s (of 3.0 TB/s)", "bf16 cuBLAS µs", "bf16 GB/s",
                "speed-up", "torchao int4 µs", "prunus vs torchao", "rel err"]

@@ -417,6 +417,61 @@ def test_measured_config_table_off_and_from_sweep_log(qt, monkeypatch, tmp_path)
                   "int4_gemm": {"4096x4096/g128/m64": {"BLOCK_M": 64, "DEQUANT": 2}}}}
 
 
+def test_sweep_workers_leave_out_a_config_that_kills_or_hangs_them(tmp_path):
+    """benchmarks/_isolate.py: a bucket's worker that dies (a lost CUDA context) or hangs is run again without the
+    config it tried last, until it finishes; a worker that fails before any config stops the sweep. Real worker
+    processes: a script standing in for a benchmark, whose candidates 1 and 3 crash and hang."""
+    from benchmarks._isolate import run_isolated
+    from benchmarks.quant_linear_gpu import _without
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import json, sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+        "from benchmarks._isolate import announce\n"
+        "skip = json.loads(sys.argv[1])\n"
+        "for c in range(5):\n"
+        "    if {'C': c} in skip:\n"
+        "        continue\n"
+        "    announce({'C': c})\n"
+        "    if c == 1:\n"
+        "        sys.exit(1)\n"
+        "    if c == 3:\n"
+        "        time.sleep(60)\n"
+        "print('result', len(skip))\n")
+    out, left_out = run_isolated(lambda skip: [str(worker), json.dumps(skip)], "bucket", timeout=8)
+    assert out.splitlines()[-1] == "result 2"
+    assert left_out == ["C=1: launch failure", "C=3: hang"]
+    worker.write_text("import sys\nsys.exit(1)\n")
+    with pytest.raises(SystemExit, match="before any config"):
+        run_isolated(lambda skip: [str(worker)], "bucket", timeout=8)
+    assert _without(["--sweep", "64", "--sweep-wgmma-rs", "--sweep-shapes=4096x4096", "--sweep-log", "l"],
+                    "--sweep", "--sweep-shapes") == ["--sweep-wgmma-rs", "--sweep-log", "l"]
+
+
+def test_sweep_runs_each_shape_and_row_count_in_a_worker(monkeypatch, capsys):
+    """`quant_linear_gpu.py --sweep`: one worker a shape and row count, each given its bucket, the other options
+    and the configs to leave out; the workers' results printed, and what each left out."""
+    import benchmarks.quant_linear_gpu as qb
+
+    runs = []
+
+    def fake_run_isolated(argv, label, timeout):
+        runs.append(argv([{"BLOCK_T": 64}]))
+        return f"try {{}}\n{label} best", ["BLOCK_T=64: hang"] if len(runs) == 1 else []
+
+    monkeypatch.setattr(qb, "run_isolated", fake_run_isolated)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("sys.argv", ["quant_linear_gpu.py", "--sweep", "64,256", "--sweep-wgmma-rs",
+                                     "--sweep-shapes", "4096x4096,14336x4096", "--sweep-table", "t.json"])
+    qb.main()
+    assert [r[1:] for r in runs] == [
+        ["--sweep-wgmma-rs", "--sweep-table", "t.json", "--sweep", m, "--sweep-shapes", shape, "--sweep-skip",
+         '[{"BLOCK_T": 64}]'] for shape in ("4096x4096", "14336x4096") for m in ("64", "256")]
+    out = capsys.readouterr().out
+    assert "4096->4096 M=64 best" in out and "try" not in out and out.count("left out") == 1
+
+
 def test_sweep_subset_competes_with_the_table_entry_it_would_replace(tmp_path):
     """`--sweep-only` with `--sweep-table` also times the table's entry for each shape and row bucket: the one
     `current_entry` finds for the sweep's kernel family (both wgmma kinds share "int4_wgmma")."""
