@@ -20,6 +20,22 @@ def announce(config: dict) -> None:
     print(TRY + json.dumps(config), flush=True)
 
 
+def measure(case, fn, m: int) -> tuple:
+    """(µs, relative error) of candidate `fn` on a `quant_linear_gpu.Case` at m rows, or (inf, the exception's
+    name) where it cannot run (out of shared memory or registers, a bad config). A lost CUDA context is raised on:
+    the worker dies and the parent leaves the config out."""
+    import torch
+
+    try:
+        t, err = case.time_quant(fn, m), case.error(fn, m)
+        torch.cuda.synchronize()
+        return t, err
+    except Exception as exc:
+        if isinstance(exc, torch.AcceleratorError):
+            raise
+        return float("inf"), type(exc).__name__
+
+
 def run_isolated(argv: Callable[[list], list], label: str, timeout: float, attempts: int = 8) -> tuple[str, list]:
     """Run `python *argv(skip)` until it exits 0, skip growing by the config each failed run tried last. Returns the
     successful run's stdout and the configs left out, each as "KEY=V, ...: launch failure" (or ": hang")."""

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import benchmarks.quant_linear_gpu as qb  # noqa: E402
-from benchmarks._isolate import announce, run_isolated  # noqa: E402
+from benchmarks._isolate import announce, measure, run_isolated  # noqa: E402
 from benchmarks._report import append  # noqa: E402
 from prunus.kernels import quant_linear_gluon as qg  # noqa: E402
 from prunus.kernels import quant_linear_triton as qt  # noqa: E402
@@ -68,13 +68,7 @@ def bucket(k: int, n: int, m: int, skip: list) -> dict:
             continue
         announce(cfg)
         fn = lambda x, q, s, cfg=cfg: qg.int8_gemm_wgmma(x, q, s, None, cfg)  # noqa: E731
-        try:
-            t, err = case.time_quant(fn, m), case.error(fn, m)
-            torch.cuda.synchronize()
-        except Exception as exc:  # out of shared memory or registers: skip the config
-            if isinstance(exc, torch.AcceleratorError):  # the context is lost: the parent takes it from here
-                raise
-            t, err = float("inf"), type(exc).__name__
+        t, err = measure(case, fn, m)
         results.append((t, err, cfg))
     results.sort(key=lambda r: r[0])
     return dict(results=results, t_op=case.time_quant(lambda x, q, s: qt.int8_gemm_weight_only(x, q, s, None), m),

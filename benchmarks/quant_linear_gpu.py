@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prunus.kernels as pk  # noqa: E402
-from benchmarks._isolate import TRY, announce, run_isolated  # noqa: E402
+from benchmarks._isolate import TRY, announce, measure, run_isolated  # noqa: E402
 from benchmarks._report import append, markdown_table  # noqa: E402
 
 try:  # the `bench` extra; on the GPU machine: pip install --no-deps --target DIR torchao-*.whl
@@ -474,14 +474,7 @@ def sweep(gen, ms, out_path, shapes=SHAPES, table_path=None, only=None, gluon=No
                     continue
                 announce(cfg)
                 fn = lambda x, qw, s, z, cfg=cfg: run(x, qw, s, z, None, GROUP, cfg)  # noqa: E731
-                try:
-                    t = case.time_quant(fn, m)
-                    err = case.error(fn, m)
-                    torch.cuda.synchronize()
-                except Exception as exc:  # out of shared memory or registers: skip the config
-                    if isinstance(exc, torch.AcceleratorError):  # the context is lost: the parent takes it from here
-                        raise
-                    t, err = float("inf"), type(exc).__name__
+                t, err = measure(case, fn, m)
                 results.append((t, cfg, err))
                 if log:
                     print(f"{k}->{n} M={m} {t:.2f} {cfg} {err}", file=log, flush=True)
