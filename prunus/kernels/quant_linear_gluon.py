@@ -93,10 +93,10 @@ BENCHMARKS.md "two k steps a warp-specialized stage (WS_K=128)": 0.32 µs a step
 sweep), 14336->4096 at 64, 128 and 256 rows, and 4096->14336 at 64 rows. Each consumer waits on ready barriers of its
 own (STAGES WS of them). With one a stage, shared by the consumers that take the stage in turn, a consumer could pass
 the wait for a stage whose load had not yet landed when WS does not divide STAGES (an mbarrier's wait tells only a
-phase's parity): that was the launch failure of WS with SLOTS at BLOCK_T=256, split-K 4 and 3 stages on the H100
-(4096->14336, 256 rows, calls back to back; right under compute-sanitizer, whose slower timing keeps the loads in
-order), and a launch failure and a hang in the int8 kernel's sweep with WS=3 and 7 or 8 stages. The fix is not yet
-confirmed on a GPU (`test_cuda_warp_specialized_calls_back_to_back_agree`). Same dequantization as above ((128 + q)
+phase's parity): the likely cause of the launch failure of WS with SLOTS at BLOCK_T=256, split-K 4 and 3 stages on
+the H100 (4096->14336, 256 rows, calls back to back; right under compute-sanitizer, whose slower timing keeps the
+loads in order), and of a launch failure and a hang in the int8 kernel's first sweeps, whose candidates included WS=3
+with 7 and 8 stages. The fix is not yet confirmed on a GPU (`test_cuda_warp_specialized_calls_back_to_back_agree`). Same dequantization as above ((128 + q)
 - (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
 
 Part 1c, int8 weights (per channel) as the register operand (`int8_gemm_wgmma`, `_int8_wgmma_rs_kernel`): Part 1b's
@@ -716,8 +716,8 @@ if gluon is not None:
         barrier a stage, shared by the consumers that take the stage in turn, a consumer could wait on stage i +
         STAGES while the load of stage i (the same barrier, a phase earlier) had not landed: an mbarrier's wait
         tells only the parity of a phase, so it passed at once and the consumer read a stage not yet loaded (where
-        WS does not divide STAGES, as in WS=3, STAGES=8, or WS=2, STAGES=3). On an H100 that was an unspecified
-        launch failure or a hang, now and then, in back-to-back calls."""
+        WS does not divide STAGES, as in WS=3, STAGES=8, or WS=2, STAGES=3): the likely cause of the unspecified
+        launch failures and the hang seen now and then on an H100 in back-to-back calls."""
         lT: gl.constexpr = _rs_tile_layout(4)
         lw: gl.constexpr = _rs_words_layout(4)
         lp: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(6, lT))))
