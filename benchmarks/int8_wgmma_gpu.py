@@ -5,9 +5,10 @@
 
 For each shape of `quant_linear_gpu.py` and 64, 128 and 256 rows: every candidate config of the kernel (BLOCK_T
 64 / 128 / 256 with its ring depth, 4 or 8 warps, split-K 1 / 2 / 4; warp-specialized with 2 or 3 consumers, one
-or two k steps a stage, split-K 1 / 2; BLOCK_T at most twice the rows, split-K only for few row tiles), the op's path without it (the Triton weight-only tensor-core kernel,
-`quant_linear_triton.int8_gemm_weight_only`) and bf16 `F.linear`, in the same run. With --sweep-table the fastest
-config enters the measured table (kernel "int8_wgmma", group 0: per channel) where it beats the Triton path.
+or two k steps a stage, split-K 1 / 2; BLOCK_T at most twice the rows, split-K only for few row tiles), the op's
+path without it (the Triton weight-only tensor-core kernel, `quant_linear_triton.int8_gemm_weight_only`) and bf16
+`F.linear`, in the same run. With --sweep-table the fastest config enters the measured table (kernel "int8_wgmma",
+group 0: per channel) where it beats the Triton path, and a swept bucket where none does loses its entry.
 Times: median of 20 CUDA-graph replays over weight copies exceeding 3x L2, as `quant_linear_gpu.py`. Each shape and
 row count runs in a worker process: a config whose launch fails (it leaves the CUDA context unusable) or hangs is
 reported and the bucket runs again without it.
@@ -94,7 +95,7 @@ def main() -> None:
     if args.worker:
         print("result", json.dumps(bucket(*json.loads(args.worker))), flush=True)
         return
-    rows, winners = [], {}
+    rows, winners, swept = [], {}, []
     shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes.split(",")] if args.shapes else qb.SHAPES
     for k, n in shapes:
         for m in (64, 128, 256):
@@ -105,20 +106,22 @@ def main() -> None:
                   f"({t_d / t:.2f}x) err {err} {cfg}", flush=True)
             for r in out["results"][1:3]:
                 print("     ", f"{r[0]:.1f}", r[1], r[2], flush=True)
+            swept.append(shape_key(m, n, k, 0))
             if isinstance(err, float) and err < 1e-2 and t < t_op:
-                winners[("int8_wgmma", shape_key(m, n, k, 0))] = cfg
+                winners[("int8_wgmma", swept[-1])] = cfg
             rows.append([f"{k}->{n}", m, f"{t_d:.1f}", f"{t_op:.1f} ({t_d / t_op:.2f}x)", f"{t:.1f} ({t_d / t:.2f}x)",
                          ", ".join(f"{key}={v}" for key, v in cfg.items()), f"{err:.1e}" if isinstance(err, float)
                          else err, "; ".join(failed) or "none"])
-    if args.sweep_table:
-        qb.merge_winners(args.sweep_table, torch.cuda.get_device_name(), winners)
+    if args.sweep_table:  # a bucket swept now keeps an entry only if a config beat the Triton path in this run
+        qb.merge_winners(args.sweep_table, torch.cuda.get_device_name(), winners,
+                         drop=[("int8_wgmma", key) for key in swept])
     columns = ["shape K->N", "M", "bf16 µs", "Triton path µs (x bf16)", "int8 wgmma µs (x bf16)", "its best config",
                "rel err", "configs left out (launch failure or hang)"]
     append("int8 weights as the wgmma's register operand against the Triton path and bf16", columns, rows,
            notes=("int8 per channel, bf16 activations. The Triton path: the weight-only tensor-core kernel the op "
-                  "runs without this one. Every candidate config timed, each shape and row count in a process of its "
-                  "own; a config whose launch fails or hangs is left out of that bucket. With --sweep-table the best enters "
-                  "the table where it beats the Triton path."), path=args.report)
+                  "runs without this one. Every candidate config timed, each shape and row count in a process of "
+                  "its own; a config whose launch fails or hangs is left out of that bucket. With --sweep-table the "
+                  "best enters the table where it beats the Triton path."), path=args.report)
 
 
 if __name__ == "__main__":

@@ -386,9 +386,12 @@ def sweep_configs(kind: str, m: int) -> list[dict]:
     return out
 
 
-def merge_winners(path: str, device: str, winners: dict) -> None:
-    """Merge {(kernel, shape key): config} into the measured-config table at `path` under `device`."""
+def merge_winners(path: str, device: str, winners: dict, drop=()) -> None:
+    """Merge {(kernel, shape key): config} into the measured-config table at `path` under `device`, after removing
+    the entries (kernel, shape key) in `drop` (a sweep's buckets, whose winners come back in `winners`)."""
     table = json.loads(open(path).read()) if os.path.exists(path) else {}
+    for kernel, key in drop:
+        table.get(device, {}).get(kernel, {}).pop(key, None)
     for (kernel, key), cfg in winners.items():
         table.setdefault(device, {}).setdefault(kernel, {})[key] = cfg
     lines = []  # one config a line, sorted: reviewable diffs

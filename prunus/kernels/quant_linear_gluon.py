@@ -96,8 +96,9 @@ the wait for a stage whose load had not yet landed when WS does not divide STAGE
 phase's parity): the likely cause of the launch failure of WS with SLOTS at BLOCK_T=256, split-K 4 and 3 stages on
 the H100 (4096->14336, 256 rows, calls back to back; right under compute-sanitizer, whose slower timing keeps the
 loads in order), and of a launch failure and a hang in the int8 kernel's first sweeps, whose candidates included WS=3
-with 7 and 8 stages. The fix is not yet confirmed on a GPU (`test_cuda_warp_specialized_calls_back_to_back_agree`). Same dequantization as above ((128 + q)
-- (128 + zero), then one rounded product: the dense fallback's weight bit for bit).
+with 7 and 8 stages. The fix is not yet confirmed on a GPU (`test_cuda_warp_specialized_calls_back_to_back_agree`).
+Same dequantization as above ((128 + q) - (128 + zero), then one rounded product: the dense fallback's weight bit
+for bit).
 
 Part 1c, int8 weights (per channel) as the register operand (`int8_gemm_wgmma`, `_int8_wgmma_rs_kernel`): Part 1b's
 AHEAD=1, W_TMA=1 loop, or its warp-specialized one (WS, WS_K), for the int8 weight-only op. A k step of 64 is 16
@@ -666,7 +667,8 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=1)
         done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(done, count=WS - 1)
-        red = gl.allocate_shared_memory(gl.float32, [WS - 1, BLOCK_N, BLOCK_T], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        red = gl.allocate_shared_memory(gl.float32, [WS - 1, BLOCK_N, BLOCK_T],
+                                        gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         return ready, empty, done, red
 
     @gluon.jit

@@ -347,6 +347,11 @@ def test_cuda_every_autotuned_int4_config_is_correct(qt, kind, config):
 GLUON_KERNELS = ("int4_wgmma", "int4_gemv_mma", "int8_wgmma")
 
 
+def _config_id(v) -> str:
+    """A test id for a (kernel name, config dict) parameter: the name, or the config as KEY=V,..."""
+    return v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items())
+
+
 def _measured_configs(gluon=None):
     """The measured table's (kernel, config) entries: the Triton kernels', or those of the Gluon kernel `gluon`."""
     from prunus.kernels.quant_linear_triton import MEASURED_CONFIGS_PATH
@@ -487,6 +492,11 @@ def test_sweep_subset_competes_with_the_table_entry_it_would_replace(tmp_path):
     assert current_entry(str(path), "GPU A", "wgmma_rs", 4096, 4096, 128) is None  # another bucket
     assert current_entry(str(path), "GPU A", "gemv_mma", 4096, 4096, 1) is None  # another kernel
     assert current_entry(str(path), "GPU B", "wgmma_rs", 4096, 4096, 256) is None  # another GPU
+    # a re-swept bucket (`drop`) keeps an entry only if it has a winner again (int8_wgmma_gpu.py --sweep-table)
+    merge_winners(str(path), "GPU A", {("int4_gemv", "4096x4096/g128/m1"): {"BLOCK_N": 16}},
+                  drop=[("int4_wgmma", "4096x4096/g128/m256"), ("int4_gemv", "4096x4096/g128/m1")])
+    assert current_entry(str(path), "GPU A", "wgmma_rs", 4096, 4096, 256) is None
+    assert current_entry(str(path), "GPU A", "gemv", 4096, 4096, 1) == {"BLOCK_N": 16}
 
 
 def test_profile_script_names_the_kernel_each_config_launches(qt, qg):
@@ -750,7 +760,7 @@ def test_register_operand_group_parameter_table_covers_each_programs_groups(qg):
 
 @needs_hopper
 @pytest.mark.parametrize("kernel, config", _measured_configs(gluon="int4_wgmma") or [("none", {})],
-                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
+                         ids=_config_id)
 def test_cuda_every_measured_wgmma_config_is_correct(qg, kernel, config):
     if not config:
         pytest.skip("no wgmma config measured")
@@ -899,7 +909,7 @@ def test_every_measured_int8_wgmma_entry_fits_its_shape(qg):
 
 @needs_hopper
 @pytest.mark.parametrize("kernel, config", _measured_configs(gluon="int8_wgmma") or [("none", {})],
-                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
+                         ids=_config_id)
 def test_cuda_every_measured_int8_wgmma_config_is_correct(qg, kernel, config):
     if not config:
         pytest.skip("no int8 wgmma config measured")
@@ -1133,7 +1143,7 @@ def test_cuda_int4_gemv_mma(qg, name, ones, m, n, k, group):
 
 @needs_sm80
 @pytest.mark.parametrize("kernel, config", _measured_configs(gluon="int4_gemv_mma") or [("none", {})],
-                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
+                         ids=_config_id)
 def test_cuda_every_measured_gemv_mma_config_is_correct(qg, kernel, config):
     if not config:
         pytest.skip("no tensor-core GEMV config measured")
