@@ -1,7 +1,7 @@
 """The int8 register-operand wgmma kernel (`quant_linear_gluon.int8_gemm_wgmma`) against the Triton path and bf16.
 
     python benchmarks/int8_wgmma_gpu.py [--sweep-table prunus/kernels/measured_configs.json] [--report FILE]
-        [--shapes 14336x4096]
+        [--shapes 14336x4096] [--rows 128,256]
 
 For each shape of `quant_linear_gpu.py` and 64, 128 and 256 rows: every candidate config of the kernel (BLOCK_T
 64 / 128 / 256 with its ring depth, 4 or 8 warps, split-K 1 / 2 / 4; warp-specialized with 2 or 3 consumers, one
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--sweep-table", default=None, help="measured-config table (JSON) to merge the winners into")
     ap.add_argument("--report", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN shapes to sweep (default: all three)")
+    ap.add_argument("--rows", default="64,128,256", help="comma-separated row counts to sweep (default 64,128,256)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # [K, N, M, configs to skip]: one bucket
     args = ap.parse_args()
     if not torch.cuda.is_available() or not qg.available(torch.empty(1, device="cuda")):
@@ -98,7 +99,7 @@ def main() -> None:
     rows, winners, swept = [], {}, []
     shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes.split(",")] if args.shapes else qb.SHAPES
     for k, n in shapes:
-        for m in (64, 128, 256):
+        for m in map(int, args.rows.split(",")):
             out, failed = run_bucket(k, n, m)
             t_op, t_d = out["t_op"], out["t_d"]
             t, err, cfg = out["results"][0]
