@@ -205,7 +205,7 @@ def int8_op(x, q, s):
 
 def main_rows(gen):
     rows = []
-    for scheme, op, ms in (("int4", int4_op, [1, 16, 64, 128, 256]), ("int8", int8_op, [1, 16, 64, 256])):
+    for scheme, op, ms in (("int4", int4_op, [1, 16, 64, 128, 256]), ("int8", int8_op, [1, 16, 64, 128, 256])):
         for k, n in SHAPES:
             case = Case(scheme, k, n, gen)
             ao_linears = case.torchao_linears() if scheme == "int4" else None
@@ -584,9 +584,10 @@ def main() -> None:
              f"{dense}; int8 M = 1 GEMV kernel, M > 1 "
              + ("the same dense path" if cache != "0" else "a tensor-core weight-only kernel (int8 tile converted to "
                 "bf16 in registers)")
-             + ". Where `measured_configs.json` holds a Gluon kernel's entry for this GPU, shape and row bucket, int4 "
-             "runs that kernel instead (`prunus.kernels.quant_linear_gluon`: the tensor-core GEMV up to "
-             f"{ql.INT4_GEMV_MMA_MAX_ROWS} rows, the wgmma GEMM from {ql.INT4_WGMMA_MIN_ROWS} rows)"
+             + ". Where `measured_configs.json` holds a Gluon kernel's entry for this GPU, shape and row bucket, the op "
+             "runs that kernel instead (`prunus.kernels.quant_linear_gluon`; int4: the tensor-core GEMV up to "
+             f"{ql.INT4_GEMV_MMA_MAX_ROWS} rows, the wgmma GEMM from {ql.INT4_WGMMA_MIN_ROWS} rows; int8: the wgmma GEMM "
+             "with the int8 weight as its register operand)"
              + ". On the dense path the quant GB/s column still counts packed bytes: read its speed-up only. torchao: "
              + (f"torchao {torchao.__version__} Int4WeightOnlyConfig(group_size=128, "
                 "int4_packing_format='tile_packed_to_4d') on an nn.Linear of the same shape (tinygemm, "
