@@ -5,11 +5,12 @@ Each op has a fake implementation (shapes, for torch.export), a plain-torch refe
 A weight W is [N, K] (out_features, in_features); x [..., K] -> y [..., N] in x's dtype, y = x W^T + bias.
 
 Packed formats:
-- int4 (`linear_int4`): asymmetric, groups of `group_size` (G) consecutive input channels, K % G == 0:
-  W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], q in 0..15.
-  `qweight` uint8 [N, K // 2]: byte j of row n holds k = 2j in its low nibble and k = 2j + 1 in its high
-  nibble (the nibble order of ONNX Runtime's MatMulNBits). `scales` [N, K // G] in the activation dtype;
-  `zeros` uint8 [N, K // G], one zero point per byte (0..15); float zero points (HQQ) are accepted too.
+- int4 (`linear_int4`): asymmetric, groups of `group_size` (G) consecutive input channels:
+  W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], q in 0..15. Storage pads K to whole groups,
+  Kp = ceil(K / G) G, with codes 0 there; the reference drops those columns, the kernels pad x with zeros to Kp.
+  `qweight` uint8 [N, Kp // 2]: byte j of row n holds k = 2j in its low nibble and k = 2j + 1 in its high
+  nibble (the nibble order of ONNX Runtime's MatMulNBits). `scales` [N, Kp // G] in the activation dtype;
+  `zeros` uint8 [N, Kp // G], one zero point per byte (0..15); float zero points (HQQ) are accepted too.
 - int8 weight-only (`linear_int8`): symmetric per output channel, W = qweight (int8 [N, K]) * scales[:, None]
   (scales [N], activation dtype).
 - W8A8 (`linear_w8a8`, SmoothQuant arXiv:2211.10438): weights as int8 weight-only; activations x' = x / smooth
@@ -256,12 +257,14 @@ dense_cache = DenseWeightCache(None if _budget == "unlimited" else int(_budget))
 
 
 @linear_int4.register_kernel("cuda")
-def _(x, qweight, scales, zeros, bias, group_size):
-    kernels, K = _kernels(), x.shape[-1]
-    if (kernels is None or x.dtype not in FLOAT_DTYPES or K % 8 or K % group_size
-            or not (_is_pow2(group_size) and group_size >= 8)):  # partial last groups: the reference
+def _linear_int4_cuda(x, qweight, scales, zeros, bias, group_size):
+    kernels, K, K_stored = _kernels(), x.shape[-1], 2 * qweight.shape[-1]
+    if (kernels is None or x.dtype not in FLOAT_DTYPES or K_stored % group_size or not K <= K_stored < K + group_size
+            or not (_is_pow2(group_size) and group_size >= 8)):
         return linear_int4_reference(x, qweight, scales, zeros, bias, group_size)
     x2 = _rows(x)
+    if K_stored != K:  # a partial last group (SmolLM2's K = 576 in groups of 128): zeros meet the storage's padding
+        x2 = F.pad(x2, (0, K_stored - K))
     bias = _bias(bias, x.dtype)
     M = x2.shape[0]
     few = M <= INT4_GEMV_MMA_MAX_ROWS

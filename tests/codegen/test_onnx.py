@@ -47,3 +47,22 @@ def test_unsupported_op_is_an_export_error_naming_it(tmp_path):
     with pytest.raises(prunus.ExportError, match="prunus_test"):
         opt.export_onnx(str(tmp_path / "m.onnx"))
     assert os.listdir(tmp_path) == []
+
+
+class SmallMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+def test_onnxruntime_failing_to_run_the_model_is_an_export_error(tmp_path):
+    """onnxruntime's CPU provider has no bf16 Mul among others: the parity check's session fails, which is a typed
+    error that says so, and nothing is written. Unchecked, the file is written."""
+    opt = prunus.optimize(SmallMLP().bfloat16(), "dce", example_inputs=(torch.randn(2, 3, 8).bfloat16(),))
+    with pytest.raises(prunus.ExportError, match="onnxruntime cannot run the exported model.*bf16 kernels"):
+        opt.export_onnx(str(tmp_path / "m.onnx"))
+    assert os.listdir(tmp_path) == []
+    assert os.listdir(os.path.dirname(opt.export_onnx(str(tmp_path / "m.onnx"), check=False))) == ["m.onnx"]

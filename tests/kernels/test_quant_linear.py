@@ -185,6 +185,24 @@ def test_int4_gemv_kernel_group_sizes(qt, group, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("m, kernel", [(1, "int4_gemv"), (5, "int4_gemm")])
+def test_linear_int4_kernels_take_a_partial_last_group(qt, monkeypatch, m, kernel):
+    """K not a multiple of the group (SmolLM2's 576 in groups of 128): the storage pads K to whole groups, and the
+    op's CUDA implementation runs its kernels on x padded with zeros, not the reference (which rebuilds the whole
+    weight on every call). The padding's codes are nonzero here: only x's zeros may cancel them."""
+    q, qw, s, z = int4_weight(24, 128, 64, seed=m)  # stored K: 2 groups of 64
+    q[:, 96:] = 15
+    qw = pk.pack_int4(q)
+    x, b = torch.randn(m, 96, generator=_gen(50)), torch.randn(24, generator=_gen(51))  # K = 96: 1.5 groups
+    calls, launch = [], getattr(qt, kernel)
+    monkeypatch.setattr(qt, kernel, lambda x2, *args: calls.append(tuple(x2.shape)) or launch(x2, *args))
+    y = ql._linear_int4_cuda(*to(DEVICE, x, qw, s, z, b), 64)
+    assert calls == [(m, 128)] and y.shape == (m, 24)
+    torch.testing.assert_close(y.cpu(), x @ explicit_int4(q, s, z, 64)[:, :96].T + b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.cpu(), ops.linear_int4(x, qw, s, z, b, 64), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("config", GEMM_CONFIGS, ids=["autotune", "one-group-blocks", "half-group-split-k",
                                                     "dequantized-tile", "dequantized-half-group-split-k",

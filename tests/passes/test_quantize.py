@@ -153,6 +153,54 @@ def test_onnx_lowering_matches_the_reference_op(llama, scheme, method, tmp_path)
     np.testing.assert_allclose(got, opt(*xs).logits.numpy(), rtol=2e-3, atol=2e-3)
 
 
+class _W8A8(torch.nn.Module):
+    def __init__(self, qweight, scales, smooth):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("smooth", smooth)
+
+    def forward(self, x):
+        return torch.ops.prunus.linear_w8a8(x, self.qweight, self.scales, self.smooth, None)
+
+
+def test_onnx_w8a8_lowering_computes_in_fp32_as_the_reference_op(tmp_path):
+    """The reference quantizes fp16 activations and scales the int32 sums in fp32; so does the lowering (in fp16,
+    x / a_scale rounded to different steps and the model missed export's parity check)."""
+    from prunus.codegen.onnx.export import lower_program
+
+    gen = torch.Generator().manual_seed(8)
+    qweight = torch.randint(-127, 128, (24, 64), dtype=torch.int8, generator=gen)
+    scales = (torch.rand(24, generator=gen) * 0.01 + 0.001).half()
+    smooth = (torch.rand(64, generator=gen) + 0.5).half()
+    x = (torch.randn(2, 7, 64, generator=gen) * 3).half()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(_W8A8(qweight, scales, smooth), (x,), dynamic_shapes=({0: batch},))
+    lower_program(program, str(tmp_path / "w8a8.onnx"), ["x"], ["y"])
+    xs = (torch.randn(3, 7, 64, generator=gen) * 3).half()
+    got = run_onnx(str(tmp_path / "w8a8.onnx"), [xs], ["x"])[0]
+    want = torch.ops.prunus.linear_w8a8(xs, qweight, scales, smooth, None)
+    np.testing.assert_allclose(got.astype(np.float32), want.float().numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_onnx_export_of_an_fp16_w8a8_model(llama, tmp_path):
+    """Export's parity check allows 1e-2 for a half-precision model that quantizes activations (an activation on a
+    half step moves by a whole step with fp16 noise upstream), 1e-3 otherwise."""
+    import copy
+
+    from prunus.codegen.onnx.export import parity_tolerance
+
+    model, x, calib = llama
+    half = copy.deepcopy(model).half()
+    opt = prunus.optimize(half, "quantize(scheme=w8a8, method=smoothquant)", example_inputs=x, calibration=calib)
+    assert parity_tolerance(opt.graph) == 1e-2
+    assert parity_tolerance(prunus.optimize(half, "quantize(scheme=int8_weight)", example_inputs=x).graph) == 1e-3
+    path = opt.export_onnx(str(tmp_path / "q.onnx"))
+    xs = example_inputs(model, batch=3, seq=13, seed=21)
+    got = run_onnx(path, list(xs), ["input_ids"])[0]
+    np.testing.assert_allclose(got.astype(np.float32), opt(*xs).logits.float().numpy(), rtol=1e-2, atol=1e-2)
+
+
 def test_quantized_artifact_round_trips(llama, tmp_path):
     model, x, _ = llama
     opt = prunus.optimize(model, "quantize(scheme=int4_weight, method=rtn, group_size=32)", example_inputs=x)

@@ -102,16 +102,17 @@ def linear_fp8(x, qweight, scales, bias):
 
 
 def linear_w8a8(x, qweight, scales, smooth, bias):
+    # in fp32 from x to y, as the reference op computes (and onnxruntime has no bf16 Round)
+    xf = op.Cast(x, to=_FLOAT)
     if smooth is not None:
-        x = op.Div(x, op.CastLike(smooth, x))
-    amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-    a_scale = op.Div(op.Max(amax, op.CastLike(op.Constant(value_float=1e-12), x)),
-                     op.CastLike(op.Constant(value_float=127.0), x))
-    xq = op.Cast(op.Clip(op.Round(op.Div(x, a_scale)), op.CastLike(op.Constant(value_float=-127.0), x),
-                         op.CastLike(op.Constant(value_float=127.0), x)), to=3)  # INT8
+        xf = op.Div(xf, op.Cast(smooth, to=_FLOAT))
+    amax = op.ReduceMax(op.Abs(xf), op.Constant(value_ints=[-1]), keepdims=1)
+    a_scale = op.Div(op.Max(amax, op.Constant(value_float=1e-12)), op.Constant(value_float=127.0))
+    xq = op.Cast(op.Clip(op.Round(op.Div(xf, a_scale)), op.Constant(value_float=-127.0),
+                         op.Constant(value_float=127.0)), to=3)  # INT8
     acc = op.MatMulInteger(xq, op.Transpose(qweight, perm=[1, 0]))
-    y = op.Mul(op.Mul(op.CastLike(acc, x), a_scale), op.CastLike(scales, x))
-    return _bias(y, bias)
+    y = op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), a_scale), op.Cast(scales, to=_FLOAT))
+    return op.CastLike(y if bias is None else op.Add(y, op.Cast(bias, to=_FLOAT)), x)
 
 
 _FLOAT = onnxscript.ir.DataType.FLOAT
