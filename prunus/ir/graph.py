@@ -207,8 +207,11 @@ class Graph:
 
     def add_constant(self, tensor: torch.Tensor, prefix: str = "_const") -> str:
         """Register `tensor` as a buffer under a fresh top-level name and return the name."""
+        prefix = re.sub(r"\W", "_", prefix)
+        if not prefix.isidentifier():  # a leading digit: nn.Sequential's module paths ("0", "1.fc")
+            prefix = "_" + prefix
         name, i = prefix, 0
-        while hasattr(self.gm, name) or not name.isidentifier():
+        while hasattr(self.gm, name):
             name, i = f"{prefix}{i}", i + 1
         self.gm.register_buffer(name, tensor)
         return name

@@ -191,10 +191,13 @@ class Pass:
         except TypeError as e:  # a required field was not given
             raise SpecError(str(e), text=text, column=pass_column, pass_name=cls.name) from None
         check = getattr(params, "check", None)
-        if check is not None:
-            problem = check()
-            if problem:
-                raise SpecError(problem, text=text, column=pass_column, pass_name=cls.name)
+        problem = check() if check is not None else None
+        if isinstance(problem, tuple):  # (key, message, accepted values)
+            key, message, accepted = problem
+            raise SpecError(message, text=text, column=columns.get(key, pass_column), pass_name=cls.name, key=key,
+                            accepted=accepted)
+        if problem:
+            raise SpecError(problem, text=text, column=pass_column, pass_name=cls.name)
         return params
 
     def param_dict(self) -> dict:

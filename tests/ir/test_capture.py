@@ -91,3 +91,12 @@ def test_bad_capture_arguments():
         capture(torch.nn.Identity(), (1, 2))
     with pytest.raises(prunus.CaptureError, match="tuple of positional inputs"):
         capture(torch.nn.Identity(), {"x": torch.randn(2)})
+
+
+def test_constants_named_after_sequential_paths_get_identifiers():
+    """nn.Sequential's module paths start with a digit ("0"); a constant named after one gets a leading "_" (it
+    looped forever looking for a free identifier), and names stay unique."""
+    graph = capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
+    names = [graph.add_constant(torch.zeros(1), prefix) for prefix in ("0_qweight", "0_qweight", "a.b", "x")]
+    assert names == ["_0_qweight", "_0_qweight0", "a_b", "x"]
+    assert all(hasattr(graph.gm, n) for n in names)

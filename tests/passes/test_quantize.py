@@ -64,12 +64,34 @@ def test_head_include_and_exclude(llama):
 
 def test_bad_quantize_params(llama):
     model, x, calib = llama
-    with pytest.raises(prunus.SpecError, match="does not apply to scheme 'w8a8'"):
-        prunus.optimize(model, "quantize(scheme=w8a8, method=hqq)", example_inputs=x)
+    text = "dce, quantize(scheme=w8a8, method=hqq)"
+    with pytest.raises(prunus.SpecError, match="does not apply to scheme 'w8a8'") as e:
+        prunus.optimize(model, text, example_inputs=x)
+    assert (e.value.key, e.value.accepted, e.value.column) == ("method", "rtn, smoothquant", text.index("method") + 1)
     with pytest.raises(prunus.SpecError, match="calibration"):
         prunus.optimize(model, "quantize(method=gptq)", example_inputs=x)
-    with pytest.raises(prunus.SpecError, match="even"):
+    with pytest.raises(prunus.SpecError, match="odd: two int4 values share a byte") as e:
         prunus.optimize(model, "quantize(group_size=47)", example_inputs=x)
+    assert e.value.key == "group_size" and "even" in e.value.accepted
+    # group_size means nothing to the per-channel schemes: not checked there
+    assert _quant_nodes(prunus.optimize(model, "quantize(scheme=int8_weight, group_size=47)", example_inputs=x).graph)
+
+
+def test_int4_takes_odd_in_features(tmp_path):
+    """Storage pads K to whole groups, so an odd K packs like any other (the padding's codes meet no input)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    x = torch.randn(2, 4, 7)
+    opt = prunus.optimize(model, "quantize(scheme=int4_weight, group_size=8, include_head=true)", example_inputs=(x,))
+    assert len(_quant_linears(opt.graph)) == 2
+    qweight = opt.graph.get_attr_value(_quant_linears(opt.graph)[0].args[1])
+    assert qweight.shape == (10, 4)  # 7 -> 8 channels, two a byte
+    want = model[1](x @ grids.int4_fake(model[0].weight.detach(), 8).T + model[0].bias)
+    want = want @ grids.int4_fake(model[2].weight.detach(), 8).T + model[2].bias
+    torch.testing.assert_close(opt(x), want, rtol=1e-5, atol=1e-5)
+    path = opt.export_onnx(str(tmp_path / "odd.onnx"))
+    xs = torch.randn(3, 5, 7)
+    np.testing.assert_allclose(run_onnx(path, [xs], [opt.graph.inputs[0].name])[0], opt(xs).detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_partial_last_group(llama, tmp_path):

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from prunus.errors import PassError
 from prunus.ir.graph import module_path
 from prunus.ir.ops import weight_of
 from prunus.passes.base import LossyParams, Pass, PassResult, param
@@ -48,17 +47,18 @@ class QuantizeParams(LossyParams):
     scheme: str = param("int4_weight", "number format of the weights (and activations for w8a8)",
                         choices=tuple(VALID))
     method: str = param("rtn", "how weights are rounded", choices=tuple(METHODS))
-    group_size: int = param(128, "input channels sharing one int4 scale and zero point", range="[8, 4096]")
+    group_size: int = param(128, "input channels sharing one int4 scale and zero point (int4_weight; the GPU "
+                            "kernels take powers of two, other even sizes run the op's reference)", range="[8, 4096]")
     include: list[str] = param([], "only linears whose module path matches one of these (glob or substring)")
     exclude: list[str] = param([], "skip linears whose module path matches one of these (glob or substring)")
     include_head: bool = param(False, "also quantize the output head (the last linear before an output)")
 
-    def check(self) -> str | None:
+    def check(self) -> tuple[str, str, str] | None:
         if self.method not in VALID[self.scheme]:
-            return (f"method '{self.method}' does not apply to scheme '{self.scheme}' "
-                    f"(accepted: {', '.join(VALID[self.scheme])})")
-        if self.group_size % 2:
-            return f"group_size must be even (two int4 values share a byte), got {self.group_size}"
+            return ("method", f"'{self.method}' does not apply to scheme '{self.scheme}'",
+                    ", ".join(VALID[self.scheme]))
+        if self.scheme == "int4_weight" and self.group_size % 2:
+            return "group_size", f"{self.group_size} is odd: two int4 values share a byte", "even in [8, 4096]"
         return None
 
 
@@ -138,11 +138,6 @@ class Quantize(Pass):
         if not targets:
             return PassResult(modified=False, notes=["no linear matched"])
         op = _ops()[p.scheme]
-        if p.scheme == "int4_weight":
-            for n in targets:
-                if _operands(graph, n)[1].shape[1] % 2:
-                    raise PassError(self.name, "int4 packs two input channels a byte: in_features must be even",
-                                    node=n.name)
         stats = {}
         if p.method in CALIBRATED:
             watched = {n: (1 if n.target == aten.addmm.default else 0) for n in targets}
