@@ -1048,7 +1048,7 @@ def test_cuda_warp_specialized_calls_back_to_back_agree(qg, kernel, config):
     if kernel == "int4":
         _, words, s, z = to("cuda", *int4_weight(n, k, 128, seed=47, dtype=torch.bfloat16))
         ref = x.float() @ pk.dequantize_int4(words, s, z, 128).float().T
-        ys = [qg.int4_gemm_wgmma(x, words, s, z, None, 128, config) for _ in range(40)]
+        ys = [qg.int4_gemm_wgmma(x, words.view(torch.int32), s, z, None, 128, config) for _ in range(40)]
     else:
         q, s = to("cuda", *int8_weight(n, k, seed=47, dtype=torch.bfloat16))
         ref = x.float() @ (q.float() * s.float()[:, None]).T
