@@ -77,6 +77,41 @@ def test_bad_quantize_params(llama):
     assert _quant_nodes(prunus.optimize(model, "quantize(scheme=int8_weight, group_size=47)", example_inputs=x).graph)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_symmetric_int4(llama, method, tmp_path):
+    """symmetric=true: every zero point is 8 and each scale 2 max|w| / 15 of its group (rtn: of the weight itself),
+    the same storage and op; no weight is more than half a step off; onnxruntime reproduces it."""
+    model, x, calib = llama
+    spec = f"quantize(scheme=int4_weight, method={method}, group_size=32, symmetric=true)"
+    opt = prunus.optimize(model, spec, example_inputs=x, calibration=calib)
+    nodes = _quant_linears(opt.graph)
+    assert len(nodes) == 14
+    for node in nodes:
+        zeros = opt.graph.get_attr_value(node.args[3])
+        assert zeros.dtype == torch.uint8 and bool((zeros == 8).all())
+    if method == "rtn":
+        from prunus.ir.graph import module_path
+
+        node = nodes[0]
+        w = model.get_submodule(module_path(node)).weight.detach()
+        scales = opt.graph.get_attr_value(node.args[2]).float()
+        torch.testing.assert_close(scales, 2 * w.reshape(w.shape[0], -1, 32).abs().amax(-1) / 15)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    step = 2 * w.reshape(8, 2, 32).abs().amax(-1).repeat_interleave(32, 1) / 15
+    assert bool(((grids.int4_fake(w, 32, symmetric=True) - w).abs() <= step / 2 + 1e-6).all())  # 7.5 steps each way
+    path = opt.export_onnx(str(tmp_path / "sym.onnx"))
+    xs = example_inputs(model, batch=2, seq=9, seed=4)
+    np.testing.assert_allclose(run_onnx(path, list(xs), ["input_ids"])[0], opt(*xs).logits.numpy(), rtol=2e-3,
+                               atol=2e-3)
+
+
+def test_symmetric_hqq_is_refused(llama):
+    model, x, _ = llama
+    with pytest.raises(prunus.SpecError, match="hqq optimizes its zero points") as e:
+        prunus.optimize(model, "quantize(method=hqq, symmetric=true)", example_inputs=x)
+    assert e.value.key == "symmetric"
+
+
 def test_int4_takes_odd_in_features(tmp_path):
     """Storage pads K to whole groups, so an odd K packs like any other (the padding's codes meet no input)."""
     torch.manual_seed(0)

@@ -12,13 +12,13 @@ from prunus.passes.quant.encode import QuantizedWeight, encode
 from prunus.passes.quant.grids import FAKE
 
 
-def awq(w, scheme: str, group_size: int, dtype, stats, *, grid: int = 20) -> QuantizedWeight:
+def awq(w, scheme: str, group_size: int, dtype, stats, *, grid: int = 20, symmetric: bool = False) -> QuantizedWeight:
     x = stats.rows.float()
     if x.numel() == 0:
-        return encode(scheme, w, group_size, dtype)
+        return encode(scheme, w, group_size, dtype, symmetric=symmetric)
     ref = x @ w.t()
     x_mean = stats.mean_abs.float().clamp(min=1e-8)
-    fake = FAKE[scheme]
+    fake = lambda w, g: FAKE[scheme](w, g, symmetric)  # noqa: E731
     best = (torch.linalg.vector_norm(ref - x @ fake(w, group_size).t()).item(), None)
     for i in range(1, grid + 1):
         s = x_mean.pow(i / grid)
@@ -28,7 +28,7 @@ def awq(w, scheme: str, group_size: int, dtype, stats, *, grid: int = 20) -> Qua
             best = (err, s)
     s = best[1]
     if s is None:
-        return encode(scheme, w, group_size, dtype)
-    q = encode(scheme, w * s, group_size, dtype)
+        return encode(scheme, w, group_size, dtype, symmetric=symmetric)
+    q = encode(scheme, w * s, group_size, dtype, symmetric=symmetric)
     q.input_scale = (1.0 / s).to(dtype)
     return q

@@ -33,13 +33,14 @@ class QuantizedWeight:
 
 
 def encode(scheme: str, w: torch.Tensor, group_size: int, dtype: torch.dtype, *, q=None, scale=None,
-           zero=None) -> QuantizedWeight:
-    """Quantize `w` [N, K] (fp32) on the scheme's grid, with given grid params / integer values if any."""
+           zero=None, symmetric: bool = False) -> QuantizedWeight:
+    """Quantize `w` [N, K] (fp32) on the scheme's grid, with given grid params / integer values if any
+    (`symmetric`: int4's symmetric grid, see `grids`)."""
     from prunus.kernels.quant_linear import pack_int4
 
     if scheme == "int4_weight":
         if scale is None:
-            scale, zero = grids.int4_params(w, group_size)
+            scale, zero = grids.int4_params(w, group_size, symmetric)
         if q is None:
             q = grids.int4_quantize(w, scale, zero, group_size)
         zeros = zero.to(torch.uint8) if torch.equal(zero, zero.round()) else zero.to(dtype)

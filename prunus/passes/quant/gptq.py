@@ -10,7 +10,8 @@ from prunus.passes.quant import grids
 from prunus.passes.quant.encode import QuantizedWeight, encode
 
 
-def gptq(w, scheme: str, group_size: int, dtype, stats, *, block: int = 128, damp: float = 0.01) -> QuantizedWeight:
+def gptq(w, scheme: str, group_size: int, dtype, stats, *, block: int = 128, damp: float = 0.01,
+         symmetric: bool = False) -> QuantizedWeight:
     if scheme not in ("int4_weight", "int8_weight"):
         return encode(scheme, w, group_size, dtype)
     w = w.clone().double()
@@ -44,7 +45,7 @@ def gptq(w, scheme: str, group_size: int, dtype, stats, *, block: int = 128, dam
                 grp = j // group_size
                 if j % group_size == 0:
                     cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size]
-                    s, z = grids.int4_params(cur.float(), group_size)
+                    s, z = grids.int4_params(cur.float(), group_size, symmetric)
                     scales[:, grp], zeros[:, grp] = s[:, 0].double(), z[:, 0].double()
                 s, z = scales[:, grp], zeros[:, grp]
                 qi = (col / s + z).round().clamp(0, 15)

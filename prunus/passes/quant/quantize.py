@@ -52,11 +52,15 @@ class QuantizeParams(LossyParams):
     include: list[str] = param([], "only linears whose module path matches one of these (glob or substring)")
     exclude: list[str] = param([], "skip linears whose module path matches one of these (glob or substring)")
     include_head: bool = param(False, "also quantize the output head (the last linear before an output)")
+    symmetric: bool = param(False, "int4_weight: zero point 8 and scale 2 max|w| / 15 a group (GPTQ's sym) "
+                                   "instead of min-max; int8, w8a8 and fp8 are symmetric already")
 
     def check(self) -> tuple[str, str, str] | None:
         if self.method not in VALID[self.scheme]:
             return ("method", f"'{self.method}' does not apply to scheme '{self.scheme}'",
                     ", ".join(VALID[self.scheme]))
+        if self.symmetric and self.method == "hqq":
+            return "symmetric", "hqq optimizes its zero points: it has no symmetric grid", "false"
         if self.scheme == "int4_weight" and self.group_size % 2:
             return "group_size", f"{self.group_size} is odd: two int4 values share a byte", "even in [8, 4096]"
         return None
@@ -145,7 +149,8 @@ class Quantize(Pass):
         method = METHODS[p.method]
         for n in targets:
             x, weight, bias = _operands(graph, n)
-            q = method(weight.detach().float(), p.scheme, p.group_size, weight.dtype, stats.get(n))
+            extra = {"symmetric": True} if p.symmetric and p.scheme == "int4_weight" else {}
+            q = method(weight.detach().float(), p.scheme, p.group_size, weight.dtype, stats.get(n), **extra)
             self._replace(graph, n, x, bias, q, op)
         return PassResult(modified=True, notes=[f"{len(targets)} linears -> {p.scheme} ({p.method})"])
 

@@ -4,5 +4,5 @@ from __future__ import annotations
 from prunus.passes.quant.encode import QuantizedWeight, encode
 
 
-def rtn(w, scheme: str, group_size: int, dtype, stats=None) -> QuantizedWeight:
-    return encode(scheme, w, group_size, dtype)
+def rtn(w, scheme: str, group_size: int, dtype, stats=None, *, symmetric: bool = False) -> QuantizedWeight:
+    return encode(scheme, w, group_size, dtype, symmetric=symmetric)
