@@ -291,6 +291,21 @@ def test_fuse_merges_quantized_siblings(llama, scheme, tmp_path):
         np.testing.assert_allclose(got, opt(*xs).logits.numpy(), rtol=2e-3, atol=2e-3)
 
 
+def test_awq_siblings_share_one_input_scale_and_still_merge(llama):
+    """AWQ searches one scale for the linears that read one input (q/k/v, gate/up), so one multiply feeds them
+    and `fuse` merges them as after rtn: 2 + 1 + 1 quantized calls a layer, one multiply before each."""
+    model, x, calib = llama
+    spec = "quantize(scheme=int4_weight, method=awq, group_size=32)"
+    plain = prunus.optimize(model, spec, example_inputs=x, calibration=calib)
+    muls = [n for n in plain.graph.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.mul.Tensor
+            and all(str(u.target).startswith("prunus.linear_int4") for u in n.users)]
+    assert sorted(len(m.users) for m in muls) == [1, 1, 1, 1, 2, 2, 3, 3]  # o, down; gate/up; q/k/v, a layer
+    fused = prunus.optimize(model, spec + ", fuse", example_inputs=x, calibration=calib)
+    assert len(_quant_linears(fused.graph)) == 2 * 4
+    xs = example_inputs(model, batch=2, seq=7, seed=5)
+    torch.testing.assert_close(fused(*xs).logits, plain(*xs).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_quantize_after_fuse_selects_merged_linears_by_their_members(llama):
     """`fuse, quantize(exclude=[q_proj])`: the merged q/k/v call answers for q_proj (left in bf16), the merged
     gate/up and down are quantized; include needs every member of a merged call."""

@@ -17,7 +17,7 @@ import torch.fx
 from prunus.ir.graph import module_path
 from prunus.ir.ops import weight_of
 from prunus.passes.base import LossyParams, Pass, PassResult, param
-from prunus.passes.quant.awq import awq
+from prunus.passes.quant.awq import awq, awq_apply, awq_scale
 from prunus.passes.quant.gptq import gptq
 from prunus.passes.quant.hqq import hqq
 from prunus.passes.quant.rtn import rtn
@@ -147,23 +147,45 @@ class Quantize(Pass):
             watched = {n: (1 if n.target == aten.addmm.default else 0) for n in targets}
             stats = collect_input_stats(graph, ctx.calibration, watched, hessian=p.method == "gptq")
         method = METHODS[p.method]
+        extra = {"symmetric": True} if p.symmetric and p.scheme == "int4_weight" else {}
+        awq_scales = self._awq_scales(graph, targets, stats, extra) if p.method == "awq" else {}
+        scaled_inputs = {}  # (input node, AWQ scale) -> the node of input * (1 / scale), shared by the siblings
         for n in targets:
             x, weight, bias = _operands(graph, n)
-            extra = {"symmetric": True} if p.symmetric and p.scheme == "int4_weight" else {}
-            q = method(weight.detach().float(), p.scheme, p.group_size, weight.dtype, stats.get(n), **extra)
-            self._replace(graph, n, x, bias, q, op)
+            w = weight.detach().float()
+            if p.method == "awq":
+                q = awq_apply(w, p.scheme, p.group_size, weight.dtype, awq_scales[n], **extra)
+            else:
+                q = method(w, p.scheme, p.group_size, weight.dtype, stats.get(n), **extra)
+            self._replace(graph, n, x, bias, q, op, scaled_inputs, id(awq_scales.get(n)))
         return PassResult(modified=True, notes=[f"{len(targets)} linears -> {p.scheme} ({p.method})"])
 
-    def _replace(self, graph, n, x, bias, q, op) -> None:
+    def _awq_scales(self, graph, targets, stats, extra) -> dict:
+        """One AWQ scale for the linears that read one input (q/k/v, gate/up), searched over their weights
+        stacked (the error over the stacked outputs is the sum of theirs)."""
+        p, siblings = self.params, {}
+        for n in targets:
+            siblings.setdefault(_operands(graph, n)[0], []).append(n)
+        scales = {}
+        for members in siblings.values():
+            w = torch.cat([_operands(graph, m)[1].detach().float() for m in members])
+            s = awq_scale(w, p.scheme, p.group_size, stats[members[0]], **extra)
+            scales.update((m, s) for m in members)
+        return scales
+
+    def _replace(self, graph, n, x, bias, q, op, scaled_inputs: dict, scale_key) -> None:
         g = graph.graph
         prefix = _buffer_prefix(n)
         names = ["qweight", "scales", "zeros"]
         with g.inserting_before(n):
             attrs = [g.get_attr(graph.add_constant(t, prefix + names[i])) for i, t in enumerate(q.tensors)]
-            if q.input_scale is not None:
+            if q.input_scale is not None and (x, scale_key) in scaled_inputs:
+                x = scaled_inputs[x, scale_key]
+            elif q.input_scale is not None:
                 scale = g.get_attr(graph.add_constant(q.input_scale, prefix + "input_scale"))
-                x = g.call_function(aten.mul.Tensor, (x, scale))
-                x.meta.update({k: v for k, v in x.args[0].meta.items() if k == "nn_module_stack"})
+                mul = scaled_inputs[x, scale_key] = g.call_function(aten.mul.Tensor, (x, scale))
+                mul.meta.update({k: v for k, v in x.meta.items() if k == "nn_module_stack"})
+                x = mul
             if q.scheme == "int4_weight":
                 args = (x, *attrs, bias, self.params.group_size)
             elif q.scheme == "w8a8":
