@@ -69,18 +69,21 @@ class _Recorder(torch.fx.Interpreter):
         self.watch, self.hessian, self.keep_rows = watch, hessian, keep_rows
 
     def run_node(self, n):
+        out = super().run_node(n)
         if n in self.watch:
-            x = self.env[n.args[self.watch[n][1]]]
-            self.watch[n][0].update(x, self.hessian, self.keep_rows)
-        return super().run_node(n)
+            self.watch[n].update(out, self.hessian, self.keep_rows)
+        return out
 
 
 def collect_input_stats(graph, samples: list, nodes: dict, *, hessian: bool = False,
                         keep_rows: int = 512) -> dict:
-    """Run `graph` on every sample (a flat tensor list); `nodes` maps node -> index of the watched arg."""
-    watch = {n: (InputStats(), arg) for n, arg in nodes.items()}
-    recorder = _Recorder(graph.gm, watch, hessian, keep_rows)
+    """Run `graph` on every sample (a flat tensor list); `nodes` maps node -> index of the watched arg (a node).
+    Nodes that read one input (q/k/v, gate/up) share one InputStats: gathered once, one Hessian among them."""
+    by_input = {}
+    for n, arg in nodes.items():
+        by_input.setdefault(n.args[arg], InputStats())
+    recorder = _Recorder(graph.gm, by_input, hessian, keep_rows)
     with torch.no_grad():
         for sample in samples:
             recorder.run(*sample)
-    return {n: s for n, (s, _) in watch.items()}
+    return {n: by_input[n.args[arg]] for n, arg in nodes.items()}

@@ -50,6 +50,8 @@ def test_quantize_every_scheme_and_method(llama, scheme, method):
     assert v["sqnr_db"] > (25 if scheme != "int4_weight" else 10)
     xs = example_inputs(model, batch=3, seq=9, seed=11)
     assert opt(*xs).logits.shape == (3, 9, 256)
+    assert rec.notes[0] == f"14 linears -> {scheme} ({method})"
+    assert any("Hopper" in note for note in rec.notes) == (scheme == "fp8")
 
 
 def test_head_include_and_exclude(llama):
@@ -318,3 +320,22 @@ def test_quantize_after_fuse_selects_merged_linears_by_their_members(llama):
     assert not _quant_linears(only_q.graph)  # q_proj is one part of a merged call: nothing to quantize alone
     both = prunus.optimize(model, "fuse, quantize(scheme=int8_weight, include=[self_attn])", example_inputs=x)
     assert len(_quant_linears(both.graph)) == 2 * 2  # the merged q/k/v and o of each layer
+
+
+def test_linears_reading_one_input_share_their_statistics(llama):
+    """q/k/v (and gate/up) read one input: one InputStats among them, gathered once (one Hessian), equal to what
+    watching any one of them alone gathers."""
+    from prunus.ir import capture
+    from prunus.passes.quant.quantize import linear_targets
+    from prunus.passes.stats import collect_input_stats
+
+    model, x, calib = llama
+    graph = capture(model, x)
+    targets = linear_targets(graph, [], [], False)
+    stats = collect_input_stats(graph, calib, {n: 0 for n in targets}, hessian=True)
+    assert len({id(s) for s in stats.values()}) == 4 * 2  # qkv, o, gate/up, down a layer
+    q = targets[0]
+    alone = collect_input_stats(graph, calib, {q: 0}, hessian=True)[q]
+    shared = [n for n in targets if stats[n] is stats[q]]
+    assert len(shared) == 3 and stats[q].tokens == alone.tokens == 4 * 32
+    torch.testing.assert_close(stats[q].xtx, alone.xtx)

@@ -158,7 +158,11 @@ class Quantize(Pass):
             else:
                 q = method(w, p.scheme, p.group_size, weight.dtype, stats.get(n), **extra)
             self._replace(graph, n, x, bias, q, op, scaled_inputs, id(awq_scales.get(n)))
-        return PassResult(modified=True, notes=[f"{len(targets)} linears -> {p.scheme} ({p.method})"])
+        notes = [f"{len(targets)} linears -> {p.scheme} ({p.method})"]
+        if p.scheme == "fp8":
+            notes.append("fp8 runs e4m3 matmuls on Hopper GPUs (sm_90) only; elsewhere the op dequantizes its weight "
+                         "on every call (the reference)")
+        return PassResult(modified=True, notes=notes)
 
     def _awq_scales(self, graph, targets, stats, extra) -> dict:
         """One AWQ scale for the linears that read one input (q/k/v, gate/up), searched over their weights
