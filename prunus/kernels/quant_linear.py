@@ -19,6 +19,9 @@ Packed formats:
 - fp8 (`linear_fp8`): qweight float8_e4m3fn [N, K], W = qweight * scales[:, None] (scales [N]). On Hopper the
   activations are quantized per token to e4m3 too (`torch._scaled_mm` with row-wise scales); the reference
   multiplies by the dequantized weight in x's dtype.
+- int8 embedding table (`embedding_int8`): symmetric per row, E = qweight (int8 [V, D]) * scales[:, None] (scales
+  [V], the table's dtype); a lookup gathers the rows of ids and scales them in fp32 (the same code on every device:
+  a gather moves few bytes, and torch's is as fast as any).
 
 Dispatch on CUDA (thresholds measured on an H100 and an H200, see benchmarks/quant_linear_gpu.py and
 BENCHMARKS.md): int4 uses the GEMV kernel up to INT4_GEMV_MAX_ROWS rows (M = product of x's leading dims), the
@@ -148,6 +151,17 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sm
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
     """SmoothQuant W8A8: int8 weights per channel, int8 activations per token (dynamic), int32 products."""
     return linear_w8a8_reference(x, qweight, scales, smooth, bias)
+
+
+@torch.library.custom_op("prunus::embedding_int8", mutates_args=())
+def embedding_int8(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """E[ids] for the int8 table E = qweight * scales[:, None], in the scales' dtype."""
+    return (qweight[ids].float() * scales[ids].float()[..., None]).to(scales.dtype)
+
+
+@embedding_int8.register_fake
+def _(ids, qweight, scales):
+    return ids.new_empty((*ids.shape, qweight.shape[1]), dtype=scales.dtype)
 
 
 @torch.library.custom_op("prunus::linear_fp8", mutates_args=())

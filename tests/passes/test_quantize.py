@@ -339,3 +339,48 @@ def test_linears_reading_one_input_share_their_statistics(llama):
     shared = [n for n in targets if stats[n] is stats[q]]
     assert len(shared) == 3 and stats[q].tokens == alone.tokens == 4 * 32
     torch.testing.assert_close(stats[q].xtx, alone.xtx)
+
+
+def test_embeddings_stay_unless_asked_then_int8_per_row(llama, tmp_path):
+    """The embedding table stays as it is by default; include_embeddings=true stores it int8 per row
+    (`prunus.embedding_int8`): a lookup returns the int8 grid's rows, onnxruntime and a saved artifact agree."""
+    model, x, _ = llama
+    kept = prunus.optimize(model, "quantize(scheme=int4_weight)", example_inputs=x)
+    assert not [n for n in kept.graph.graph.nodes if "embedding_int8" in str(n.target)]
+    opt = prunus.optimize(model, "quantize(scheme=int4_weight, include_embeddings=true)", example_inputs=x)
+    (node,) = [n for n in opt.graph.graph.nodes if "embedding_int8" in str(n.target)]
+    assert opt.report[0].notes[:2] == ["14 linears -> int4_weight (rtn)", "1 embeddings -> int8 per row"]
+    table = model.get_input_embeddings().weight.detach()
+    qweight, scales = (opt.graph.get_attr_value(a) for a in node.args[1:])
+    assert qweight.dtype == torch.int8 and qweight.shape == table.shape and scales.shape == table.shape[:1]
+    ids = torch.tensor([[0, 5, 255], [3, 3, 7]])
+    torch.testing.assert_close(torch.ops.prunus.embedding_int8(ids, qweight, scales), grids.int8_fake(table)[ids])
+    assert opt.report[0].weight_bytes_after < kept.report[0].weight_bytes_after - table.numel() * 2
+    xs = example_inputs(model, batch=3, seq=9, seed=2)
+    path = opt.export_onnx(str(tmp_path / "emb.onnx"))
+    np.testing.assert_allclose(run_onnx(path, list(xs), ["input_ids"])[0], opt(*xs).logits.numpy(), rtol=1e-4,
+                               atol=1e-4)
+    loaded = prunus.load(opt.save(str(tmp_path / "art")))
+    torch.testing.assert_close(loaded(*xs).logits, opt(*xs).logits)
+    only = prunus.optimize(model, "quantize(include_embeddings=true, include=[embed_tokens])", example_inputs=x)
+    assert only.report[0].notes == ["1 embeddings -> int8 per row"]
+
+
+def test_embedding_int8_fake_gives_the_shape_for_export():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = torch.ops.prunus.embedding_int8(torch.zeros(2, 5, dtype=torch.long), torch.zeros(10, 4, dtype=torch.int8),
+                                            torch.zeros(10, dtype=torch.bfloat16))
+    assert y.shape == (2, 5, 4) and y.dtype == torch.bfloat16
+
+
+def test_embedding_tied_to_a_float_head_says_the_float_table_stays():
+    model = tiny("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2
+    x = example_inputs(model)
+    notes = prunus.optimize(model, "quantize(include_embeddings=true)", example_inputs=x).report[0].notes
+    assert any("tied" in note for note in notes)
+    both = prunus.optimize(model, "quantize(include_embeddings=true, include_head=true)", example_inputs=x)
+    assert not any("tied" in note for note in both.report[0].notes)
+    assert both.graph.weight_bytes() < prunus.optimize(model, "quantize", example_inputs=x).graph.weight_bytes()

@@ -6,6 +6,7 @@
   slower on the CPU at both 1 and 256 rows unless it also quantizes activations, which breaks parity.)
 - linear_w8a8 -> per-token symmetric int8 activations (the reference op's rule exactly) + MatMulInteger
 - linear_fp8  -> DequantizeLinear of the e4m3 weight + MatMul
+- embedding_int8 -> Gather of the int8 rows and of their scales, the product in fp32 (the reference's order)
 - decode_attention / decode_attention_scores / attention_scores (the KV graphs) -> a decomposition that
   follows the references in `prunus.kernels.decode_attention` step for step: the query heads of each KV
   group stacked as rows (row = head_in_group * t + i), one MatMul against the concatenated cache, the
@@ -99,6 +100,12 @@ def linear_int8(x, qweight, scales, bias):
 def linear_fp8(x, qweight, scales, bias):
     w = op.DequantizeLinear(qweight, op.CastLike(scales, x), axis=0)
     return _bias(op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
+
+
+def embedding_int8(ids, qweight, scales):
+    rows = op.Cast(op.Gather(qweight, ids, axis=0), to=_FLOAT)
+    row_scales = op.Unsqueeze(op.Cast(op.Gather(scales, ids, axis=0), to=_FLOAT), op.Constant(value_ints=[-1]))
+    return op.CastLike(op.Mul(rows, row_scales), scales)
 
 
 def linear_w8a8(x, qweight, scales, smooth, bias):
@@ -242,6 +249,7 @@ def translation_table() -> dict:
     p = torch.ops.prunus
     return {p.linear_int4.default: linear_int4, p.linear_int8.default: linear_int8,
             p.linear_w8a8.default: linear_w8a8, p.linear_fp8.default: linear_fp8,
+            p.embedding_int8.default: embedding_int8,
             p.decode_attention.default: decode_attention, p.decode_attention_scores.default: decode_attention_scores,
             p.attention_scores.default: attention_scores,
             p.decode_attention_quantized.default: decode_attention_quantized,

@@ -18,6 +18,7 @@ from prunus.ir.graph import module_path
 from prunus.ir.ops import weight_of
 from prunus.passes.base import LossyParams, Pass, PassResult, param
 from prunus.passes.quant.awq import awq, awq_apply, awq_scale
+from prunus.passes.quant.encode import encode
 from prunus.passes.quant.gptq import gptq
 from prunus.passes.quant.hqq import hqq
 from prunus.passes.quant.rtn import rtn
@@ -52,6 +53,8 @@ class QuantizeParams(LossyParams):
     include: list[str] = param([], "only linears whose module path matches one of these (glob or substring)")
     exclude: list[str] = param([], "skip linears whose module path matches one of these (glob or substring)")
     include_head: bool = param(False, "also quantize the output head (the last linear before an output)")
+    include_embeddings: bool = param(False, "also store embedding tables as int8 per row, whatever the scheme "
+                                            "(a lookup reads few rows: 4 bits would save memory, not time)")
     symmetric: bool = param(False, "int4_weight: zero point 8 and scale 2 max|w| / 15 a group (GPTQ's sym) "
                                    "instead of min-max; int8, w8a8 and fp8 are symmetric already")
 
@@ -87,6 +90,20 @@ def _head_nodes(graph) -> set:
         elif n.target in TRANSPARENT:
             stack.extend(n.all_input_nodes)
     return heads
+
+
+def embedding_targets(graph, include: list[str], exclude: list[str]) -> list[torch.fx.Node]:
+    """aten.embedding nodes whose table is a parameter, filtered by module path like the linears."""
+    found = []
+    for n in graph.graph.nodes:
+        if (n.op != "call_function" or n.target != aten.embedding.default or not isinstance(n.args[0], torch.fx.Node)
+                or not graph.is_parameter(n.args[0])):
+            continue
+        path = module_path(n)
+        if (include and not _matches(path, include)) or (exclude and _matches(path, exclude)):
+            continue
+        found.append(n)
+    return found
 
 
 def linear_targets(graph, include: list[str], exclude: list[str], include_head: bool) -> list[torch.fx.Node]:
@@ -139,8 +156,17 @@ class Quantize(Pass):
     def run(self, graph, ctx) -> PassResult:
         p = self.params
         targets = linear_targets(graph, p.include, p.exclude, p.include_head)
+        tables = embedding_targets(graph, p.include, p.exclude) if p.include_embeddings else []
+        table_notes = [f"{len(tables)} embeddings -> int8 per row"] if tables else []
+        table_nodes = {n.args[0]: None for n in tables}
+        for n in tables:
+            self._replace_embedding(graph, n)
+        tied = [t for t in table_nodes if any(u not in targets for u in t.users)]
+        if tied:  # a tied output head (left in float, or not a linear) still reads the float table
+            table_notes.append(f"{', '.join(t.target for t in tied)}: also read by the float output head (tied), so "
+                               "the float table stays beside its int8 copy; include_head=true quantizes the head too")
         if not targets:
-            return PassResult(modified=False, notes=["no linear matched"])
+            return PassResult(modified=bool(tables), notes=table_notes or ["no linear matched"])
         op = _ops()[p.scheme]
         stats = {}
         if p.method in CALIBRATED:
@@ -158,11 +184,25 @@ class Quantize(Pass):
             else:
                 q = method(w, p.scheme, p.group_size, weight.dtype, stats.get(n), **extra)
             self._replace(graph, n, x, bias, q, op, scaled_inputs, id(awq_scales.get(n)))
-        notes = [f"{len(targets)} linears -> {p.scheme} ({p.method})"]
+        notes = [f"{len(targets)} linears -> {p.scheme} ({p.method})"] + table_notes
         if p.scheme == "fp8":
             notes.append("fp8 runs e4m3 matmuls on Hopper GPUs (sm_90) only; elsewhere the op dequantizes its weight "
                          "on every call (the reference)")
         return PassResult(modified=True, notes=notes)
+
+    def _replace_embedding(self, graph, n) -> None:
+        import prunus.kernels  # noqa: F401  (registers torch.ops.prunus.*)
+
+        g, table = graph.graph, graph.get_attr_value(n.args[0])
+        q = encode("int8_weight", table.detach().float(), 0, table.dtype)
+        prefix = _buffer_prefix(n)
+        with g.inserting_before(n):
+            qweight, scales = (g.get_attr(graph.add_constant(t, prefix + name))
+                               for t, name in zip(q.tensors, ("qweight", "scales")))
+            new = g.call_function(torch.ops.prunus.embedding_int8.default, (n.args[1], qweight, scales))
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
 
     def _awq_scales(self, graph, targets, stats, extra) -> dict:
         """One AWQ scale for the linears that read one input (q/k/v, gate/up), searched over their weights
