@@ -43,7 +43,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         ppl = prunus.eval.perplexity(opt, tok, max_tokens=args.tokens)
         rec = opt.report[0]
-        rows.append([scheme, method + (" (symmetric)" if sym else ""), group if scheme == "int4_weight" else "-", f"{ppl:.3f}", f"{ppl / base:.3f}",
+        rows.append([scheme, method + (" (symmetric)" if sym else ""), group if scheme == "int4_weight" else "-",
+                     f"{ppl:.3f}", f"{ppl / base:.3f}",
                      f"{seconds:.0f}", f"{rec.weight_bytes_after / 1e6:.1f}"])
         print(rows[-1], flush=True)
 

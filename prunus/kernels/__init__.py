@@ -26,5 +26,6 @@ from prunus.kernels.quant_linear import (
 )
 
 __all__ = ["attention_scores", "decode_attention_quantized", "decode_attention_scores",
-           "dequantize_keys", "dequantize_values", "quantize_keys", "quantize_values", "dequantize_int4", "dequantize_int8", "embedding_int8", "linear_fp8", "linear_int4", "linear_int8", "linear_w8a8",
+           "dequantize_keys", "dequantize_values", "quantize_keys", "quantize_values", "dequantize_int4",
+           "dequantize_int8", "embedding_int8", "linear_fp8", "linear_int4", "linear_int8", "linear_w8a8",
            "pack_int4", "quantize_activations_int8", "replace_lowest", "unpack_int4"]

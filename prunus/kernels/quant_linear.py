@@ -31,7 +31,8 @@ the tensor-core kernel up to INT4_GEMM_NO_CACHE_MAX_ROWS rows, so the kernel kee
 `quant_linear_gpu.py --explore`: 256 rows 33-102 µs against 32-116 µs for dequantize + cuBLAS; at 512 rows
 dequantize + cuBLAS wins on every shape, 37-142 against 60-189). int8 uses the GEMV kernel up to
 INT8_GEMV_MAX_ROWS, beyond it the tensor-core weight-only kernel (without a dense cache; it beat dequantizing on
-every call at every row count measured, up to 256) or the dense copy when a cache is set; on Hopper without a dense cache, where
+every call at every row count measured, up to 256) or the dense copy when a cache is set; on Hopper without a
+dense cache, where
 `measured_configs.json` holds an "int8_wgmma" config for the shape and row bucket, the Gluon kernel with the int8
 weight as the wgmma's register operand (`quant_linear_gluon.int8_gemm_wgmma`) instead.
 On Hopper without a dense cache, int4 calls from INT4_WGMMA_MIN_ROWS rows whose shape and row bucket have a

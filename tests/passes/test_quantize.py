@@ -128,7 +128,8 @@ def test_int4_takes_odd_in_features(tmp_path):
     torch.testing.assert_close(opt(x), want, rtol=1e-5, atol=1e-5)
     path = opt.export_onnx(str(tmp_path / "odd.onnx"))
     xs = torch.randn(3, 5, 7)
-    np.testing.assert_allclose(run_onnx(path, [xs], [opt.graph.inputs[0].name])[0], opt(xs).detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_onnx(path, [xs], [opt.graph.inputs[0].name])[0], opt(xs).detach().numpy(),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_partial_last_group(llama, tmp_path):

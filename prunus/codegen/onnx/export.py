@@ -60,12 +60,17 @@ def lower_program(program, path: str, input_names: list[str], output_names: list
                 onnx_program.model.metadata_props[key] = value
             onnx_program.save(path, external_data=external_data)
     except Exception as e:  # noqa: BLE001 - every lowering failure becomes one typed error
-        raise ExportError(f"ONNX lowering failed at {failed_op(e)}: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+        raise ExportError(f"ONNX lowering failed at {failed_op(e)}: {_first_line(e)}") from e
     try:
         onnx.checker.check_model(path, full_check=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
+
+
+def _first_line(e: Exception) -> str:
+    """`Type: first line of the message` (at most 300 characters of it)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 class _quiet_exporter:
@@ -122,8 +127,7 @@ def check_parity(graph, path: str, inputs: list[torch.Tensor], atol: float = 1e-
         got = run_onnx(path, inputs, names)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own errors (a missing kernel) become one typed error
         bf16 = any(p.dtype == torch.bfloat16 for p in graph.gm.parameters())
-        raise ExportError(f"onnxruntime cannot run the exported model: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        raise ExportError(f"onnxruntime cannot run the exported model: {_first_line(e)}"
                           + (" (its CPU provider lacks bf16 kernels for many ops: export an fp32 or fp16 model, or "
                              "pass check=False to write it unchecked)" if bf16 else "")) from e
     return compare_outputs(graph.output_names(), got, graph.run_flat(list(inputs)), atol)
